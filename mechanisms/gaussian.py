@@ -10,7 +10,6 @@ is given (a seed is for reproducible experiments; a deployment should not fix it
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from accountants.events import DpEvent, GaussianEvent, PoissonSampledEvent
 
 from .base import NoiseMechanism
+from .rng import DeviceGenerators
 
 
 class GaussianMechanism(NoiseMechanism):
@@ -32,22 +32,20 @@ class GaussianMechanism(NoiseMechanism):
             raise ValueError(f"GaussianMechanism: max_grad_norm must be > 0, got {max_grad_norm}")
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
-        self.seed = int(seed) if seed is not None else secrets.randbits(62)
-        self._generators: dict[str, torch.Generator] = {}
+        self._rng = DeviceGenerators(seed)
 
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise per coordinate: σ·C."""
         return self.noise_multiplier * self.max_grad_norm
 
+    @property
+    def seed(self) -> int:
+        return self._rng.seed
+
     def generator(self, device: torch.device) -> torch.Generator:
         """The generator for ``device`` (created on first use, seeded from ``seed``)."""
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed + sum(map(ord, key)))
-            self._generators[key] = g
-        return self._generators[key]
+        return self._rng.get(device)
 
     def privatize(self, clipped_sums: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         std = self.noise_std
@@ -63,14 +61,9 @@ class GaussianMechanism(NoiseMechanism):
     def state_dict(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "seed": self.seed,
-                "generators": {k: g.get_state() for k, g in self._generators.items()}}
+                "generators": self._rng.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.noise_multiplier = float(state["noise_multiplier"])
         self.max_grad_norm = float(state["max_grad_norm"])
-        self.seed = int(state["seed"])
-        self._generators = {}
-        for key, st in state["generators"].items():
-            g = torch.Generator(device=torch.device(key))
-            g.set_state(st)
-            self._generators[key] = g
+        self._rng.load_state_dict(state["seed"], state["generators"])

@@ -17,11 +17,11 @@ dtype (float32 models: float32 arithmetic).
 from __future__ import annotations
 
 import hashlib
-import secrets
 from typing import Any, Sequence
 
 import torch
 
+from ..rng import DeviceGenerators
 from .strategies import Strategy
 
 
@@ -38,19 +38,17 @@ class StreamingCorrelatedNoise:
 
     def __init__(self, strategy: Strategy, seed: int | None = None) -> None:
         self.strategy = strategy
-        self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        self._rng = DeviceGenerators(seed)
         self.step = 0
         self.memory = min(strategy.bands, strategy.n) - 1  # past outputs kept
-        self._generators: dict[str, torch.Generator] = {}
         self._buffers: list[torch.Tensor] | None = None  # per tensor: [memory, numel] ring
 
+    @property
+    def seed(self) -> int:
+        return self._rng.seed
+
     def generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed + sum(map(ord, key)))
-            self._generators[key] = g
-        return self._generators[key]
+        return self._rng.get(device)
 
     def buffer_bytes(self) -> int:
         """Bytes held by the ring buffers (0 before the first step or for C = I)."""
@@ -107,7 +105,7 @@ class StreamingCorrelatedNoise:
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "step": self.step, "strategy": strategy_fingerprint(self.strategy),
-                "generators": {k: g.get_state() for k, g in self._generators.items()},
+                "generators": self._rng.state_dict(),
                 "buffers": None if self._buffers is None else [b.clone() for b in self._buffers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,11 +114,6 @@ class StreamingCorrelatedNoise:
             raise ValueError(f"StreamingCorrelatedNoise: the checkpoint was made with strategy {state['strategy']}, "
                              f"this stream uses {fp} ({self.strategy.name!r}); rebuild the same strategy "
                              "(n, bands, coefficients) before resuming")
-        self.seed = int(state["seed"])
+        self._rng.load_state_dict(state["seed"], state["generators"])
         self.step = int(state["step"])
-        self._generators = {}
-        for key, st in state["generators"].items():
-            g = torch.Generator(device=torch.device(key))
-            g.set_state(st)
-            self._generators[key] = g
         self._buffers = None if state["buffers"] is None else [b.clone() for b in state["buffers"]]
