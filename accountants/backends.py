@@ -1,6 +1,7 @@
 """ε of a flattened composition under three accountants.
 
-- ``prv``: privacy random variables (Gopi, Lee & Wutschitz 2021) via ``prv_accountant``;
+- ``prv``: privacy random variables (Gopi, Lee & Wutschitz 2021) via ``prv_accountant``
+  (its Poisson-subsampled Gaussian PRV evaluated in float64: :mod:`accountants.prv_gaussian`);
   returns (lower, estimate, upper) with ε-error ``PRV_EPS_ERROR``. The upper bound is
   the guarantee we claim.
 - ``rdp``: Rényi DP (Mironov 2017; Mironov, Talwar & Zhang 2019) via opacus' analysis
@@ -20,11 +21,12 @@ from functools import lru_cache
 import numpy as np
 from scipy.fft import next_fast_len
 from opacus.accountants.analysis import rdp as opacus_rdp
-from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+from prv_accountant import GaussianMechanism, PRVAccountant
 from prv_accountant.accountant import compute_safe_domain_size
 
 from .composition import Flat
 from .gdp import eps_from_gdp
+from .prv_gaussian import PoissonSubsampledGaussianPRV
 
 PRV_EPS_ERROR = 0.01
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512])
@@ -38,7 +40,7 @@ def _prvs(flat: Flat) -> tuple[list, list[int]]:
     prvs, counts = [], []
     for (q, sigma), n in flat:
         prvs.append(GaussianMechanism(noise_multiplier=sigma) if q >= 1
-                    else PoissonSubsampledGaussianMechanism(noise_multiplier=sigma, sampling_probability=q))
+                    else PoissonSubsampledGaussianPRV(sampling_probability=q, noise_multiplier=sigma))
         counts.append(int(n))
     return prvs, counts
 

@@ -1,0 +1,72 @@
+"""Privacy random variable of the Poisson-subsampled Gaussian mechanism, in float64.
+
+prv_accountant's ``PoissonSubsampledGaussianMechanism`` evaluates its CDF in ``np.longdouble``
+on every cell of the discretisation grid (10⁵–10⁷ cells); that takes 80 % of a PRV query
+(about 3 s of 4 s at T = 10⁵). This subclass keeps the same distribution and replaces the
+arithmetic by a float64 form without cancellation.
+
+Math (Gopi, Lee & Wutschitz 2021, Sec. 5; the remove-one neighbouring relation used by
+prv_accountant). With sampling rate p and noise multiplier σ the privacy loss is
+Y = log(1 − p + p·e^{(2x − 1)/(2σ²)}) with x drawn from (1 − p)·N(0, σ²) + p·N(1, σ²), so
+Y ≤ t ⇔ x ≤ σ²z(t) + 1/2 for t > log(1 − p), where z(t) = log1p(expm1(t)/p), and
+
+    P[Y ≤ t] = (p/2)·erfc(−a) + ((1 − p)/2)·erfc(−b),
+    P[Y > t] = (p/2)·erfc(a)  + ((1 − p)/2)·erfc(b),
+    a = (2σ²z − 1)/(2√2 σ),  b = (2σ²z + 1)/(2√2 σ),
+
+and P[Y ≤ t] = 0 for t ≤ log(1 − p). Both sides are sums of positive terms (the library's
+formula is 1 − (…), which cancels in the lower tail); a cell's mass is the difference of the
+CDF below the median and of the survival function above it, so each difference is taken on
+the side where the values are small. The test ``tests/accountants/test_prv_gaussian.py``
+checks the CDF and the resulting ε against the library's long-double implementation.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from prv_accountant import PoissonSubsampledGaussianMechanism
+from scipy.special import erfc
+
+
+class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
+    """Same PRV as prv_accountant's, with a float64 CDF / cell probability (~30× faster)."""
+
+    def __init__(self, sampling_probability: float, noise_multiplier: float) -> None:
+        if not 0 < sampling_probability < 1:
+            raise ValueError(f"PoissonSubsampledGaussianPRV: sampling_probability must be in (0, 1), "
+                             f"got {sampling_probability}; use prv_accountant.GaussianMechanism for p = 1")
+        if not noise_multiplier > 0:
+            raise ValueError(f"PoissonSubsampledGaussianPRV: noise_multiplier must be > 0, got {noise_multiplier}")
+        super().__init__(sampling_probability, noise_multiplier)
+        self._p, self._sigma = float(sampling_probability), float(noise_multiplier)
+        self._t_min = math.log1p(-self._p)
+
+    def _ab(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, support mask) at ``t``; a, b are 0 outside the support (masked by the caller)."""
+        t = np.asarray(t, dtype=np.float64)
+        inside = t > self._t_min
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            z = np.log1p(np.expm1(np.where(inside, t, 0.0)) / self._p)
+        s2 = self._sigma ** 2
+        scale = 2.0 * math.sqrt(2.0) * self._sigma
+        return (2 * s2 * z - 1) / scale, (2 * s2 * z + 1) / scale, inside
+
+    def cdf(self, t):  # noqa: D102 - P[Y ≤ t]
+        a, b, inside = self._ab(t)
+        value = 0.5 * self._p * erfc(-a) + 0.5 * (1 - self._p) * erfc(-b)
+        return np.where(inside, value, 0.0)
+
+    def sf(self, t) -> np.ndarray:
+        """P[Y > t]."""
+        a, b, inside = self._ab(t)
+        value = 0.5 * self._p * erfc(a) + 0.5 * (1 - self._p) * erfc(b)
+        return np.where(inside, value, 1.0)
+
+    def probability(self, a, b):  # noqa: D102 - P[a < Y ≤ b], elementwise
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        lower = self.cdf(b)
+        upper_side = lower > 0.5
+        by_sf = self.sf(a) - self.sf(b)
+        by_cdf = lower - self.cdf(a)
+        return np.maximum(np.where(upper_side, by_sf, by_cdf), 0.0)

@@ -1,0 +1,53 @@
+"""The float64 PRV of the Poisson-subsampled Gaussian equals prv_accountant's long-double one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+
+from accountants.prv_gaussian import PoissonSubsampledGaussianPRV
+
+CASES = [(0.001, 2.0), (0.01, 1.0), (256 / 60000, 1.1), (0.5, 0.8), (0.9, 5.0)]
+
+
+@pytest.mark.parametrize("p, sigma", CASES)
+def test_cdf_and_cell_masses_match_the_library(p, sigma):
+    ours, ref = PoissonSubsampledGaussianPRV(p, sigma), PoissonSubsampledGaussianMechanism(p, sigma)
+    t = np.linspace(-3, 3, 60001)
+    assert np.abs(ours.cdf(t) - np.asarray(ref.cdf(t), dtype=float)).max() < 1e-12
+    cells = ours.probability(t[:-1], t[1:])
+    ref_cells = np.asarray(ref.probability(t[:-1], t[1:]), dtype=float)
+    assert np.abs(cells - ref_cells).max() < 1e-12
+    assert (cells >= 0).all()
+    np.testing.assert_allclose(ours.cdf(t) + ours.sf(t), 1.0, atol=1e-15)
+    assert (np.diff(ours.cdf(t)) >= 0).all()
+    assert ours.cdf(np.array([np.log1p(-p) - 1e-9]))[0] == 0.0
+
+
+def test_lower_tail_has_no_cancellation():
+    # Far in the lower tail the library's 1 − (…) form rounds to 0; ours keeps the mass.
+    prv = PoissonSubsampledGaussianPRV(0.01, 1.0)
+    t = np.array([-0.0099, -0.0098])  # just above log(1 − p) = −0.01005
+    mass = prv.probability(t[:1], t[1:])[0]
+    assert 0 < mass < 1e-3
+    assert prv.cdf(t[:1])[0] > 0
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta", [
+    (1.1, 256 / 60000, 14062, 1e-5),  # REFERENCE_VALUES.md, accounting row 1
+    (0.8, 0.005, 1000, 1e-6),         # REFERENCE_VALUES.md, accounting row 3
+])
+def test_epsilon_bounds_match_the_library(sigma, q, steps, delta):
+    def bounds(prv):
+        acc = PRVAccountant(prvs=[prv], max_self_compositions=[steps], eps_error=0.01, delta_error=delta / 1000)
+        return np.array(acc.compute_epsilon(delta=delta, num_self_compositions=[steps]))
+
+    ours = bounds(PoissonSubsampledGaussianPRV(q, sigma))
+    ref = bounds(PoissonSubsampledGaussianMechanism(q, sigma))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p, sigma", [(0.0, 1.0), (1.0, 1.0), (0.1, 0.0), (0.1, -1.0)])
+def test_bad_parameters(p, sigma):
+    with pytest.raises(ValueError, match="PoissonSubsampledGaussianPRV"):
+        PoissonSubsampledGaussianPRV(p, sigma)
