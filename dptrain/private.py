@@ -31,7 +31,7 @@ from .validate import validate
 
 MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
 MECHANISMS = ("dpsgd",) + MF_MECHANISMS
-ACCOUNTANTS = ("prv", "rdp", "gdp")
+ACCOUNTANTS = accountants.ACCOUNTANTS  # ("prv", "pld", "rdp", "gdp")
 CLIPPINGS = ("flat", "per-layer")
 
 

@@ -202,3 +202,20 @@ def test_digits_demo_reaches_90_percent_at_eps_3():
     acc = accuracy(model, test)
     assert priv.epsilon_spent() <= 3.0
     assert acc >= 0.90, acc
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "gdp"])
+def test_every_accountant_calibrates_and_reports(accountant):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    priv = dptrain.make_private(model, eps=2.0, accountant=accountant, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    plan = priv.plan
+    assert plan.noise_multiplier == pytest.approx(
+        accountants.calibrate_noise(2.0, plan.delta, plan.sample_rate, plan.planned_steps, accountant=accountant))
+    priv.fit()
+    rep = priv.report()
+    assert rep.accountant == accountant and rep.steps == plan.planned_steps
+    assert rep.epsilon_spent == pytest.approx(
+        accountants.epsilon(plan.noise_multiplier, plan.sample_rate, plan.planned_steps, plan.delta, accountant))
+    assert rep.epsilon_spent <= 2.0
