@@ -113,6 +113,7 @@ class PrivateTraining:
         self.loader: PoissonLoader | None = None
         self.mechanism: NoiseMechanism | None = None
         self.clipping: ClippingConfig | None = None
+        self.distributed: bool | None = None  # None: data-parallel iff torch.distributed is initialised
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -143,6 +144,9 @@ class PrivateTraining:
         else:
             self.clipping = ClippingConfig(self.config.max_grad_norm)
         seed = None if self.config.seed is None else self.config.seed + 1
+        ddp = self._distributed_setup()
+        if ddp is not None:
+            seed = ddp.broadcast_seed(seed)  # one global Poisson mask on every rank
         if self.config.mechanism in MF_MECHANISMS:
             sampler, expected_batch = self._attach_mf(n, steps, steps_per_epoch, delta, seed)
             sample_rate = sampler.sample_rate
@@ -157,10 +161,30 @@ class PrivateTraining:
         if optimizer is None:
             optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if lr is not None
                          else torch.optim.Adam(params, lr=1e-3))
-        self.optimizer = DPOptimizer(optimizer, params, self.mechanism, expected_batch)
+        mechanism: NoiseMechanism = self.mechanism
+        if ddp is not None:  # rank 0 adds the noise, one all-reduce of the sums; each rank its share
+            ddp.expected_consistency(n, sample_rate, steps, self.plan.noise_multiplier, self.clipping.sensitivity)
+            sampler, mechanism = ddp.ShardedSampler(sampler, ddp.rank(), ddp.world_size()), ddp.DistributedNoise(
+                mechanism)
+        self.optimizer = DPOptimizer(optimizer, params, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
         return self.loader
+
+    def _distributed_setup(self):
+        """The :mod:`dptrain.distributed` module when this run is data-parallel (else None)."""
+        from . import distributed as ddp
+
+        if not ddp.resolve(self.distributed):
+            return None
+        if self.config.mechanism != "dpsgd" or self.config.clipping not in ("flat", "per-layer"):
+            raise PrivacyConfigError(
+                f"distributed training supports mechanism='dpsgd' with flat or per-layer clipping, not "
+                f"mechanism={self.config.mechanism!r}, clipping={self.config.clipping!r}; run it in one process "
+                "(make_private(..., distributed=False))")
+        ddp.check_model(self.model)
+        ddp.broadcast_module(self.model)
+        return ddp
 
     def _attach_mf(self, n: int, steps: int, steps_per_epoch: int, delta: float,
                    seed: int | None) -> tuple[ScheduleSampler, float]:
@@ -397,7 +421,7 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
                  max_grad_norm: float = 1.0, mechanism: str = "dpsgd", accountant: str = "prv",
                  clipping: str = "flat", noise_multiplier: float | None = None,
                  chunk_size: int | None = None, seed: int | None = None,
-                 bands: int | None = None) -> PrivateTraining:
+                 bands: int | None = None, distributed: bool | None = None) -> PrivateTraining:
     """Make training of ``model`` (ε, δ)-differentially private.
 
     The model stays the same object (no wrapper, no renamed state dict). Call
@@ -406,7 +430,11 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     ``eps`` if given). ``chunk_size`` bounds how many examples' gradients are in memory.
     ``mechanism``: ``"dpsgd"`` or a correlated-noise mechanism (``"banded-mf"`` with
     ``bands`` bands, ``"multi-epoch-mf"``, ``"fft-mf"``).
+    ``distributed``: data-parallel DP-SGD over ``torch.distributed`` ranks (:mod:`dptrain.distributed`);
+    ``None`` turns it on when a process group with more than one rank is initialised at ``attach``.
     """
     config = PrivacyConfig(eps, delta, float(max_grad_norm), mechanism, accountant, clipping,
                            noise_multiplier, chunk_size, seed, bands)
-    return PrivateTraining(model, config)
+    priv = PrivateTraining(model, config)
+    priv.distributed = distributed
+    return priv

@@ -1,0 +1,96 @@
+"""Data-parallel DP-SGD (2 gloo processes on localhost) equals the single-process run.
+
+The two ranks run tests/dptrain/distributed_worker.py; this test compares their outputs with
+the same computations done here in one process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import dptrain
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import distributed_worker as worker  # noqa: E402
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(r), str(WORLD), str(port),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_same_clipped_sum_as_one_process(ranks):
+    x, y = worker.data().tensors
+    ref = dptrain.clip_and_sum(worker.model(0), nn.CrossEntropyLoss(), x[:20], y[:20], worker.CLIP)
+    for r in ranks:
+        for k, v in ref.sums.items():
+            torch.testing.assert_close(r["clipped_sum"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_noise_added_once_with_stated_std(ranks):
+    a, b = ranks[0]["noise"], ranks[1]["noise"]
+    assert torch.equal(a, b)  # every rank holds the same release
+    n = a.numel()
+    stat = float((a.double() ** 2).sum())  # ~ σ² χ²_n with σ = 1 if noise was added once
+    # two-sided, false-failure probability 1e-7; noise added on both ranks gives stat ≈ 2n, far outside
+    assert stats.chi2.ppf(0.5e-7, n) < stat < stats.chi2.isf(0.5e-7, n)
+    assert stats.chi2.isf(0.5e-7, n) < 1.9 * n  # the test would reject variance 2
+
+
+def test_global_poisson_batches_partition_the_single_process_batches(ranks):
+    _, drawn = worker.train(model_seed=0)
+    for step, full in enumerate(drawn):
+        shards = [r["drawn"][step] for r in ranks]
+        for rank, s in enumerate(shards):
+            assert bool((s % WORLD == rank).all())
+        assert torch.equal(torch.sort(torch.cat(shards)).values, full)  # each sampled example on exactly one rank
+
+
+def test_same_model_and_epsilon_as_one_process(ranks):
+    single, _ = worker.train(model_seed=0)
+    for r in ranks:
+        for k, v in single.model.state_dict().items():
+            torch.testing.assert_close(r["params"][k], v, atol=1e-5, rtol=1e-5)
+        assert r["epsilon"] == single.epsilon_spent()
+        rep = single.report().to_dict()
+        assert {k: r["report"][k] for k in rep if k != "epsilon_history"} == \
+            {k: v for k, v in rep.items() if k != "epsilon_history"}
+
+
+def test_checkpoint_written_by_rank0_only_and_resumable(ranks):
+    assert [r["saves"] for r in ranks] == [1, 0]
+    assert all(r["resumed_steps"] == worker.STEPS for r in ranks)
+
+
+def test_distributed_true_without_process_group_is_refused():
+    priv = dptrain.make_private(worker.model(0), noise_multiplier=1.0, eps=None, distributed=True)
+    with pytest.raises(dptrain.PrivacyConfigError, match="init_process_group"):
+        priv.attach(worker.data(), batch_size=8, steps=2)
