@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from prv_accountant import PoissonSubsampledGaussianMechanism
-from scipy.special import erfc
+from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism
+from scipy import optimize
+from scipy.special import erfc, ndtr
 
 
 class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
@@ -70,3 +71,47 @@ class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
         by_sf = self.sf(a) - self.sf(b)
         by_cdf = lower - self.cdf(a)
         return np.maximum(np.where(upper_side, by_sf, by_cdf), 0.0)
+
+    def support(self) -> tuple[float, float]:
+        """(lo, hi): P[Y ≤ lo] = 0 and P[Y > hi] < 1e-300 (a = 27 makes erfc(a) underflow)."""
+        z_hi = (27.0 * 2.0 * math.sqrt(2.0) * self._sigma + 1.0) / (2.0 * self._sigma ** 2)
+        return self._t_min, float(np.logaddexp(self._t_min, math.log(self._p) + z_hi))
+
+    def median(self) -> float:
+        """t with P[Y ≤ t] = 1/2 (the split between the CDF side and the survival side)."""
+        f = lambda t: float(self.cdf(np.array([t]))[0]) - 0.5  # noqa: E731
+        hi = 1.0
+        while f(hi) < 0:
+            hi *= 2
+        return float(optimize.brentq(f, self._t_min, hi, xtol=1e-12))
+
+
+class GaussianPRV(GaussianMechanism):
+    """PRV of the Gaussian mechanism (no subsampling), with both tails in float64.
+
+    With μ = 1/σ the privacy loss is Y ~ N(μ²/2, μ²) (Dong, Roth & Su 2019, Sec. 2), so
+    P[Y ≤ t] = Φ(t/μ − μ/2) and P[Y > t] = Φ(μ/2 − t/μ), each computed directly.
+    """
+
+    def __init__(self, noise_multiplier: float) -> None:
+        if not noise_multiplier > 0:
+            raise ValueError(f"GaussianPRV: noise_multiplier must be > 0, got {noise_multiplier}")
+        super().__init__(noise_multiplier)
+        self._mu = 1.0 / float(noise_multiplier)
+
+    def cdf(self, t):  # noqa: D102 - P[Y ≤ t]
+        return ndtr(np.asarray(t, dtype=np.float64) / self._mu - self._mu / 2)
+
+    def sf(self, t) -> np.ndarray:
+        """P[Y > t]."""
+        return ndtr(self._mu / 2 - np.asarray(t, dtype=np.float64) / self._mu)
+
+    def support(self) -> tuple[float, float]:
+        """(lo, hi) with P[Y ≤ lo] and P[Y > hi] below 1e-300 (37.5 standard deviations)."""
+        return self.median() - 37.5 * self._mu, self.median() + 37.5 * self._mu
+
+    def median(self) -> float:
+        return self._mu ** 2 / 2
+
+    def mean(self) -> float:
+        return self._mu ** 2 / 2

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from .backends import prv_accountant
+from .backends import prv_composition
 from .composition import Flat, flatten, poisson_gaussian
 from .events import DpEvent
+from .prv_grid import PRVGridError
 
 DEFAULT_ALPHAS = np.concatenate([np.logspace(-6, -1, 60), np.linspace(0.1, 1.0, 91)[1:]])
 
@@ -30,17 +31,18 @@ DEFAULT_ALPHAS = np.concatenate([np.logspace(-6, -1, 60), np.linspace(0.1, 1.0, 
 def _profile(flat: Flat, eps_max: float, n_eps: int) -> tuple[np.ndarray, np.ndarray]:
     """Conservative privacy profile (ε grid, δ(ε)) of a composition, from one PRV composition."""
     delta_error = 1e-10
-    acc = prv_accountant(flat, delta_error)
-    if acc is None:
+    composed = prv_composition(flat, delta_error)
+    if composed is None:
         raise ValueError(f"tradeoff curve: the privacy-loss distribution of {flat} is too wide to discretise; "
                          "this configuration has essentially no privacy (ε in the hundreds)")
-    counts = [n for _, n in flat]
-    composed = acc.compute_composition(counts)
+    eps_error = composed.grid.eps_error
     # beyond the ε where δ(ε) is negligible, lines add nothing: cap the grid there
-    _, _, eps_tail = composed.compute_epsilon(1e-9, delta_error, acc.eps_error)
+    try:
+        eps_tail = composed.epsilon(1e-9)[2]
+    except PRVGridError:
+        eps_tail = eps_max
     eps = np.linspace(0.0, min(eps_max, max(float(eps_tail), 1.0) * 1.5), n_eps)
-    delta = np.array([min(1.0, composed.compute_delta_estimate(max(e - acc.eps_error, 0.0)) + delta_error)
-                      for e in eps])
+    delta = np.minimum(1.0, composed.delta(np.maximum(eps - eps_error, 0.0)) + delta_error)
     return eps, delta
 
 

@@ -51,3 +51,24 @@ def test_epsilon_bounds_match_the_library(sigma, q, steps, delta):
 def test_bad_parameters(p, sigma):
     with pytest.raises(ValueError, match="PoissonSubsampledGaussianPRV"):
         PoissonSubsampledGaussianPRV(p, sigma)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 10.0])
+def test_gaussian_prv_matches_the_library(sigma):
+    from prv_accountant import GaussianMechanism
+
+    from accountants.prv_gaussian import GaussianPRV
+
+    ours, ref = GaussianPRV(sigma), GaussianMechanism(sigma)
+    t = np.linspace(-5, 5, 2001)
+    assert np.abs(ours.cdf(t) - ref.cdf(t)).max() < 1e-14
+    np.testing.assert_allclose(ours.cdf(t) + ours.sf(t), 1.0, atol=1e-15)
+
+
+@pytest.mark.parametrize("p, sigma", CASES)
+def test_support_holds_all_the_mass(p, sigma):
+    # the grid evaluates only cells meeting the support: outside it the mass must be negligible
+    prv = PoissonSubsampledGaussianPRV(p, sigma)
+    lo, hi = prv.support()
+    assert prv.cdf(np.array([lo]))[0] == 0.0 and prv.sf(np.array([hi]))[0] < 1e-300
+    assert prv.cdf(np.array([prv.median()]))[0] == pytest.approx(0.5, abs=1e-9)

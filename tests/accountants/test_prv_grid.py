@@ -1,0 +1,65 @@
+"""The float64 FFT-grid PRV composition equals prv_accountant's, and its bounds hold."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+
+from accountants.backends import prv_bounds, prv_composition
+from accountants.prv_grid import discretise, make_grid, safe_half_width
+
+FLATS = [
+    ((((256 / 60000, 1.1), 2000),), 1e-5),
+    ((((0.02, 0.9), 30), ((0.02, 1.2), 60), ((0.05, 1.5), 20)), 1e-5),  # heterogeneous run
+    ((((0.01, 1.0), 500), ((1.0, 3.0), 4)), 1e-6),  # subsampled and full-batch Gaussian steps
+    ((((1.0, 10.0), 1),), 1e-5),
+]
+
+
+def library(flat, delta):
+    prvs = [GaussianMechanism(s) if q >= 1 else PoissonSubsampledGaussianMechanism(q, s) for (q, s), _ in flat]
+    counts = [n for _, n in flat]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=0.01, delta_error=delta / 1000)
+    return acc, counts
+
+
+@pytest.mark.parametrize("flat,delta", FLATS)
+def test_bounds_and_delta_profile_equal_prv_accountant(flat, delta):
+    acc, counts = library(flat, delta)
+    want = np.array(acc.compute_epsilon(delta=delta, num_self_compositions=counts))
+    np.testing.assert_allclose(prv_bounds(flat, delta), np.maximum(want, 0.0), rtol=1e-6, atol=1e-9)
+    ref = acc.compute_composition(counts)
+    eps = np.array([0.0, 0.3, 1.0, 2.0])
+    want_delta = np.array([float(ref.compute_delta_estimate(e)) for e in eps])
+    np.testing.assert_allclose(prv_composition(flat, delta / 1000).delta(eps), want_delta, rtol=1e-6, atol=1e-12)
+
+
+def test_gaussian_composition_brackets_the_exact_value():
+    # 4 Gaussian releases with σ = 2 are exactly 1-GDP: ε(δ=1e-5) = 4.377178096 (REFERENCE_VALUES.md)
+    low, est, up = prv_bounds((((1.0, 2.0), 4),), 1e-5)
+    assert low <= 4.377178096 <= up
+    assert est == pytest.approx(4.377178096, abs=1e-3)
+
+
+@pytest.mark.parametrize("pair", [(0.001, 2.0), (256 / 60000, 1.1), (0.3, 0.7), (1.0, 1.5)])
+def test_discretisation_is_a_mean_preserving_distribution(pair):
+    grid = make_grid(safe_half_width([pair], [100], 0.01, 1e-8), 100, 0.01, 1e-8)
+    pmf, shift = discretise(pair, grid)
+    assert (pmf >= 0).all() and pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert abs(shift) < grid.mesh / 2
+
+
+def test_grid_is_safe_and_fft_friendly():
+    width = safe_half_width([(0.01, 1.0)], [1000], 0.01, 1e-8)
+    grid = make_grid(width, 1000, 0.01, 1e-8)
+    assert grid.t_min <= -width and grid.t_max >= width
+    n = grid.size
+    assert n % 2 == 0
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    assert n == 1  # 5-smooth: FFTs of this size are fast
