@@ -25,18 +25,23 @@ MODES = ("nonprivate", "dptrain", "opacus-hooks", "opacus-ghost")
 
 
 class Transformer(nn.Module):
-    """Embedding + TransformerEncoderLayer(s) + mean pool + linear head."""
+    """Token + learned position Embedding, TransformerEncoderLayer(s), mean pool, linear head.
+
+    Positions are looked up with batched indices ([B, T], as GPT-2's position table) so that
+    the table's per-example gradients are rows of a per-example lookup.
+    """
 
     def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 1, seq: int = 64) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.pos = nn.Embedding(seq, d)
         self.enc = nn.ModuleList(nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
                                  for _ in range(layers))
         self.head = nn.Linear(d, 2)
 
     def forward(self, x):
-        h = self.emb(x) + self.pos[: x.shape[1]]
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        h = self.emb(x) + self.pos(positions)
         for layer in self.enc:
             h = layer(h)
         return self.head(h.mean(1))

@@ -5,22 +5,23 @@ inputs a; per-example losses ℓ_i = loss_fn(out_i[None], y_i[None]) are compute
 no assumption on the loss reduction) and one backward of Σ_i ℓ_i to the recorded module outputs
 gives b_i = ∂ℓ_i/∂out_i (example i's loss depends on out_i only). Per parameter the per-example
 gradient is then known in factored form (:mod:`dptrain.ghost_layers`): Linear / Conv via
-(b, a) outer products, Embedding via sparse rows, norm layers in closed form, and any other
-module by vmap(vjp) of that module alone. Flat clipping uses ‖g_i‖² = Σ_params ‖g_i,p‖²
+(b, a) outer products, Embedding via sparse rows, norm layers in closed form,
+nn.MultiheadAttention through its four projections (:mod:`dptrain.ghost_attention`), and any
+other module by vmap(vjp) of that module alone. Flat clipping uses ‖g_i‖² = Σ_params ‖g_i,p‖²
 (Goodfellow 2015; Li et al. 2022; Bu et al. 2023), factors f_i = min(1, C/(‖g_i‖ + 1e-6)) as in
 :func:`dptrain.clipping.clip_factors`, and the sum Σ_i f_i g_i is formed layer by layer.
 
 Privacy assumption (as for the vmap engine): example i's gradient depends on (x_i, y_i) and
 the parameters only. The path refuses (returns ``None``) whenever it cannot prove that the
 recorded calls cover every use of every trainable parameter: the autograd graph is walked and a
-parameter reached outside its own module's recorded forward (MultiheadAttention's out_proj,
-a weight used functionally elsewhere) makes the whole model fall back to the vmap engine.
+parameter reached outside its own module's recorded forward (a weight used functionally
+elsewhere, a MultiheadAttention subclass with its own forward) makes the whole model fall back to the vmap engine.
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_map
 
 from . import ghost_layers as gl
+from .ghost_attention import attention_terms, is_plain_attention
+from .ghost_graph import Call, Recorder, covered
 from .clipping import ClippedBatch, ClippingConfig, _factor
 from .engine import Inputs, LossFn, iter_chunks, trainable_parameters
 
@@ -53,7 +56,10 @@ def _kind(m: nn.Module) -> str:
 
     Closed forms need the stock forward acting on the module's own ``weight`` / ``bias``
     Parameters: a forward pre-hook (old-style weight_norm) or other own parameters mean generic.
+    A stock nn.MultiheadAttention is 'attention' (:mod:`dptrain.ghost_attention`).
     """
+    if is_plain_attention(m):
+        return "attention"
     own = {k for k, p in m.named_parameters(recurse=False) if p.requires_grad}
     if m._forward_pre_hooks or not own <= {"weight", "bias"}:
         return "generic"
@@ -66,8 +72,15 @@ def _kind(m: nn.Module) -> str:
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False))}
+    """Modules owning trainable parameters; a stock MultiheadAttention also owns its out_proj's."""
+    absorbed = {f"{name}.out_proj".lstrip(".") for name, m in model.named_modules() if is_plain_attention(m)}
+    return {name: m for name, m in model.named_modules() if name not in absorbed
+            and any(p.requires_grad for p in m.parameters(recurse=is_plain_attention(m)))}
+
+
+def _own(m: nn.Module) -> dict[str, nn.Parameter]:
+    """A module's own trainable parameters by local name (out_proj's included for attention)."""
+    return {k: p for k, p in m.named_parameters(recurse=is_plain_attention(m)) if p.requires_grad}
 
 
 @dataclass
@@ -82,16 +95,15 @@ class _Plan:
     @staticmethod
     def of(model: nn.Module) -> "_Plan":
         owners = _owners(model)
-        own = {name: {k: p for k, p in m.named_parameters(recurse=False) if p.requires_grad}
-               for name, m in owners.items()}
+        own = {name: _own(m) for name, m in owners.items()}
         return _Plan(owners, {name: _kind(m) for name, m in owners.items()}, own, trainable_parameters(model))
 
 
 def ghost_supported(model: nn.Module) -> bool:
     """Cheap structural check: no module that is known to defeat the ghost path.
 
-    Refused: recurrent layers (flat weights, no vmap rule), nn.MultiheadAttention (out_proj's
-    weight is used outside out_proj's forward), Embedding with max_norm / sparse /
+    Refused: recurrent layers (flat weights, no vmap rule), a MultiheadAttention subclass with
+    its own forward (its out_proj weight is used outside out_proj's forward), Embedding with max_norm / sparse /
     scale_grad_by_freq, parametrized modules, BatchNorm using batch statistics (mixes examples).
     True does not guarantee coverage: :func:`ghost_clip_and_sum` also checks the autograd
     graph at run time and may still return None.
@@ -101,121 +113,14 @@ def ghost_supported(model: nn.Module) -> bool:
 
 def _supported(owners: dict[str, nn.Module]) -> bool:
     for m in owners.values():
-        if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) or parametrize.is_parametrized(m):
+        if isinstance(m, nn.RNNBase) or parametrize.is_parametrized(m):
+            return False
+        if isinstance(m, nn.MultiheadAttention) and not is_plain_attention(m):
             return False
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse or m.scale_grad_by_freq):
             return False
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
             return False  # batch statistics mix examples
-    return True
-
-
-@dataclass
-class _Call:
-    args: tuple
-    kwargs: dict
-    outputs: list[torch.Tensor | None]  # output leaves that require grad, as recorded (not detached)
-    in_nodes: set  # autograd nodes of the tensor arguments
-    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
-
-
-class _Recorder:
-    """Forward hooks that record every call of the parameter-owning modules."""
-
-    def __init__(self, owners: dict[str, nn.Module], copies: bool) -> None:
-        self.owners, self.copies = owners, copies
-        self.calls: dict[str, list[_Call]] = {name: [] for name in owners}
-        self.handles: list = []
-
-    def __enter__(self) -> "_Recorder":
-        for name, m in self.owners.items():
-            self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            single = isinstance(output, torch.Tensor)
-            leaves, spec = ([output], None) if single else tree_flatten(output)
-            outs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
-            if all(t is None for t in outs):
-                return None  # run without grad: contributes nothing
-            flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
-            ins = list(args) if flat else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            keep = (lambda t: t.detach().clone()) if self.copies else (lambda t: t.detach())
-            if flat:
-                args_d, kwargs_d = tuple(keep(a) for a in args), {}
-            else:
-                args_d, kwargs_d = tree_map(lambda t: keep(t) if isinstance(t, torch.Tensor) else t, (args, kwargs))
-            call = _Call(args_d, kwargs_d, outs, {t.grad_fn for t in ins if t.grad_fn is not None})
-            kept = list(args_d) if flat else [t for t in tree_flatten((args_d, kwargs_d))[0]
-                                              if isinstance(t, torch.Tensor)]
-            call.versions = [(t, t._version) for t in kept + [t for t in outs if t is not None]]
-            self.calls[name].append(call)
-            if self.copies:  # downstream in-place ops then modify a copy, not the recorded output
-                if single:
-                    return output.clone()
-                return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in leaves], spec)
-            return None
-        return hook
-
-    def modified_in_place(self) -> bool:
-        return any(t._version != v for calls in self.calls.values() for c in calls for t, v in c.versions)
-
-
-def _walk(starts, jumps: dict, stops: set) -> set[int]:
-    """ids of the variables of AccumulateGrad nodes reachable from ``starts``.
-
-    A recorded module call is skipped from its output node straight to its input nodes
-    (``jumps``); the walk ends at ``stops``.
-    """
-    found: set[int] = set()
-    seen: set = set()
-    stack = list(starts)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in stops:
-            continue
-        if node in jumps:
-            stack.extend(jumps[node])
-            continue
-        var = getattr(node, "variable", None)
-        if var is not None:
-            found.add(id(var))
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return found
-
-
-def _covered(loss: torch.Tensor, rec: _Recorder, kinds: dict[str, str], trainable: set[int]) -> bool:
-    """Every use of a trainable parameter lies inside its own module's recorded forward.
-
-    The graph outside the recorded calls must reach no trainable parameter, and the inside of
-    a call of a module other than an exact torch layer (whose forward is known) only its own.
-    """
-    jumps: dict = {}
-    for calls in rec.calls.values():
-        for c in calls:
-            for t in c.outputs:
-                if t is not None and t.grad_fn is not None:
-                    jumps.setdefault(t.grad_fn, set()).update(c.in_nodes)
-    if _walk([loss.grad_fn], jumps, set()) & trainable:
-        return False
-    for name, calls in rec.calls.items():
-        if kinds[name] != "generic" and type(rec.owners[name]) in _KNOWN:
-            continue  # exact torch class: its forward only touches its own weight / bias
-        own = {id(p) for p in rec.owners[name].parameters(recurse=False)}
-        for c in calls:
-            starts = {t.grad_fn for t in c.outputs if t is not None}
-            inner = {k: v for k, v in jumps.items() if k not in starts}
-            if (_walk(starts, inner, c.in_nodes) & trainable) - own:
-                return False
     return True
 
 
@@ -241,13 +146,15 @@ def _chunk_terms(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch
     """Terms per trainable parameter (keyed by id) and per-example losses; 'copy' to rerun with copies."""
     owners, kinds = plan.owners, plan.kinds
     trainable = {id(p) for p in plan.params.values()}
-    with _Recorder(owners, copies) as rec:
+    with Recorder(owners, kinds, copies) as rec:
         output = model(*xs)
     losses = per_example_losses(loss_fn, output, y)
     if rec.modified_in_place():
         return None if copies else "copy"
     total = losses.sum()
-    if total.grad_fn is None or not _covered(total, rec, kinds, trainable):
+    exact = {name: kinds[name] == "attention" or (kinds[name] != "generic" and type(m) in _KNOWN)
+             for name, m in owners.items()}
+    if total.grad_fn is None or not covered(total, rec, exact, trainable):
         return None
     flat = [t for calls in rec.calls.values() for c in calls for t in c.outputs if t is not None]
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
@@ -262,7 +169,7 @@ def _chunk_terms(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch
             for c in calls:
                 parts = _call_terms(m, kinds[name], list(own), c, [None if t is None else gmap[id(t)]
                                                                    for t in c.outputs], b)
-                if parts is None:
+                if parts is None or not own.keys() <= parts.keys():
                     return None
                 for k, p in own.items():
                     if k in parts:
@@ -273,9 +180,11 @@ def _chunk_terms(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch
     return terms, losses.detach()
 
 
-def _call_terms(m: nn.Module, kind: str, names: list[str], c: _Call, cg: list, b: int
+def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b: int
                 ) -> dict[str, gl.Term] | None:
     """Factored per-example gradients of one recorded call (float32)."""
+    if kind == "attention":
+        return None if c.attention is None else attention_terms(m, c.attention, c.outputs, cg, b)
     if kind == "generic":
         per = gl.generic_grads(m, names, c.args, c.kwargs, c.outputs, cg, b)
         return None if per is None else {k: gl.Dense(v.float()) for k, v in per.items()}

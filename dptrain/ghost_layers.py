@@ -287,11 +287,16 @@ def _conv_sq(term: Conv) -> torch.Tensor:
     return torch.cat([_sq(p) for p in parts])
 
 
+def _segment_sums(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Σ of the rows sharing a key (keys in [0, count)): the embedding backward kernel, [count, d]."""
+    return torch.ops.aten.embedding_dense_backward(rows, keys, count, -1, False)
+
+
 def _rows_sq(term: Rows) -> torch.Tensor:
     b, t, d = term.right.shape
     keys = term.idx + term.num_rows * torch.arange(b, device=term.idx.device)[:, None]
     uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-    seg = term.right.new_zeros(uniq.numel(), d).index_add_(0, inverse, term.right.reshape(-1, d))
+    seg = _segment_sums(term.right.reshape(-1, d), inverse, uniq.numel())
     out = torch.zeros(b, dtype=torch.float64, device=seg.device)
     return out.index_add_(0, uniq // term.num_rows, _sq(seg))
 
@@ -395,8 +400,7 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
                 part = torch.einsum("bgto,bgti->goi", left, right)
         elif isinstance(t, Rows):
             d = t.right.shape[2]
-            part = t.right.new_zeros(t.num_rows, d).index_add_(
-                0, t.idx.reshape(-1), (t.right * f.view(-1, 1, 1)).reshape(-1, d))
+            part = _segment_sums((t.right * f.view(-1, 1, 1)).reshape(-1, d), t.idx.reshape(-1), t.num_rows)
         else:
             part = torch.tensordot(f, t.grads, dims=1)
         part = part.reshape(shape)

@@ -1,0 +1,152 @@
+"""Recording one forward for the book-keeping path, and proving that the record covers every parameter use.
+
+:class:`Recorder` keeps, for every call of a parameter-owning module, its (detached) inputs and
+its outputs as tensors in the autograd graph; an ``nn.MultiheadAttention`` is recorded through
+:func:`dptrain.ghost_attention.recording_forward` (its projections exposed). :func:`covered`
+walks the autograd graph of the summed loss: every path to a trainable parameter must enter a
+recorded call (whose per-example gradients the ghost rules form), otherwise the model is
+refused and clipping falls back to the vmap engine.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .ghost_attention import AttentionRecord, recording_forward
+
+
+@dataclass
+class Call:
+    args: tuple
+    kwargs: dict
+    outputs: list[torch.Tensor | None]  # output leaves that require grad, as recorded (not detached)
+    in_nodes: set  # autograd nodes of the tensor arguments
+    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    attention: AttentionRecord | None = None  # set for a recorded nn.MultiheadAttention call
+
+
+class Recorder:
+    """Forward hooks that record every call of the parameter-owning modules.
+
+    Modules of kind ``"attention"`` get their ``forward`` shadowed on the instance for the
+    duration of the ``with`` block (deleted again on exit) by the recording re-expression.
+    """
+
+    def __init__(self, owners: dict[str, nn.Module], kinds: dict[str, str], copies: bool) -> None:
+        self.owners, self.kinds, self.copies = owners, kinds, copies
+        self.calls: dict[str, list[Call]] = {name: [] for name in owners}
+        self.handles: list = []
+        self.shadowed: list[nn.Module] = []
+
+    def __enter__(self) -> "Recorder":
+        for name, m in self.owners.items():
+            if self.kinds[name] == "attention":
+                m.forward = functools.partial(recording_forward, m, self._sink(name), self.copies)
+                self.shadowed.append(m)
+            else:
+                self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for m in self.shadowed:
+            del m.forward
+        self.shadowed.clear()
+
+    def _sink(self, name: str):
+        def sink(outputs: list[torch.Tensor], record: AttentionRecord, inputs: tuple) -> None:
+            call = Call((), {}, list(outputs), {t.grad_fn for t in inputs if t.grad_fn is not None},
+                        attention=record)
+            kept = [record.query, record.key, record.value, record.heads_out]
+            call.versions = [(t, t._version) for t in kept + list(outputs)]
+            self.calls[name].append(call)
+        return sink
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            single = isinstance(output, torch.Tensor)
+            leaves, spec = ([output], None) if single else tree_flatten(output)
+            outs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+            if all(t is None for t in outs):
+                return None  # run without grad: contributes nothing
+            flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+            ins = list(args) if flat else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            keep = (lambda t: t.detach().clone()) if self.copies else (lambda t: t.detach())
+            if flat:
+                args_d, kwargs_d = tuple(keep(a) for a in args), {}
+            else:
+                args_d, kwargs_d = tree_map(lambda t: keep(t) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            call = Call(args_d, kwargs_d, outs, {t.grad_fn for t in ins if t.grad_fn is not None})
+            kept = list(args_d) if flat else [t for t in tree_flatten((args_d, kwargs_d))[0]
+                                              if isinstance(t, torch.Tensor)]
+            call.versions = [(t, t._version) for t in kept + [t for t in outs if t is not None]]
+            self.calls[name].append(call)
+            if self.copies:  # downstream in-place ops then modify a copy, not the recorded output
+                if single:
+                    return output.clone()
+                return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in leaves], spec)
+            return None
+        return hook
+
+    def modified_in_place(self) -> bool:
+        return any(t._version != v for calls in self.calls.values() for c in calls for t, v in c.versions)
+
+
+def _walk(starts, jumps: dict, stops: set) -> set[int]:
+    """ids of the variables of AccumulateGrad nodes reachable from ``starts``.
+
+    A recorded module call is skipped from its output node straight to its input nodes
+    (``jumps``); the walk ends at ``stops``.
+    """
+    found: set[int] = set()
+    seen: set = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in stops:
+            continue
+        if node in jumps:
+            stack.extend(jumps[node])
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def covered(loss: torch.Tensor, rec: Recorder, exact: dict[str, bool], trainable: set[int]) -> bool:
+    """Every use of a trainable parameter lies inside its own module's recorded forward.
+
+    The graph outside the recorded calls must reach no trainable parameter, and the inside of
+    a call of a module other than an exact torch layer (``exact[name]``: its forward is known)
+    only its own.
+    """
+    jumps: dict = {}
+    for calls in rec.calls.values():
+        for c in calls:
+            for t in c.outputs:
+                if t is not None and t.grad_fn is not None:
+                    jumps.setdefault(t.grad_fn, set()).update(c.in_nodes)
+    if _walk([loss.grad_fn], jumps, set()) & trainable:
+        return False
+    for name, calls in rec.calls.items():
+        if exact[name]:
+            continue  # exact torch class: its forward only touches its own parameters
+        own = {id(p) for p in rec.owners[name].parameters(recurse=False)}
+        for c in calls:
+            starts = {t.grad_fn for t in c.outputs if t is not None}
+            inner = {k: v for k, v in jumps.items() if k not in starts}
+            if (_walk(starts, inner, c.in_nodes) & trainable) - own:
+                return False
+    return True
