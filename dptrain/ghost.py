@@ -33,13 +33,14 @@ from torch.utils._pytree import tree_map
 
 from . import ghost_layers as gl
 from .ghost_attention import attention_terms, is_plain_attention
+from .ghost_bag import embedding_bag_terms
 from .ghost_graph import Call, Recorder, covered
 from .clipping import ClippedBatch, ClippingConfig, _factor
 from .engine import Inputs, LossFn, iter_chunks, trainable_parameters
 
 #: exact classes whose forward is known to use only their own parameters
 _KNOWN = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Embedding: "embedding",
-          nn.LayerNorm: "norm", nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
+          nn.EmbeddingBag: "embedding_bag", nn.LayerNorm: "norm", nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
 #: models found to modify a recorded tensor in place: record copies for them
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
@@ -66,6 +67,8 @@ def _kind(m: nn.Module) -> str:
     for cls, kind in _KNOWN.items():
         if isinstance(m, cls) and type(m).forward is cls.forward:
             if kind == "conv" and type(m)._conv_forward is not cls._conv_forward:
+                return "generic"
+            if kind == "embedding_bag" and m.mode == "max":
                 return "generic"
             return kind
     return "generic"
@@ -117,7 +120,8 @@ def _supported(owners: dict[str, nn.Module]) -> bool:
             return False
         if isinstance(m, nn.MultiheadAttention) and not is_plain_attention(m):
             return False
-        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse or m.scale_grad_by_freq):
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and (m.max_norm is not None or m.sparse
+                                                                or m.scale_grad_by_freq):
             return False
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
             return False  # batch statistics mix examples
@@ -192,6 +196,8 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
         return None
     out = c.outputs[0]
     g = cg[0].float() if cg[0] is not None else torch.zeros(out.shape, device=out.device)
+    if kind == "embedding_bag":
+        return embedding_bag_terms(m, c.args, c.kwargs, g, b)
     a = c.args[0] if kind == "embedding" else c.args[0].float()
     if a.dim() == 0 or a.shape[0] != b:
         return None

@@ -30,7 +30,7 @@ from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler
 from .validate import validate
 
 MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
-MECHANISMS = ("dpsgd",) + MF_MECHANISMS
+MECHANISMS = ("dpsgd", "lazy") + MF_MECHANISMS
 ACCOUNTANTS = accountants.ACCOUNTANTS  # ("prv", "pld", "rdp", "gdp")
 CLIPPINGS = ("flat", "per-layer")
 
@@ -157,19 +157,24 @@ class PrivateTraining:
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
         if loss_fn is not None:
             self.loss_fn = loss_fn
-        params = list(trainable_parameters(self.model).values())
-        if optimizer is None:
-            optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if lr is not None
-                         else torch.optim.Adam(params, lr=1e-3))
         mechanism: NoiseMechanism = self.mechanism
         if ddp is not None:  # rank 0 adds the noise, one all-reduce of the sums; each rank its share
             ddp.expected_consistency(n, sample_rate, steps, self.plan.noise_multiplier, self.clipping.sensitivity)
             sampler, mechanism = ddp.ShardedSampler(sampler, ddp.rank(), ddp.world_size()), ddp.DistributedNoise(
                 mechanism)
-        self.optimizer = DPOptimizer(optimizer, params, mechanism, expected_batch)
+        self.optimizer = self._private_optimizer(optimizer, lr, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
         return self.loader
+
+    def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
+                           mechanism: NoiseMechanism, expected_batch: float) -> DPOptimizer:
+        """Wrap ``optimizer`` (default: SGD with momentum if ``lr`` is given, else Adam) with the noise."""
+        params = list(trainable_parameters(self.model).values())
+        if optimizer is None:
+            optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if lr is not None
+                         else torch.optim.Adam(params, lr=1e-3))
+        return DPOptimizer(optimizer, params, mechanism, expected_batch)
 
     def _distributed_setup(self):
         """The :mod:`dptrain.distributed` module when this run is data-parallel (else None)."""
@@ -379,7 +384,7 @@ class PrivateTraining:
             history = [(t, accountants.epsilon_of_event(self._run_event(t), plan.delta,
                                                         accountant=self.config.accountant)) for t in points]
         warn = []
-        if plan.steps_per_epoch >= 2 and self.config.mechanism == "dpsgd":
+        if plan.steps_per_epoch >= 2 and self.config.mechanism in ("dpsgd", "lazy"):
             limit = accountants.shuffled_limit(plan.noise_multiplier, plan.steps_per_epoch)
             if limit.warning():
                 warn.append("if batches were shuffled instead of Poisson-sampled: " + str(limit.warning()))
@@ -429,12 +434,17 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     ``noise_multiplier`` skips calibration (ε is then reported, and still capped at
     ``eps`` if given). ``chunk_size`` bounds how many examples' gradients are in memory.
     ``mechanism``: ``"dpsgd"`` or a correlated-noise mechanism (``"banded-mf"`` with
-    ``bands`` bands, ``"multi-epoch-mf"``, ``"fft-mf"``).
+    ``bands`` bands, ``"multi-epoch-mf"``, ``"fft-mf"``), or ``"lazy"``: DP-SGD with lazy noise
+    for embedding tables (:mod:`dptrain.lazy`; chosen by itself under ``"dpsgd"`` when a table has
+    at least ``dptrain.lazy.AUTO_MIN_ROWS`` rows and is trained by plain SGD).
     ``distributed``: data-parallel DP-SGD over ``torch.distributed`` ranks (:mod:`dptrain.distributed`);
     ``None`` turns it on when a process group with more than one rank is initialised at ``attach``.
     """
     config = PrivacyConfig(eps, delta, float(max_grad_norm), mechanism, accountant, clipping,
                            noise_multiplier, chunk_size, seed, bands)
-    priv = PrivateTraining(model, config)
+    from .lazy import LazyPrivateTraining, wants_lazy
+
+    lazy = mechanism == "lazy" or (mechanism == "dpsgd" and wants_lazy(model))
+    priv = LazyPrivateTraining(model, config) if lazy else PrivateTraining(model, config)
     priv.distributed = distributed
     return priv

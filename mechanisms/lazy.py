@@ -17,12 +17,16 @@ Everything that leaves the process is flushed first (DESIGN.md invariant 7).
 
 State: per-row ``last_step`` (the step up to which the row has its noise) and the running
 prefix sum of per-step variances. Memory: one int64 per row plus one float64 per step.
+A flush draws its noise in blocks of rows, so its temporary memory stays bounded.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+#: rows per block of noise drawn by :meth:`LazyNoiseTable.flush`
+FLUSH_BLOCK_ROWS = 1 << 18
 
 
 class LazyNoiseTable:
@@ -41,11 +45,18 @@ class LazyNoiseTable:
         self.generator = generator
         self.step = 0  # number of optimizer steps taken so far
         self.last_step = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
-        self._cumvar = [0.0]  # _cumvar[t] = Σ_{u<t} (lr_u σC/B)²
+        # _cumvar[t] = Σ_{u<t} (lr_u σC/B)², grown by doubling
+        self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
 
     def _pending_var(self, rows: torch.Tensor) -> torch.Tensor:
-        cum = torch.tensor(self._cumvar, dtype=torch.float64, device=self.weight.device)
-        return cum[self.step] - cum[self.last_step[rows]]
+        return self._cumvar[self.step] - self._cumvar[self.last_step[rows]]
+
+    def _append_cumvar(self, value: float) -> None:
+        if self.step + 1 >= self._cumvar.numel():
+            grown = torch.zeros(2 * self._cumvar.numel(), dtype=torch.float64, device=self._cumvar.device)
+            grown[: self._cumvar.numel()] = self._cumvar
+            self._cumvar = grown
+        self._cumvar[self.step + 1] = value
 
     @torch.no_grad()
     def catch_up(self, rows: torch.Tensor) -> None:
@@ -75,13 +86,15 @@ class LazyNoiseTable:
                             device=self.weight.device, dtype=self.weight.dtype)
             self.weight.index_add_(0, rows, -(lr / b) * (grad_sum_rows + self.noise_std * z))
             self.last_step[rows] = self.step + 1
-        self._cumvar.append(self._cumvar[-1] + (lr * self.noise_std / b) ** 2)
+        self._append_cumvar(float(self._cumvar[self.step]) + (lr * self.noise_std / b) ** 2)
         self.step += 1
 
     def flush(self) -> None:
         """Bring every row up to date (before evaluation, checkpoint or export)."""
-        stale = torch.nonzero(self.last_step < self.step, as_tuple=False).flatten()
-        self.catch_up(stale)
+        for start in range(0, self.last_step.numel(), FLUSH_BLOCK_ROWS):
+            block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
+            stale = torch.nonzero(block < self.step, as_tuple=False).flatten() + start
+            self.catch_up(stale)
 
     @property
     def is_flushed(self) -> bool:
@@ -92,10 +105,12 @@ class LazyNoiseTable:
         if not self.is_flushed:
             raise RuntimeError("LazyNoiseTable: flush() before saving; the per-row table of last updates "
                                "reveals which rows were used and must not leave the process unflushed")
-        return {"step": self.step, "cumvar_last": self._cumvar[-1], "generator": self.generator.get_state()}
+        return {"step": self.step, "cumvar_last": float(self._cumvar[self.step]),
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.last_step.fill_(self.step)
-        self._cumvar = [0.0] * self.step + [float(state["cumvar_last"])]
+        self._cumvar = torch.zeros(max(64, 2 * (self.step + 1)), dtype=torch.float64, device=self.weight.device)
+        self._cumvar[self.step] = float(state["cumvar_last"])
         self.generator.set_state(state["generator"])

@@ -1,0 +1,99 @@
+"""Lazy noise wired into a model: catch-up before every read, flush before anything leaves.
+
+One :class:`mechanisms.lazy.LazyNoiseTable` per trainable ``nn.Embedding`` / ``nn.EmbeddingBag``.
+Hooks keep DESIGN.md invariants 3 and 7:
+
+* a forward pre-hook on each table catches up the rows its indices read, so a lookup never
+  returns a row that lacks the noise of a step already taken;
+* a forward pre-hook on the model flushes every table before a forward in eval mode
+  (evaluation, tracing / export), and a state-dict pre-hook on each table flushes it before
+  ``model.state_dict()`` (checkpoints, export of the weights).
+
+Reading ``table.weight`` directly (not through a forward or ``state_dict``) bypasses the hooks:
+call :meth:`LazyTables.flush` (or ``priv.flush()``) first.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mechanisms.lazy import LazyNoiseTable
+from mechanisms.rng import DeviceGenerators
+
+
+class LazyTables:
+    """The lazy-noise state of every table of one model, and the hooks that use it."""
+
+    def __init__(self, model: nn.Module, tables: dict[str, nn.Module], noise_std: float,
+                 expected_batch_size: float, seed: int | None) -> None:
+        self.model, self.modules = model, dict(tables)
+        self._rng = DeviceGenerators(seed)
+        self.noise = {k: LazyNoiseTable(m.weight.data, noise_std, expected_batch_size, self._rng.get(m.weight.device))
+                      for k, m in self.modules.items()}
+        self._dirty = False  # some row may lack noise of a past step
+        self._handles = [model.register_forward_pre_hook(self._before_model_forward)]
+        for k, m in self.modules.items():
+            self._handles.append(m.register_forward_pre_hook(self._catch_up_hook(k), with_kwargs=True))
+            self._handles.append(m.register_state_dict_pre_hook(self._flush_hook(k)))
+
+    @property
+    def step(self) -> int:
+        return next(iter(self.noise.values())).step if self.noise else 0
+
+    def _catch_up_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            idx = args[0] if args else kwargs.get("input")
+            if isinstance(idx, torch.Tensor) and self._dirty:
+                self.noise[name].catch_up(torch.unique(idx).long())
+        return hook
+
+    def _flush_hook(self, name: str):
+        def hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+            if self._dirty:
+                self.noise[name].flush()
+        return hook
+
+    def _before_model_forward(self, module: nn.Module, args: tuple) -> None:
+        if not module.training:
+            self.flush()
+
+    def sgd_step(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], lrs: dict[str, float]) -> None:
+        """One plain-SGD step of every table: touched rows now, the others lazily."""
+        for k, table in self.noise.items():
+            idx, values = rows[k]
+            table.catch_up(idx)  # no-op for rows the forward read; zero-weight padding rows of bags
+            table.sgd_step(idx, values, lrs[k])
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Give every row all its pending noise: the tables then equal eager DP-SGD's."""
+        if self._dirty:
+            for table in self.noise.values():
+                table.flush()
+            self._dirty = False
+
+    @property
+    def is_flushed(self) -> bool:
+        return all(t.is_flushed for t in self.noise.values())
+
+    def remove_hooks(self) -> None:
+        self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-table counters after a flush (the per-row table of last updates never leaves unflushed)."""
+        self.flush()
+        return {k: t.state_dict() for k, t in self.noise.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.noise) - set(state)
+        if missing:
+            raise ValueError(f"LazyTables.load_state_dict: checkpoint has no lazy-noise state for tables "
+                             f"{sorted(missing)}; it was saved from a different model")
+        for k, t in self.noise.items():
+            t.load_state_dict(state[k])
+        self._dirty = False
