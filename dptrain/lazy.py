@@ -46,7 +46,12 @@ def wants_lazy(model: nn.Module) -> bool:
 def table_problems(tables: dict[str, nn.Module]) -> list[str]:
     """Why lazy noise would not be exact for these tables (empty if it is)."""
     out = []
+    first: dict[int, str] = {}
     for name, m in tables.items():
+        other = first.setdefault(id(m.weight), name)
+        if other != name:
+            out.append(f"{name}: shares its weight with {other}; lazy noise needs one lookup module per table "
+                       "(call the same module twice instead of two modules with one weight)")
         if m.max_norm is not None:
             out.append(f"{name}: max_norm={m.max_norm} renormalises rows in place when they are read; "
                        "set max_norm=None")

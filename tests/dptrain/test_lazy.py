@@ -192,3 +192,11 @@ def test_lazy_is_chosen_automatically_for_a_large_table_under_plain_sgd():
 def test_explicit_lazy_needs_a_table():
     with pytest.raises(dptrain.PrivacyConfigError, match="no trainable nn.Embedding"):
         dptrain.make_private(nn.Linear(3, 2), eps=3.0, mechanism="lazy")
+
+
+def test_a_weight_shared_by_two_table_modules_is_refused():
+    model = Rec()
+    model.items.weight = model.user.weight = nn.Parameter(torch.randn(30, 4))
+    model.items.num_embeddings = 30
+    with pytest.raises(dptrain.PrivacyConfigError, match="shares its weight with"):
+        _attach(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
