@@ -3,12 +3,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .calibration import calibrate_noise
 from .epsilon import ACCOUNTANTS, epsilon, epsilon_bounds
 from .composition import poisson_gaussian
 from .gdp import gdp_mu
 from .report import BudgetReport
+
+
+#: what the ε of each accountant is: a bound that holds, or an approximation
+GUARANTEE = {"prv": "upper bound (PRV, Gopi et al. 2021, with its error bound)",
+             "pld": "upper bound (PLD, pessimistic discretisation)",
+             "rdp": "upper bound (RDP conversion)",
+             "gdp": "approximation (GDP central limit theorem), not a bound; optimistic for few steps"}
+
+
+def _note_approximation(accountant: str) -> None:
+    if accountant == "gdp":
+        print("note: the gdp accountant's ε is a CLT approximation, not a guarantee; use prv for a bound",
+              file=sys.stderr)
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +41,12 @@ def _epsilon(args: argparse.Namespace) -> int:
     if args.accountant == "prv":
         out["epsilon_bounds"] = list(epsilon_bounds(poisson_gaussian(args.sigma, args.sample_rate, args.steps),
                                                     args.delta))
+    out["guarantee"] = GUARANTEE[args.accountant]
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{eps:.6g}")
+        _note_approximation(args.accountant)
     return 0
 
 
@@ -39,9 +55,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.eps, "delta": args.delta,
                           "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
-                          "epsilon": epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant)}))
+                          "epsilon": epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant),
+                          "guarantee": GUARANTEE[args.accountant]}))
     else:
         print(f"{sigma:.6g}")
+        _note_approximation(args.accountant)
     return 0
 
 

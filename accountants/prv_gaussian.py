@@ -72,10 +72,15 @@ class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
         by_cdf = lower - self.cdf(a)
         return np.maximum(np.where(upper_side, by_sf, by_cdf), 0.0)
 
-    def support(self) -> tuple[float, float]:
-        """(lo, hi): P[Y ≤ lo] = 0 and P[Y > hi] < 1e-300 (a = 27 makes erfc(a) underflow)."""
-        z_hi = (27.0 * 2.0 * math.sqrt(2.0) * self._sigma + 1.0) / (2.0 * self._sigma ** 2)
-        return self._t_min, float(np.logaddexp(self._t_min, math.log(self._p) + z_hi))
+    def support(self, tail: float = 8.3) -> tuple[float, float]:
+        """(lo, hi) with P[Y ≤ lo] and P[Y > hi] at most erfc(tail)/2 (≈ 8e-32 for tail = 8.3).
+
+        P[Y > t] ≤ erfc(a)/2 and P[Y ≤ t] ≤ erfc(−b)/2 since b > a; solve a = tail, b = −tail for z.
+        """
+        s, log_p = self._sigma, math.log(self._p)
+        z_hi = (tail * 2.0 * math.sqrt(2.0) * s + 1.0) / (2.0 * s * s)
+        z_lo = (-tail * 2.0 * math.sqrt(2.0) * s - 1.0) / (2.0 * s * s)
+        return float(np.logaddexp(self._t_min, log_p + z_lo)), float(np.logaddexp(self._t_min, log_p + z_hi))
 
     def median(self) -> float:
         """t with P[Y ≤ t] = 1/2 (the split between the CDF side and the survival side)."""
@@ -106,9 +111,9 @@ class GaussianPRV(GaussianMechanism):
         """P[Y > t]."""
         return ndtr(self._mu / 2 - np.asarray(t, dtype=np.float64) / self._mu)
 
-    def support(self) -> tuple[float, float]:
-        """(lo, hi) with P[Y ≤ lo] and P[Y > hi] below 1e-300 (37.5 standard deviations)."""
-        return self.median() - 37.5 * self._mu, self.median() + 37.5 * self._mu
+    def support(self, tail: float = 11.6) -> tuple[float, float]:
+        """(lo, hi) with P[Y ≤ lo] = P[Y > hi] = Φ(−tail) (≈ 2e-31 for tail = 11.6)."""
+        return self.median() - tail * self._mu, self.median() + tail * self._mu
 
     def median(self) -> float:
         return self._mu ** 2 / 2

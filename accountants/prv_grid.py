@@ -9,7 +9,7 @@ every step is one vectorised pass:
   mesh h = ε_err / √(k/2 · ln(12/δ_err)) (Theorem 5.5) for k compositions in total.
   Grid points t_i = (i − half)·h, i = 0 … n − 1, n = 2·half + 2.
 - **Discretisation**: cell i holds P[t_i − h/2 < Y ≤ t_i + h/2] of Y truncated to
-  [t_0, t_{n−1}] and renormalised; the CDF is evaluated once per cell edge (below the
+  [t_0, t_{n−1}] (and to where its tails hold more than 1e-30) and renormalised; the CDF is evaluated once per cell edge (below the
   median) and the survival function once per edge above it, so no mass is a difference
   of two numbers close to 1. The grid is then shifted so its mean equals the truncated
   continuous mean (Theorem 5.5 needs a mean-preserving discretisation).
@@ -125,8 +125,10 @@ def discretise(pair: Pair, grid: Grid) -> tuple[np.ndarray, float]:
     """(pmf on the grid, mean shift) of the PRV of ``pair`` truncated to the grid.
 
     Cell i is (e_i, e_{i+1}] with e_0 = t_min, e_i = t_i − h/2, e_n = t_max. Only the cells
-    that meet the PRV's support are evaluated (elsewhere the mass is below 1e-300). Raises
-    :class:`PRVGridError` if the grid is too coarse for a mean-preserving shift (< h/2).
+    between the PRV's ``support()`` ends are kept (each tail beyond holds ≤ 1e-30): the PRV
+    is truncated there and renormalised, which moves δ(ε) of a k-fold composition by at most
+    2k·1e-30 — far below δ_err. Raises :class:`PRVGridError` if the grid is too coarse for a
+    mean-preserving shift (< h/2).
     """
     prv = make_prv(pair)
     n, h = grid.size, grid.mesh
@@ -151,7 +153,7 @@ def discretise(pair: Pair, grid: Grid) -> tuple[np.ndarray, float]:
     masses /= (1.0 - low[0]) - high[-1]  # the truncated PRV: renormalised mass inside the grid
     pmf = np.zeros(n)
     pmf[first:last] = masses
-    mean_c = PrivacyRandomVariableTruncated(prv, grid.t_min, grid.t_max).mean()
+    mean_c = PrivacyRandomVariableTruncated(prv, float(edges[0]), float(edges[-1])).mean()
     mean_d = float(np.dot((np.arange(first, last) - grid.half) * h, masses))
     shift = mean_c - mean_d
     if not abs(shift) < h / 2:

@@ -50,7 +50,10 @@ class BudgetReport:
             rows.append(("PRV ε bounds", f"lower {lo:.4f}, estimate {est:.4f}, upper {up:.4f}"))
         width = max(len(k) for k, _ in rows)
         lines = ["privacy budget report"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-        lines += [f"  warning: {w}" for w in self.warnings]
+        notes = list(self.warnings)
+        if self.accountant == "gdp":
+            notes.append("the gdp accountant's ε is a CLT approximation (optimistic for few steps), not a guarantee")
+        lines += [f"  warning: {w}" for w in notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

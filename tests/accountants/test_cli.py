@@ -49,3 +49,13 @@ def test_report_renders_text_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1.5000" in out and "200 of 250" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_gdp_is_labelled_an_approximation(capsys):
+    main(["epsilon", "--sigma", "0.8", "--sample-rate", "0.005", "--steps", "1000", "--delta", "1e-6",
+          "--accountant", "gdp"])
+    captured = capsys.readouterr()
+    assert float(captured.out) == pytest.approx(1.3245, abs=2e-3)  # REFERENCE_VALUES.md row 3: optimistic
+    assert "approximation" in captured.err
+    main(["epsilon", "--sigma", "0.8", "--sample-rate", "0.005", "--steps", "1000", "--delta", "1e-6", "--json"])
+    assert json.loads(capsys.readouterr().out)["guarantee"].startswith("upper bound")

@@ -80,3 +80,23 @@ def test_very_long_lossy_runs_get_a_bound_without_exhausting_memory():
 def test_pld_backend_is_an_upper_bound_within_one_percent(sigma, q, steps, delta, pld, rdp):
     eps = accountants.epsilon(sigma, q, steps, delta, accountant="pld")
     assert pld * 0.999 <= eps <= pld * 1.01
+
+
+@pytest.mark.parametrize("accountant", ["prv", "pld", "rdp", "gdp"])
+def test_monotone_in_sigma_q_and_steps(accountant):
+    def eps(sigma, q, steps):
+        return accountants.epsilon(sigma, q, steps, 1e-5, accountant=accountant)
+
+    base = eps(1.0, 0.02, 100)
+    assert eps(1.2, 0.02, 100) < base < eps(0.9, 0.02, 100)
+    assert eps(1.0, 0.01, 100) < base < eps(1.0, 0.04, 100)
+    assert eps(1.0, 0.02, 50) < base < eps(1.0, 0.02, 200)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "pld", "rdp", "gdp"])
+def test_composition_of_equal_events_is_self_composition(accountant):
+    step = PoissonSampledEvent(0.02, GaussianEvent(1.0))
+    parts = accountants.ComposedEvent((SelfComposedEvent(step, 30), SelfComposedEvent(step, 50), step,
+                                       SelfComposedEvent(step, 19)))
+    assert accountants.epsilon_of_event(parts, 1e-5, accountant) == pytest.approx(
+        accountants.epsilon(1.0, 0.02, 100, 1e-5, accountant), rel=1e-12)

@@ -24,3 +24,10 @@ def test_json_round_trip(tmp_path):
     r.save(str(path))
     assert BudgetReport.load(str(path)) == r
     assert r.to_dict()["gdp_mu"] > 0
+
+
+def test_gdp_report_warns_that_it_is_an_approximation():
+    r = _report()
+    assert "approximation" not in r.to_text()
+    r.accountant = "gdp"
+    assert "approximation" in r.to_text()
