@@ -17,7 +17,9 @@ every step is one vectorised pass:
   (circular, as prv_accountant's Fourier composer; the safe domain keeps wrapped mass
   below δ_err). A heterogeneous run costs one FFT per distinct (q, σ) plus one.
 - **ε**: δ(ε) = Σ_{t_j ≥ ε} p_j (1 − e^{ε − t_j}) from two tail sums; the estimate solves
-  δ(ε) = δ, and the bounds are ε(δ ∓ δ_err) ± ε_err (Theorem 5.5).
+  δ(ε) = δ, and the bounds are ε(δ ∓ δ_err) ± ε_err (Theorem 5.5), with δ_err widened by the
+  float64 round-off the FFT leaves (estimated from the pmf's negative entries); where that is
+  not small against δ the grid refuses (and the caller falls back to a coarser grid or RDP).
 
 Privacy assumption: each PRV is that of a (Poisson-subsampled) Gaussian mechanism with
 no mass at infinity; the upper bound is a valid ε as long as L and h are as above.
@@ -211,13 +213,29 @@ class ComposedPRV:
             return float(t[0])
         return math.log((d1[i] - delta) / d2[i])
 
+    @cached_property
+    def roundoff(self) -> float:
+        """Bound on the float64 round-off in any δ(ε) of this pmf: 4·Σ_j max(−p_j, 0).
+
+        The FFT leaves noise of ~1e-17–1e-16 per point (the transform's rounding, raised to the
+        power k), symmetric around the true mass: where the true mass is ~0 it shows as negative
+        entries, so 2·Σ max(−p_j, 0) estimates Σ_j |noise_j|, and a δ(ε) (a tail sum with weights
+        in [0, 1] on both of its terms) moves by at most twice that. Theorem 5.5's δ_err assumes
+        exact arithmetic; this is added to it. ~1e-13–1e-11 here: negligible for δ ≥ 1e-8.
+        """
+        return 4.0 * float(np.maximum(-self.pmf, 0.0).sum())
+
     def epsilon(self, delta: float) -> tuple[float, float, float]:
-        """(lower, estimate, upper) ε at ``delta``: ε(δ + δ_err) − ε_err, ε(δ), ε(δ − δ_err) + ε_err (Thm 5.5)."""
+        """(lower, estimate, upper) ε at ``delta``: ε(δ + δ_e) − ε_err, ε(δ), ε(δ − δ_e) + ε_err,
+        δ_e = δ_err + round-off (Thm 5.5 with the float64 round-off added)."""
         g = self.grid
-        if np.finfo(np.float64).eps * g.size > delta - g.delta_error:
-            raise PRVGridError(f"δ={delta:g} is too small for a float64 grid of {g.size} points")
-        return (self.epsilon_at(delta + g.delta_error) - g.eps_error, self.epsilon_at(delta),
-                self.epsilon_at(delta - g.delta_error) + g.eps_error)
+        delta_error = g.delta_error + self.roundoff
+        # prv_accountant's own guard (long-double sums) and ours: the round-off must stay small against δ
+        if delta_error >= delta / 2 or np.finfo(np.longdouble).eps * g.size > delta - delta_error:
+            raise PRVGridError(f"δ={delta:g} is too small for a float64 grid of {g.size} points "
+                               f"(round-off {self.roundoff:.2g})")
+        return (self.epsilon_at(delta + delta_error) - g.eps_error, self.epsilon_at(delta),
+                self.epsilon_at(delta - delta_error) + g.eps_error)
 
 
 def _power(f: np.ndarray, count: int) -> np.ndarray:

@@ -5,7 +5,8 @@ Every (ε, δ(ε)) pair a mechanism satisfies bounds its trade-off function from
 (Dong, Roth & Su 2019, Prop. 2.4, with the symmetrised form), and the supremum over
 all ε ≥ 0 of the privacy profile is the trade-off function the profile implies
 (Prop. 2.12). We take δ(ε) from the composed privacy-loss distribution of the PRV
-accountant, made conservative with its error bounds (δ at ε − ε_err, plus δ_err), so
+accountant, made conservative with its error bounds (δ at ε − ε_err, plus δ_err and the
+float64 round-off), so
 the numerical curve is a valid guarantee. For comparison: G_μ(α) = Φ(Φ⁻¹(1−α) − μ).
 
 Shuffled DP-SGD limit (Ertan & van Dijk 2026, arXiv 2601.10237, abstract): for one epoch
@@ -42,7 +43,7 @@ def _profile(flat: Flat, eps_max: float, n_eps: int) -> tuple[np.ndarray, np.nda
     except PRVGridError:
         eps_tail = eps_max
     eps = np.linspace(0.0, min(eps_max, max(float(eps_tail), 1.0) * 1.5), n_eps)
-    delta = np.minimum(1.0, composed.delta(np.maximum(eps - eps_error, 0.0)) + delta_error)
+    delta = np.minimum(1.0, composed.delta(np.maximum(eps - eps_error, 0.0)) + delta_error + composed.roundoff)
     return eps, delta
 
 
