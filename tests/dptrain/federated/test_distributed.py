@@ -1,0 +1,72 @@
+"""Federated rounds across 2 gloo processes (clients split over ranks) equal the one-process run.
+
+The two ranks run tests/dptrain/federated/federated_worker.py; this test compares their outputs
+with the same runs simulated here in one process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from dptrain.federated import DistributedComm, LocalComm
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE))
+import federated_worker as worker  # noqa: E402
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "federated_worker.py"), str(r), str(WORLD), str(port),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(worker.RUNS))
+def test_two_ranks_equal_one_process(ranks, name):
+    # Same seeds: the same clients draw the same batches and local noise on either layout, and the
+    # server noise is drawn once (on rank 0). Noise added on every rank would break the equality.
+    ref_params, ref_eps = worker.run(name, LocalComm(), init_seed=0)
+    for r in ranks:
+        params, eps = r[name]
+        for k, v in ref_params.items():
+            torch.testing.assert_close(params[k], v, atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+        assert eps == pytest.approx(ref_eps)
+
+
+def test_server_noise_added_once_with_stated_std(ranks):
+    a, b = ranks[0]["noise"], ranks[1]["noise"]
+    assert torch.equal(a, b)  # every rank holds rank 0's release
+    # n s² / (σS)² ~ χ²(n); two-sided, false-failure probability 2e-7
+    n, std = a.numel(), 1.3 * 0.7
+    stat = float((a.double() ** 2).sum()) / std ** 2
+    assert stats.chi2.ppf(1e-7, n) < stat < stats.chi2.ppf(1 - 1e-7, n)
+
+
+def test_distributed_comm_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedComm()
