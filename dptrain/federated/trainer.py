@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -34,6 +35,12 @@ from .client import Client, client_seed
 from .comm import LocalComm
 from .config import FederatedConfig
 from .server import clip_update, fedsvd_refactor_model, orthonormalize_adapters, server_noise
+
+
+@lru_cache(maxsize=1024)
+def _calibrate(eps: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """σ for ``steps`` Poisson-sampled Gaussian steps at rate q (memoised: clients of one size share it)."""
+    return accountants.calibrate_noise(eps, delta, sample_rate, steps, accountant=accountant)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ class FederatedTraining:
         if cfg.noise_multiplier is not None:
             return float(cfg.noise_multiplier)
         assert cfg.eps is not None
-        return accountants.calibrate_noise(cfg.eps, self.delta, sample_rate, steps, accountant=cfg.accountant)
+        return _calibrate(cfg.eps, self.delta, sample_rate, steps, cfg.accountant)
 
     def _server_sigma(self) -> float:
         if self.config.dp != "client":
