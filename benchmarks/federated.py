@@ -6,8 +6,9 @@ on a LoRA-adapted transformer. Prints one JSON object.
 (a) digits (sklearn), train split dealt to 10 clients by label skew (2 labels each,
     dptrain.client_split.label_skew_split); linear model; DP-FedAvg with example-level DP (local
     DP-SGD, ε per example) and with client-level DP (clipped updates, server noise, ε per client),
-    ε ∈ {1, 3, 8}, plus the non-private FedAvg reference. DIFF2 / DP-GD come from
-    benchmarks/federated_diff2.py when that script exists (its JSON is embedded under "diff2").
+    ε ∈ {1, 3, 8}, plus the non-private FedAvg reference. ``--with-diff2`` also runs
+    benchmarks/federated_diff2.py (DIFF2 vs DP-GD on the same split, with its own step-size search,
+    ~20 min on the 2-core machine) and embeds its JSON under "diff2".
 (b) a 1-layer nn.TransformerEncoder classifier pre-trained non-privately on a synthetic "public"
     token task, then fine-tuned with LoRA adapters (rank 4 on the feed-forward layers and the head)
     on a shifted synthetic task split over 10 clients by label skew; example-level DP;
@@ -184,8 +185,9 @@ def summarise(runs: list[dict], key: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="one seed, no DIFF2")
+    ap.add_argument("--quick", action="store_true", help="one seed")
     ap.add_argument("--part", choices=("all", "digits", "lora"), default="all")
+    ap.add_argument("--with-diff2", action="store_true", help="also run benchmarks/federated_diff2.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -197,7 +199,7 @@ def main() -> None:
     if args.part in ("all", "lora"):
         lo = lora_runs(seeds)
         result["lora_transformer"] = {**lo, "summary": summarise(lo["runs"], "algorithm")}
-    if args.part == "all" and not args.quick:
+    if args.with_diff2:
         result["diff2"] = diff2()
     result["total_wall_s"] = time.perf_counter() - t0
     print(json.dumps(result))
