@@ -23,6 +23,38 @@ from mechanisms.lazy import LazyNoiseTable
 from mechanisms.rng import DeviceGenerators
 
 
+def _no_hook(*args: Any, **kwargs: Any) -> None:
+    """What a lazy hook becomes in a copy or a pickle of the model (whose tables were flushed)."""
+    return None
+
+
+class _Hook:
+    """A hook of :class:`LazyTables`. Copying or pickling the model flushes the tables first.
+
+    ``copy.deepcopy(model)`` and ``torch.save(model)`` copy the hooks after the model's own attributes
+    and before its submodules, so a model whose tables are submodules is copied flushed; the copy
+    carries no lazy state (its hooks do nothing).
+    """
+
+    def __init__(self, tables: "LazyTables", fn: Any) -> None:
+        self.tables, self.fn = tables, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        self.tables.flush()
+        return _no_hook
+
+    def __reduce__(self) -> Any:
+        self.tables.flush()
+        return (_return_no_hook, ())
+
+
+def _return_no_hook() -> Any:
+    return _no_hook
+
+
 class LazyTables:
     """The lazy-noise state of every table of one model, and the hooks that use it."""
 
@@ -33,10 +65,10 @@ class LazyTables:
         self.noise = {k: LazyNoiseTable(m.weight.data, noise_std, expected_batch_size, self._rng.get(m.weight.device))
                       for k, m in self.modules.items()}
         self._dirty = False  # some row may lack noise of a past step
-        self._handles = [model.register_forward_pre_hook(self._before_model_forward)]
+        self._handles = [model.register_forward_pre_hook(_Hook(self, self._before_model_forward))]
         for k, m in self.modules.items():
-            self._handles.append(m.register_forward_pre_hook(self._catch_up_hook(k), with_kwargs=True))
-            self._handles.append(m.register_state_dict_pre_hook(self._flush_hook(k)))
+            self._handles.append(m.register_forward_pre_hook(_Hook(self, self._catch_up_hook(k)), with_kwargs=True))
+            self._handles.append(m.register_state_dict_pre_hook(_Hook(self, self._flush_hook(k))))
 
     @property
     def step(self) -> int:

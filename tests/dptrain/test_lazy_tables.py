@@ -84,3 +84,23 @@ def test_checkpoint_is_flushed_and_resume_carries_the_counters():
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert priv2.steps == 5 and priv2.epsilon_spent() == priv.epsilon_spent()
+
+
+def test_copying_or_pickling_the_model_exports_it_flushed():
+    import io
+
+    model, priv = _run()
+    assert not priv.tables.is_flushed
+    clone = copy.deepcopy(model)
+    assert priv.tables.is_flushed  # the copy is taken after the flush
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+    priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    assert priv.tables.is_flushed
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded.user.weight, model.user.weight)
+    loaded.eval()
+    loaded(torch.tensor([[1, 2, 3]]))  # the copy carries no lazy state: its hooks do nothing
