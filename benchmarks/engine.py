@@ -1,10 +1,14 @@
 """Step time and peak memory: non-private vs dptrain vs Opacus (hooks, ghost).
 
-Prints one JSON object. Each (model, mode) runs in its own subprocess so that peak memory
-(ru_maxrss on CPU, torch.cuda.max_memory_allocated on GPU) belongs to that mode alone.
-Ratios are to the non-private step measured in the same invocation; times are medians.
+Prints one JSON object. Per model, all modes run in one subprocess with their steps
+interleaved (round r times each mode once, after one untimed step), so that load from other
+processes hits every mode alike; times are medians over ``--repeats`` rounds and ratios are to
+the non-private step of the same run. Peak memory (ru_maxrss on CPU, max_memory_allocated on
+CUDA) comes from a second, fresh subprocess per (model, mode). ``--amp`` runs every step
+under bf16 autocast, ``--compile`` with the model torch.compile'd (not Opacus). On CUDA the default models add a GPT-2-small-sized transformer (12
+layers, d 768, 12 heads, vocabulary 50257, random weights) at batch 32 × sequence 256.
 
-    python benchmarks/engine.py [--models mlp cnn transformer] [--repeats 7] [--device cpu|cuda]
+    python benchmarks/engine.py [--models mlp cnn transformer] [--repeats 7] [--device cpu|cuda] [--amp]
 """
 from __future__ import annotations
 
@@ -28,22 +32,28 @@ class Transformer(nn.Module):
     """Token + learned position Embedding, TransformerEncoderLayer(s), mean pool, linear head.
 
     Positions are looked up with batched indices ([B, T], as GPT-2's position table) so that
-    the table's per-example gradients are rows of a per-example lookup.
+    the table's per-example gradients are rows of a per-example lookup. ``gpt=True``: pre-norm
+    blocks with GELU and causal self-attention, as GPT-2.
     """
 
-    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 1, seq: int = 64) -> None:
+    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 1, seq: int = 64,
+                 gpt: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(seq, d)
-        self.enc = nn.ModuleList(nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.ModuleList(nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                                            activation="gelu" if gpt else "relu", norm_first=gpt)
                                  for _ in range(layers))
+        self.causal = gpt
         self.head = nn.Linear(d, 2)
 
     def forward(self, x):
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        t = x.shape[1]
+        positions = torch.arange(t, device=x.device).expand(x.shape[0], -1)
         h = self.emb(x) + self.pos(positions)
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device) if self.causal else None
         for layer in self.enc:
-            h = layer(h)
+            h = layer(h, src_mask=mask, is_causal=self.causal)
         return self.head(h.mean(1))
 
 
@@ -62,16 +72,19 @@ def build(name: str, batch: int, device: str):
         model = Transformer()
         x, y = torch.randint(0, 1000, (batch, 64), generator=g), torch.randint(0, 2, (batch,), generator=g)
     elif name == "gpt2small":  # GPT-2-small-sized: 12 layers, d=768, 12 heads, vocab 50257, seq 256
-        model = Transformer(vocab=50257, d=768, heads=12, layers=12, seq=256)
+        model = Transformer(vocab=50257, d=768, heads=12, layers=12, seq=256, gpt=True)
         x, y = torch.randint(0, 50257, (batch, 256), generator=g), torch.randint(0, 2, (batch,), generator=g)
     else:
         raise SystemExit(f"unknown model {name}")
     return model.to(device), x.to(device), y.to(device)
 
 
-def make_step(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int | None):
+def make_step(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int | None,
+              compile_model: bool = False):
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if compile_model and not mode.startswith("opacus"):
+        model = torch.compile(model)
     if mode == "nonprivate":
         def step():
             opt.zero_grad()
@@ -103,67 +116,139 @@ def make_step(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chu
     return step
 
 
-def run_one(name: str, mode: str, batch: int, repeats: int, device: str, chunk: int | None) -> dict:
+def _amp(step, device: str, amp: bool):
+    """The step under bf16 autocast (``--amp``); dptrain keeps its norm / sum algebra in float32."""
+    if not amp:
+        return step
+
+    def wrapped():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            step()
+    return wrapped
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(name: str, mode: str, batch: int, repeats: int, device: str, chunk: int | None, amp: bool,
+            compile_model: bool = False) -> dict:
+    """Peak memory (and step times) of one mode alone in this process."""
     warnings.filterwarnings("ignore")
     model, x, y = build(name, batch, device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
-        step = make_step(mode, model, x, y, chunk)
-        step()  # warm-up (and compile caches)
+        step = _amp(make_step(mode, model, x, y, chunk, compile_model), device, amp)
+        step()  # warm-up
+        _sync(device)
         if device == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             times.append(time.perf_counter() - t)
     except Exception as exc:  # noqa: BLE001 - reported, e.g. Opacus refusing a layer
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    out = {"median_s": statistics.median(times), "times_s": times,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_mb": rss0}
+    out = {"alone_median_s": statistics.median(times),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0}
     if device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
+def run_interleaved(name: str, modes: list[str], batch: int, repeats: int, device: str, chunk: int | None,
+                    amp: bool, compile_model: bool = False) -> dict:
+    """Step times of all modes in one process, interleaved: round r times mode 1, 2, … once each.
+
+    Each mode has its own copy of the model (same seed); before each timed step one untimed
+    step re-warms that mode's caches. Load from other processes then hits every mode alike.
+    """
+    warnings.filterwarnings("ignore")
+    steps, out = {}, {}
+    for mode in modes:
+        model, x, y = build(name, batch, device)
+        try:
+            steps[mode] = _amp(make_step(mode, model, x, y, chunk, compile_model), device, amp)
+            steps[mode]()
+        except Exception as exc:  # noqa: BLE001 - reported, e.g. Opacus refusing a layer
+            out[mode] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            steps.pop(mode, None)
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for _ in range(repeats):
+        for mode, step in steps.items():
+            step()
+            _sync(device)
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            times[mode].append(time.perf_counter() - t)
+    for mode, ts in times.items():
+        out[mode] = {"median_s": statistics.median(ts), "times_s": ts}
+    return out
+
+
+def _subprocess(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="default: mlp cnn transformer, plus gpt2small (batch --gpt2-batch) on cuda")
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--gpt2-batch", type=int, default=32, help="batch of the GPT-2-small-sized model (seq 256)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast around every mode's step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (non-private and dptrain)")
     p.add_argument("--chunk", type=int, default=None, help="dptrain chunk_size (virtual-step size)")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--interleave", metavar="MODEL", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(a.one[0], a.one[1], a.batch, a.repeats, a.device, a.chunk)))
+    if a.one or a.interleave:
+        name = a.one[0] if a.one else a.interleave
+        batch = a.gpt2_batch if name == "gpt2small" else a.batch
+        if a.one:
+            res = run_one(name, a.one[1], batch, a.repeats, a.device, a.chunk, a.amp, a.compile)
+        else:
+            res = run_interleaved(name, a.modes, batch, a.repeats, a.device, a.chunk, a.amp, a.compile)
+        print(json.dumps(res))
         return
+    models = a.models or (["mlp", "cnn", "transformer"] + (["gpt2small"] if a.device == "cuda" else []))
     result = {"machine": {"device": a.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "cuda": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-                          "cpus": os.cpu_count()},
-              "batch": a.batch, "repeats": a.repeats, "models": {}}
-    for name in a.models:
-        entry = {}
-        for mode in a.modes:
-            cmd = [sys.executable, __file__, "--one", name, mode, "--batch", str(a.batch), "--repeats",
-                   str(a.repeats), "--device", a.device] + (["--chunk", str(a.chunk)] if a.chunk else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            try:
-                entry[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (IndexError, json.JSONDecodeError):
-                entry[mode] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                          "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+              "batch": a.batch, "repeats": a.repeats, "amp_bf16": a.amp, "compile": a.compile, "models": {}}
+    common = ["--batch", str(a.batch), "--gpt2-batch", str(a.gpt2_batch), "--device", a.device] + \
+        (["--chunk", str(a.chunk)] if a.chunk else []) + (["--amp"] if a.amp else []) + \
+        (["--compile"] if a.compile else [])
+    for name in models:
+        modes = [m for m in a.modes if not (name == "gpt2small" and m == "opacus-hooks")]
+        entry = _subprocess(["--interleave", name, "--modes", *modes, "--repeats", str(a.repeats), *common])
+        if "error" in entry and len(entry) == 1:
+            entry = {m: dict(entry) for m in modes}
+        for mode in modes:  # peak memory: each mode alone in a fresh process
+            if "error" not in entry.get(mode, {}):
+                entry[mode].update(_subprocess(["--one", name, mode, "--repeats", "2", *common]))
         base = entry.get("nonprivate", {}).get("median_s")
         for mode, r in entry.items():
             if base and "median_s" in r:
                 r["ratio_to_nonprivate"] = r["median_s"] / base
+        ghost = entry.get("opacus-ghost", {}).get("median_s")
+        if ghost and "median_s" in entry.get("dptrain", {}):
+            entry["dptrain"]["speedup_vs_opacus_ghost"] = ghost / entry["dptrain"]["median_s"]
         result["models"][name] = entry
         print(json.dumps({name: {m: r.get("ratio_to_nonprivate", r.get("error")) for m, r in entry.items()}}),
               file=sys.stderr)
+    result["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
 

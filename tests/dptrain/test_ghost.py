@@ -375,3 +375,31 @@ def test_cuda_equals_vmap():
             ref = clip_and_sum(model, LOSS, x, y, 0.3, method="vmap")
         assert all(v.is_cuda for v in got.sums.values())
         assert_same(got, ref, atol=1e-4)
+
+
+def test_bf16_autocast_attention_and_conv_within_the_clip_norm():
+    """Under bf16 autocast the factors are bf16, the norm / sum algebra float32: ‖f_i G_i‖ ≤ C still holds."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 16)
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.conv, self.gn, self.fc = nn.Conv1d(16, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.gn(self.conv(self.enc(self.emb(x)).transpose(1, 2))).mean(2))
+
+    torch.manual_seed(0)
+    model, x, y = Net(), torch.randint(0, 20, (6, 10)), torch.randint(0, 3, (6,))
+    c = 1e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(c))
+        ref = clip_and_sum(model, LOSS, x, y, ClippingConfig(c), method="vmap")
+        singles = [ghost_clip_and_sum(model, LOSS, x[i:i + 1], y[i:i + 1], ClippingConfig(c)) for i in range(6)]
+    assert batch is not None and all(v.dtype == torch.float32 for v in batch.sums.values())
+    for k in ref.sums:  # bf16 forward on both engines: equal up to bf16 rounding
+        torch.testing.assert_close(batch.sums[k], ref.sums[k], atol=2e-4, rtol=5e-2)
+    for one in singles:
+        norm = torch.sqrt(sum(v.double().pow(2).sum() for v in one.sums.values()))
+        assert float(norm) <= c * (1 + 1e-5)

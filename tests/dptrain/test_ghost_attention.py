@@ -192,3 +192,18 @@ def test_in_place_edit_of_the_output_is_handled():
     model = InPlace().eval()
     x, y = data()
     assert_same(ghost_clip_and_sum(model, LOSS, x, y, 0.1), clip_and_sum(model, LOSS, x, y, 0.1, method="vmap"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["self", "cross+everything", "weights+padding_mask"])
+def test_cuda_equals_vmap(name):
+    model = build(CONFIGS[name]).cuda()
+    x, y = (t.cuda() for t in data())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products on both engines
+    try:
+        assert_same(ghost_clip_and_sum(model, LOSS, x, y, 0.1), clip_and_sum(model, LOSS, x, y, 0.1, method="vmap"),
+                    atol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
