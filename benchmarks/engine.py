@@ -3,7 +3,8 @@
 Prints one JSON object. Per model, all modes run in one subprocess with their steps
 interleaved (round r times each mode once, after one untimed step), so that load from other
 processes hits every mode alike; times are medians over ``--repeats`` rounds and ratios are to
-the non-private step of the same run. Peak memory (ru_maxrss on CPU, max_memory_allocated on
+the non-private step of the same run. Wall-clock and process CPU time (all threads) are both
+kept: on a machine shared with other jobs the CPU time is the steadier measure of work. Peak memory (ru_maxrss on CPU, max_memory_allocated on
 CUDA) comes from a second, fresh subprocess per (model, mode). ``--amp`` runs every step
 under bf16 autocast, ``--compile`` with the model torch.compile'd (not Opacus). On CUDA the default models add a GPT-2-small-sized transformer (12
 layers, d 768, 12 heads, vocabulary 50257, random weights) at batch 32 × sequence 256.
@@ -177,16 +178,18 @@ def run_interleaved(name: str, modes: list[str], batch: int, repeats: int, devic
             out[mode] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             steps.pop(mode, None)
     times: dict[str, list[float]] = {m: [] for m in steps}
+    cpu: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(repeats):
         for mode, step in steps.items():
             step()
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             times[mode].append(time.perf_counter() - t)
+            cpu[mode].append(time.process_time() - c)
     for mode, ts in times.items():
-        out[mode] = {"median_s": statistics.median(ts), "times_s": ts}
+        out[mode] = {"median_s": statistics.median(ts), "times_s": ts, "median_cpu_s": statistics.median(cpu[mode])}
     return out
 
 
@@ -238,13 +241,14 @@ def main() -> None:
         for mode in modes:  # peak memory: each mode alone in a fresh process
             if "error" not in entry.get(mode, {}):
                 entry[mode].update(_subprocess(["--one", name, mode, "--repeats", "2", *common]))
-        base = entry.get("nonprivate", {}).get("median_s")
-        for mode, r in entry.items():
-            if base and "median_s" in r:
-                r["ratio_to_nonprivate"] = r["median_s"] / base
-        ghost = entry.get("opacus-ghost", {}).get("median_s")
-        if ghost and "median_s" in entry.get("dptrain", {}):
-            entry["dptrain"]["speedup_vs_opacus_ghost"] = ghost / entry["dptrain"]["median_s"]
+        for key, label in (("median_s", ""), ("median_cpu_s", "cpu_")):
+            base = entry.get("nonprivate", {}).get(key)
+            for mode, r in entry.items():
+                if base and key in r:
+                    r[f"{label}ratio_to_nonprivate"] = r[key] / base
+            ghost = entry.get("opacus-ghost", {}).get(key)
+            if ghost and key in entry.get("dptrain", {}):
+                entry["dptrain"][f"{label}speedup_vs_opacus_ghost"] = ghost / entry["dptrain"][key]
         result["models"][name] = entry
         print(json.dumps({name: {m: r.get("ratio_to_nonprivate", r.get("error")) for m, r in entry.items()}}),
               file=sys.stderr)

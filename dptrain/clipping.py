@@ -136,8 +136,8 @@ def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: tor
             return fast
         if method == "fast":
             raise ValueError("clip_and_sum(method='fast'): the book-keeping path does not cover this model "
-                             "(a parameter used outside its own module's forward, e.g. nn.MultiheadAttention "
-                             "or nn.LSTM); use method='auto'")
+                             "(a parameter used outside its own module's forward, e.g. nn.LSTM or a raw "
+                             "nn.Parameter in a container's forward); use method='auto'")
         method = "auto"
     params = trainable_parameters(model)
     if chunk_size is None:
