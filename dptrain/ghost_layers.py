@@ -61,13 +61,31 @@ class Conv:
     explicit: torch.Tensor | None = None  # [B, *weight_shape] when the norm pass kept it
 
     def per_example(self, s: slice = slice(None)) -> torch.Tensor:
+        """[n, *weight_shape]: a grouped-conv backward with the batch folded into the groups, or, for
+        few input channels per filter (C_in·k ≤ 32, groups = 1), Σ_t g_it p_itᵀ as one batched matmul
+        over a strided window view of the input — the grouped-conv kernel is up to ~13× slower there
+        on a 2-thread CPU (CIFAR's first 3→16 conv)."""
         a, g = self.a[s], self.g[s]
         n, spatial = a.shape[0], a.dim() - 2
+        if self.groups == 1 and self.weight_shape[1:].numel() <= 32:
+            return self._windows_matmul(a, g)
         shape = (n * self.weight_shape[0], *self.weight_shape[1:])
         wgrad = torch.nn.grad.conv1d_weight if spatial == 1 else torch.nn.grad.conv2d_weight
         out = wgrad(a.reshape(1, -1, *a.shape[2:]), shape, g.reshape(1, -1, *g.shape[2:]),
                     self.stride, self.padding, self.dilation, self.groups * n)
         return out.reshape(n, *self.weight_shape)
+
+    def _windows_matmul(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        n, c, spatial = a.shape[0], a.shape[1], a.dim() - 2
+        if any(self.padding):
+            a = F.pad(a, [p for p in reversed(self.padding) for _ in range(2)])
+        k, out = self.weight_shape[2:], g.shape[2:]
+        st = a.stride()
+        view = a.as_strided((n, c, *k, *out), (st[0], st[1], *(st[2 + d] * self.dilation[d] for d in range(spatial)),
+                                               *(st[2 + d] * self.stride[d] for d in range(spatial))))
+        patches = view.reshape(n, c * k.numel(), out.numel())  # one copy: [n, C_in·k, T]
+        per = torch.bmm(g.reshape(n, g.shape[1], -1), patches.transpose(1, 2))
+        return per.reshape(n, *self.weight_shape)
 
     def weighted(self, f: torch.Tensor) -> torch.Tensor:
         wgrad = torch.nn.grad.conv1d_weight if self.a.dim() == 3 else torch.nn.grad.conv2d_weight

@@ -154,6 +154,20 @@ def test_frozen_projections_and_norms():
     assert_same(ghost_clip_and_sum(model, LOSS, x, y, 0.1), clip_and_sum(model, LOSS, x, y, 0.1, method="vmap"))
 
 
+def test_attention_called_twice_equals_vmap():
+    class Twice(AttentionModel):
+        def forward(self, x):
+            q = self.emb(x)
+            a, _ = self.att(q, q, q, need_weights=False)
+            b, _ = self.att(torch.tanh(a), q, q, need_weights=False)  # second call: cross-attention form
+            return self.fc(b.mean(1))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x, y = data()
+    assert_same(ghost_clip_and_sum(model, LOSS, x, y, 0.1), clip_and_sum(model, LOSS, x, y, 0.1, method="vmap"))
+
+
 def test_out_proj_called_directly_falls_back():
     class Reuse(AttentionModel):
         def forward(self, x):
