@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import dptrain
 from dptrain import distributed as ddp
+from dptrain.diff2 import make_diff2
 from mechanisms import GaussianMechanism
 
 SIGMA, CLIP, SEED, BATCH, STEPS = 0.8, 0.5, 7, 16, 6
@@ -33,7 +34,8 @@ def model(seed: int) -> nn.Module:
 def train(model_seed: int) -> tuple[dptrain.PrivateTraining, list[torch.Tensor]]:
     """The run compared across 1 and 2 processes; returns it and the index batches it drew."""
     net = model(model_seed)
-    priv = dptrain.make_private(net, eps=None, noise_multiplier=SIGMA, max_grad_norm=CLIP, seed=SEED)
+    priv = dptrain.make_private(net, eps=None, noise_multiplier=SIGMA, max_grad_norm=CLIP, seed=SEED,
+                                accountant="rdp")
     priv.attach(data(), batch_size=BATCH, steps=STEPS, optimizer=torch.optim.SGD(net.parameters(), lr=0.5))
     drawn = []
     for _ in range(STEPS):
@@ -41,6 +43,19 @@ def train(model_seed: int) -> tuple[dptrain.PrivateTraining, list[torch.Tensor]]
         drawn.append(idx)
         priv.step(priv.loader.batch(idx))
     return priv, drawn
+
+
+def diff2_clients() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data().tensors
+    return [(x[i::5], y[i::5]) for i in range(5)]
+
+
+def diff2_run(clients, model_seed: int) -> dptrain.diff2.Diff2Trainer:
+    """A noised DIFF2 run (noise seeded) over ``clients``: all of them, or this rank's."""
+    trainer = make_diff2(model(model_seed), clients, eps=4.0, delta=1e-3, rounds=4, refresh_every=2,
+                         clip_grad=1.0, clip_diff=0.2, lr=0.5, accountant="gdp", seed=11)
+    trainer.fit()
+    return trainer
 
 
 def main() -> None:
@@ -63,7 +78,7 @@ def main() -> None:
     result["drawn"] = drawn
     result["params"] = {k: v.detach().clone() for k, v in priv.model.state_dict().items()}
     result["epsilon"] = priv.epsilon_spent()
-    result["report"] = priv.report().to_dict()
+    result["report"] = priv.report(history_points=2).to_dict()
     # 4. checkpoint written by rank 0 only
     saves = []
     real_save = torch.save
@@ -74,6 +89,10 @@ def main() -> None:
     resumed, _ = train(model_seed=0)
     ddp.load_checkpoint(resumed, f"{out}/ckpt.pt")
     result["resumed_steps"] = resumed.steps
+    # 5. DIFF2 with clients spread over ranks (client p on rank p mod W)
+    trainer = diff2_run(diff2_clients()[rank::world], model_seed=rank)
+    result["diff2_params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    result["diff2_epsilon"] = trainer.epsilon_spent()
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

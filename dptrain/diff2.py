@@ -1,0 +1,223 @@
+"""DIFF2 training driver: clients simulated in one process, or spread over torch.distributed ranks.
+
+``make_diff2(model, clients, eps=3, rounds=R, refresh_every=T, clip_grad=C1, clip_diff=C2, lr=η)``
+calibrates DIFF2's two noise multipliers for the target ε (:func:`mechanisms.diff2.calibrate_diff2`)
+and returns a :class:`Diff2Trainer`; ``trainer.fit()`` runs the R rounds of
+:mod:`mechanisms.diff2` with its GD subroutine x_{t+1} = x_t − η v_t.
+
+Units and neighbouring relation (stated in the report):
+* ``level="example"`` — example-level DP over the union of all clients' data: each example's
+  gradient (refresh) or gradient difference is clipped; neighbours add or remove one example.
+* ``level="client"`` — client-level DP: each client's mean-loss gradient (or its difference) is
+  clipped as one unit; neighbours add or remove one client with all its data.
+
+Clients: a sequence of ``(inputs, targets)`` — all clients in a single process, or this rank's
+clients under ``torch.distributed`` (the number of units is summed over ranks; rank 0 adds the
+noise once, one all-reduce per round; every rank holds the same model).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+import accountants
+from mechanisms.diff2 import Diff2Config, Diff2Mechanism, calibrate_diff2
+
+from .clipping import ClippingConfig, clipped_sum
+from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
+from .errors import BudgetExceededError, PrivacyConfigError
+from .private import default_delta
+
+LEVELS = ("example", "client")
+Client = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Diff2Report:
+    """What a DIFF2 run spent, and under which neighbouring relation."""
+
+    level: str
+    neighbouring: str
+    epsilon: float
+    delta: float
+    rounds_run: int
+    config: Diff2Config
+    units: int
+    accountant: str
+
+    def to_text(self) -> str:
+        c = self.config
+        return (f"DIFF2 ({self.level}-level DP; neighbours: {self.neighbouring})\n"
+                f"  ε spent {self.epsilon:.4f} at δ={self.delta:.3g} ({self.accountant}) after {self.rounds_run}/"
+                f"{c.rounds} rounds over {self.units} units\n"
+                f"  refresh every T={c.refresh_every}: clip C1={c.clip_grad:g}, noise multiplier z1={c.noise_grad:.4g}; "
+                f"differences: C2={c.clip_diff:g}, z2={c.noise_diff:.4g}")
+
+
+@contextlib.contextmanager
+def _parameters_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily evaluate ``model`` at other values of its trainable parameters."""
+    params = trainable_parameters(model)
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+
+
+class Diff2Trainer:
+    """State of one DIFF2 run (model, previous iterate, estimator, ledger)."""
+
+    def __init__(self, model: nn.Module, clients: Sequence[Client], config: Diff2Config, lr: float,
+                 level: str = "example", loss_fn: LossFn | None = None, delta: float | None = None,
+                 accountant: str = "prv", seed: int | None = None, chunk_size: int | None = 1024,
+                 distributed: bool | None = None) -> None:
+        from . import distributed as ddp
+
+        if level not in LEVELS:
+            raise PrivacyConfigError(f"DIFF2: level must be one of {LEVELS}, got {level!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise PrivacyConfigError(f"DIFF2: lr must be a positive finite step size, got {lr}")
+        if not trainable_parameters(model):
+            raise PrivacyConfigError("DIFF2: the model has no trainable parameters")
+        self.model, self.clients, self.config, self.lr = model, list(clients), config, float(lr)
+        self.level, self.accountant, self.chunk_size = level, accountant, chunk_size
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.ddp = ddp if ddp.resolve(distributed) else None
+        local_units = sum(int(y.shape[0]) for _, y in self.clients) if level == "example" else len(self.clients)
+        self.units = self._global_count(local_units)
+        if self.units < 1:
+            raise PrivacyConfigError("DIFF2: no data — every client is empty")
+        self.delta = float(delta) if delta is not None else default_delta(self.units)
+        if self.ddp is not None:
+            ddp.check_model(model)
+            ddp.broadcast_module(model)
+            ddp.check_same_on_all_ranks("DIFF2 plans (R, T, C1, C2, z1, z2, lr, δ)",
+                                        [config.rounds, config.refresh_every, config.clip_grad, config.clip_diff,
+                                         config.noise_grad, config.noise_diff, lr, self.delta])
+        self.mechanism = Diff2Mechanism(config, seed)
+        self.ledger = accountants.PrivacyLedger()
+        self.previous: dict[str, torch.Tensor] | None = None
+
+    def _global_count(self, local: int) -> int:
+        if self.ddp is None:
+            return int(local)
+        t = torch.tensor([float(local)], dtype=torch.float64)
+        return int(round(self.ddp.all_reduce_sums([t])[0].item()))
+
+    # ------------------------------------------------------------------ per-unit contributions
+    def _example_grads(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return per_sample_grads(self.model, self.loss_fn, x, y)
+
+    def _client_grad(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = trainable_parameters(self.model)
+        g = torch.autograd.grad(self.loss_fn(self.model(x), y), list(params.values()), allow_unused=True)
+        return {k: (gi if gi is not None else torch.zeros_like(p)).unsqueeze(0)
+                for (k, p), gi in zip(params.items(), g)}
+
+    def local_clipped_sum(self, t: int) -> dict[str, torch.Tensor]:
+        """Σ over this process's units of clip_{C1}(g_u(x_t)) (refresh) or clip_{C2}(g_u(x_t) − g_u(x_{t−1}))."""
+        refresh = self.mechanism.is_refresh(t)
+        clip = ClippingConfig(self.mechanism.clip_threshold(t))
+        params = trainable_parameters(self.model)
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        unit_grads = self._example_grads if self.level == "example" else self._client_grad
+        for x, y in self.clients:
+            parts = iter_chunks(x, y, self.chunk_size) if self.level == "example" else [((x,), y)]
+            for (xc,), yc in parts:
+                if int(yc.shape[0]) == 0:
+                    continue
+                g = unit_grads(xc, yc)
+                if not refresh:
+                    assert self.previous is not None
+                    with _parameters_at(self.model, self.previous):
+                        g_prev = unit_grads(xc, yc)
+                    g = {k: g[k] - g_prev[k] for k in g}
+                part = clipped_sum(g, clip)
+                for k in total:
+                    total[k] += part[k]
+        return total
+
+    # ------------------------------------------------------------------ rounds
+    @property
+    def rounds_run(self) -> int:
+        return self.mechanism.round
+
+    def epsilon_spent(self) -> float:
+        return self.ledger.epsilon(self.delta, accountant=self.accountant) if self.rounds_run else 0.0
+
+    def step(self) -> list[torch.Tensor]:
+        """One round: clipped sums → noise once → (all-reduce) → estimator update → GD step."""
+        t = self.rounds_run
+        if t >= self.config.rounds:
+            raise BudgetExceededError(f"DIFF2: all {self.config.rounds} planned (and accounted) rounds have run; "
+                                      f"ε spent {self.epsilon_spent():.4g}. Plan more rounds at attach time.")
+        params = trainable_parameters(self.model)
+        names = list(params)
+        local = self.local_clipped_sum(t)
+        sums = [local[k] for k in names]
+        if self.ddp is None:
+            noised = self.mechanism.noise(sums, t)
+        else:
+            noised = self.ddp.all_reduce_sums(self.mechanism.noise(sums, t) if self.ddp.is_main_process() else sums)
+        estimate = self.mechanism.update(noised, t, self.units)
+        self.previous = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for p, v in zip(params.values(), estimate):
+                p.sub_(self.lr * v)
+        if self.config.private:
+            self.ledger.record(self.mechanism.round_event(t))
+        return estimate
+
+    def fit(self, rounds: int | None = None) -> None:
+        for _ in range(self.config.rounds - self.rounds_run if rounds is None else rounds):
+            self.step()
+
+    def report(self) -> Diff2Report:
+        neighbours = ("add/remove one example of any client" if self.level == "example"
+                      else "add/remove one client with all its examples")
+        eps = self.epsilon_spent() if self.config.private else math.inf
+        return Diff2Report(self.level, neighbours, eps, self.delta, self.rounds_run, self.config, self.units,
+                           self.accountant)
+
+
+def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None = 3.0, delta: float | None = None,
+               rounds: int = 100, refresh_every: int = 10, clip_grad: float = 1.0, clip_diff: float = 0.1,
+               lr: float = 0.5, level: str = "example", noise_grad: float | None = None,
+               noise_diff: float | None = None, grad_share: float = 0.5, accountant: str = "prv",
+               loss_fn: LossFn | None = None, seed: int | None = None,
+               distributed: bool | None = None) -> Diff2Trainer:
+    """A DIFF2 run with noise calibrated to ``eps`` at ``delta`` (default 1/N^1.1, N units).
+
+    Give ``noise_grad`` and ``noise_diff`` instead of ``eps`` to fix the noise (ε is then what
+    they spend; both 0 is the non-private recursion). ``refresh_every=1`` is DP-GD.
+    """
+    from . import distributed as ddp
+
+    units = sum(int(y.shape[0]) for _, y in clients) if level == "example" else len(clients)
+    if ddp.resolve(distributed):
+        t = torch.tensor([float(units)], dtype=torch.float64)
+        units = int(round(ddp.all_reduce_sums([t])[0].item()))
+    delta = delta if delta is not None else default_delta(max(units, 1))
+    if noise_grad is None or noise_diff is None:
+        if eps is None:
+            raise PrivacyConfigError("make_diff2: give a target eps, or both noise_grad and noise_diff")
+        noise_grad, noise_diff = calibrate_diff2(eps, delta, rounds, refresh_every, accountant, grad_share)
+    config = Diff2Config(rounds, refresh_every, clip_grad, clip_diff, noise_grad, noise_diff)
+    if eps is not None and config.private:
+        planned = accountants.epsilon_of_event(Diff2Mechanism(config).run_event(), delta, accountant)
+        if planned > eps * (1 + 1e-9):
+            raise PrivacyConfigError(f"make_diff2: noise_grad={noise_grad}, noise_diff={noise_diff} spend ε={planned:.4g} "
+                                     f"over {rounds} rounds, more than eps={eps}; raise the noise, lower the rounds, "
+                                     "or leave the noise to calibration")
+    return Diff2Trainer(model, clients, config, lr, level, loss_fn, delta, accountant, seed, distributed=distributed)

@@ -1,0 +1,112 @@
+"""DIFF2 driver: zero noise = the non-private recursion; each unit's contribution is clipped; ε as declared."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import accountants
+from dptrain.diff2 import Diff2Trainer, make_diff2
+from mechanisms.diff2 import Diff2Config
+
+
+def clients(n_clients: int = 3, per: int = 7, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(per, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (per,), generator=g))
+            for _ in range(n_clients)]
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def flat_example_grad(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = nn.functional.cross_entropy(net(x[None]), y[None])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))])
+
+
+def clip(v: torch.Tensor, c: float) -> torch.Tensor:
+    return v * min(1.0, c / (float(v.norm()) + 1e-6))
+
+
+def reference_run(data, rounds: int, t_refresh: int, c1: float, c2: float, lr: float) -> torch.Tensor:
+    """DIFF2 without noise, written out example by example (flat parameter vector)."""
+    net = model()
+    xs = [(x[i], y[i]) for x, y in data for i in range(len(y))]
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    prev, v = None, None
+    for t in range(rounds):
+        torch.nn.utils.vector_to_parameters(theta, net.parameters())
+        now = [flat_example_grad(net, x, y) for x, y in xs]
+        if t % t_refresh == 0:
+            v = sum(clip(g, c1) for g in now) / len(xs)
+        else:
+            v = v + sum(clip(g - gp, c2) for g, gp in zip(now, prev)) / len(xs)
+        prev = now
+        theta = theta - lr * v
+    return theta
+
+
+def params(net: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+
+
+def test_zero_noise_equals_the_non_private_recursion():
+    data, cfg = clients(), Diff2Config(7, 3, clip_grad=0.5, clip_diff=0.05, noise_grad=0.0, noise_diff=0.0)
+    trainer = Diff2Trainer(model(), data, cfg, lr=0.8)
+    trainer.fit()
+    torch.testing.assert_close(params(trainer.model), reference_run(data, 7, 3, 0.5, 0.05, 0.8),
+                               atol=1e-12, rtol=1e-10)  # float64: equal up to summation order
+
+
+def test_zero_noise_without_clipping_is_gradient_descent():
+    data = clients()
+    trainer = Diff2Trainer(model(), data, Diff2Config(6, 4, 1e9, 1e9, 0.0, 0.0), lr=0.5)
+    net = model()
+    x = torch.cat([x for x, _ in data]); y = torch.cat([y for _, y in data])
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(6):
+        est = trainer.step()
+        opt.zero_grad(); nn.functional.cross_entropy(net(x), y).backward()
+        # the estimator telescopes to the full gradient at the current iterate
+        torch.testing.assert_close(torch.cat([e.reshape(-1) for e in est]),
+                                   torch.cat([p.grad.reshape(-1) for p in net.parameters()]), atol=1e-12, rtol=1e-9)
+        opt.step()
+
+
+@pytest.mark.parametrize("level", ["example", "client"])
+def test_each_unit_contribution_is_clipped(level):
+    data = clients()
+    big = (data[0][0] * 1e3, data[0][1])  # an outlier client: huge gradients and differences
+    cfg = Diff2Config(3, 2, clip_grad=0.3, clip_diff=0.02, noise_grad=1.0, noise_diff=1.0)
+    trainer = Diff2Trainer(model(), [big] + data[1:], cfg, lr=2.0, level=level)
+    for t in range(3):
+        full = trainer.local_clipped_sum(t)
+        kept = trainer.clients
+        if level == "example":  # remove one example of the outlier client
+            trainer.clients = [(big[0][1:], big[1][1:])] + kept[1:]
+        else:  # remove the whole outlier client
+            trainer.clients = kept[1:]
+        without = trainer.local_clipped_sum(t)
+        trainer.clients = kept
+        diff = torch.sqrt(sum(((full[k] - without[k]) ** 2).sum() for k in full))
+        bound = 0.3 if t % 2 == 0 else 0.02
+        assert diff <= bound * (1 + 1e-9)
+        assert diff > 0.5 * bound  # the outlier's contribution is at the bound, not zero
+        trainer.step()
+
+
+def test_calibrated_run_spends_at_most_eps_and_reports_its_neighbours():
+    trainer = make_diff2(model(), clients(), eps=2.0, delta=1e-4, rounds=5, refresh_every=2, clip_grad=1.0,
+                         clip_diff=0.1, lr=0.5, accountant="pld", seed=0)
+    trainer.fit()
+    rep = trainer.report()
+    assert 2.0 * 0.99 <= rep.epsilon <= 2.0
+    assert rep.epsilon == accountants.epsilon_of_event(trainer.mechanism.run_event(), 1e-4, "pld")
+    assert "one example" in rep.to_text() and rep.units == 21
+    with pytest.raises(Exception, match="planned"):
+        trainer.step()
+    client_level = make_diff2(model(), clients(), eps=2.0, delta=1e-4, rounds=5, refresh_every=2,
+                              level="client", accountant="pld")
+    assert client_level.units == 3 and "one client" in client_level.report().to_text()
