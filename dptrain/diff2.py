@@ -81,7 +81,7 @@ class Diff2Trainer:
     def __init__(self, model: nn.Module, clients: Sequence[Client], config: Diff2Config, lr: float,
                  level: str = "example", loss_fn: LossFn | None = None, delta: float | None = None,
                  accountant: str = "prv", seed: int | None = None, chunk_size: int | None = 1024,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, cache_bytes: int = 1 << 28) -> None:
         from . import distributed as ddp
 
         if level not in LEVELS:
@@ -108,6 +108,12 @@ class Diff2Trainer:
         self.mechanism = Diff2Mechanism(config, seed)
         self.ledger = accountants.PrivacyLedger()
         self.previous: dict[str, torch.Tensor] | None = None
+        # keep round t's per-unit gradients for round t+1's differences (same numbers, half the work)
+        # when they fit in ``cache_bytes``; otherwise g_u(x_{t-1}) is recomputed
+        n_params = sum(p.numel() for p in trainable_parameters(model).values())
+        self.cache_gradients = local_units * n_params * 4 <= cache_bytes
+        self._cache: dict[tuple[int, int], dict[str, torch.Tensor]] | None = None  # at x_{t-1}
+        self._fresh: dict[tuple[int, int], dict[str, torch.Tensor]] | None = None  # at x_t
 
     def _global_count(self, local: int) -> int:
         if self.ddp is None:
@@ -132,20 +138,26 @@ class Diff2Trainer:
         params = trainable_parameters(self.model)
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         unit_grads = self._example_grads if self.level == "example" else self._client_grad
-        for x, y in self.clients:
+        cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for c, (x, y) in enumerate(self.clients):
             parts = iter_chunks(x, y, self.chunk_size) if self.level == "example" else [((x,), y)]
-            for (xc,), yc in parts:
+            for j, ((xc,), yc) in enumerate(parts):
                 if int(yc.shape[0]) == 0:
                     continue
                 g = unit_grads(xc, yc)
+                if self.cache_gradients:
+                    cache[(c, j)] = g
                 if not refresh:
-                    assert self.previous is not None
-                    with _parameters_at(self.model, self.previous):
-                        g_prev = unit_grads(xc, yc)
+                    g_prev = self._cache.get((c, j)) if self._cache is not None else None
+                    if g_prev is None or next(iter(g_prev.values())).shape[0] != yc.shape[0]:
+                        assert self.previous is not None
+                        with _parameters_at(self.model, self.previous):
+                            g_prev = unit_grads(xc, yc)
                     g = {k: g[k] - g_prev[k] for k in g}
                 part = clipped_sum(g, clip)
                 for k in total:
                     total[k] += part[k]
+        self._fresh = cache if self.cache_gradients else None
         return total
 
     # ------------------------------------------------------------------ rounds
@@ -165,6 +177,7 @@ class Diff2Trainer:
         params = trainable_parameters(self.model)
         names = list(params)
         local = self.local_clipped_sum(t)
+        self._cache, self._fresh = self._fresh, None
         sums = [local[k] for k in names]
         if self.ddp is None:
             noised = self.mechanism.noise(sums, t)

@@ -52,9 +52,11 @@ def params(net: nn.Module) -> torch.Tensor:
     return torch.nn.utils.parameters_to_vector(net.parameters()).detach()
 
 
-def test_zero_noise_equals_the_non_private_recursion():
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])  # g_u(x_{t-1}) recomputed, or kept from round t-1
+def test_zero_noise_equals_the_non_private_recursion(cache_bytes):
     data, cfg = clients(), Diff2Config(7, 3, clip_grad=0.5, clip_diff=0.05, noise_grad=0.0, noise_diff=0.0)
-    trainer = Diff2Trainer(model(), data, cfg, lr=0.8)
+    trainer = Diff2Trainer(model(), data, cfg, lr=0.8, cache_bytes=cache_bytes)
+    assert trainer.cache_gradients == (cache_bytes > 0)
     trainer.fit()
     torch.testing.assert_close(params(trainer.model), reference_run(data, 7, 3, 0.5, 0.05, 0.8),
                                atol=1e-12, rtol=1e-10)  # float64: equal up to summation order
@@ -80,7 +82,7 @@ def test_each_unit_contribution_is_clipped(level):
     data = clients()
     big = (data[0][0] * 1e3, data[0][1])  # an outlier client: huge gradients and differences
     cfg = Diff2Config(3, 2, clip_grad=0.3, clip_diff=0.02, noise_grad=1.0, noise_diff=1.0)
-    trainer = Diff2Trainer(model(), [big] + data[1:], cfg, lr=2.0, level=level)
+    trainer = Diff2Trainer(model(), [big] + data[1:], cfg, lr=2.0, level=level, cache_bytes=0)
     for t in range(3):
         full = trainer.local_clipped_sum(t)
         kept = trainer.clients
