@@ -32,6 +32,7 @@ from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError
 from .private import default_delta
+from .validate import validate
 
 LEVELS = ("example", "client")
 Client = tuple[torch.Tensor, torch.Tensor]
@@ -90,6 +91,8 @@ class Diff2Trainer:
             raise PrivacyConfigError(f"DIFF2: lr must be a positive finite step size, got {lr}")
         if not trainable_parameters(model):
             raise PrivacyConfigError("DIFF2: the model has no trainable parameters")
+        if level == "example":
+            validate(model)  # per-example gradients must depend on their own example only
         self.model, self.clients, self.config, self.lr = model, list(clients), config, float(lr)
         self.level, self.accountant, self.chunk_size = level, accountant, chunk_size
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()

@@ -112,3 +112,9 @@ def test_calibrated_run_spends_at_most_eps_and_reports_its_neighbours():
     client_level = make_diff2(model(), clients(), eps=2.0, delta=1e-4, rounds=5, refresh_every=2,
                               level="client", accountant="pld")
     assert client_level.units == 3 and "one client" in client_level.report().to_text()
+
+
+def test_example_level_refuses_batchnorm():
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(Exception, match="BatchNorm"):
+        Diff2Trainer(net, clients(), Diff2Config(2, 1, 1.0, 1.0, 1.0, 1.0), lr=0.1)
