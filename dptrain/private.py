@@ -182,10 +182,12 @@ class PrivateTraining:
 
         if not ddp.resolve(self.distributed):
             return None
-        if self.config.mechanism != "dpsgd" or self.config.clipping not in ("flat", "per-layer"):
+        lazy = type(self) is not PrivateTraining  # LazyDP (chosen by itself for large tables)
+        if lazy or self.config.mechanism != "dpsgd" or self.config.clipping not in ("flat", "per-layer"):
             raise PrivacyConfigError(
                 f"distributed training supports mechanism='dpsgd' with flat or per-layer clipping, not "
-                f"mechanism={self.config.mechanism!r}, clipping={self.config.clipping!r}; run it in one process "
+                f"mechanism={'lazy' if lazy else self.config.mechanism!r}, clipping={self.config.clipping!r}; "
+                "run it in one process "
                 "(make_private(..., distributed=False))")
         ddp.check_model(self.model)
         ddp.broadcast_module(self.model)

@@ -106,3 +106,19 @@ def test_distributed_true_without_process_group_is_refused():
     priv = dptrain.make_private(worker.model(0), noise_multiplier=1.0, eps=None, distributed=True)
     with pytest.raises(dptrain.PrivacyConfigError, match="init_process_group"):
         priv.attach(worker.data(), batch_size=8, steps=2)
+
+
+def test_mechanisms_without_a_distributed_path_are_refused():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        table = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(8, 2))
+        ids = torch.utils.data.TensorDataset(torch.randint(0, 50, (40, 2)), torch.randint(0, 2, (40,)))
+        for net, data, kwargs in ((worker.model(0), worker.data(), dict(mechanism="banded-mf")),
+                                  (table, ids, dict(mechanism="lazy"))):
+            priv = dptrain.make_private(net, eps=3.0, distributed=True, **kwargs)
+            with pytest.raises(dptrain.PrivacyConfigError, match="distributed training supports"):
+                priv.attach(data, batch_size=8, steps=4, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    finally:
+        dist.destroy_process_group()
