@@ -26,10 +26,16 @@ class BudgetReport:
     epsilon_bounds: tuple[float, float, float] | None = None
     epsilon_history: list[tuple[int, float]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: runs whose σ varies per step (adaptive clipping): (first step, last step, σ), 1-based
+    noise_schedule: list[tuple[int, int, float]] = field(default_factory=list)
+    #: how the clip norm was chosen, when it was not fixed
+    clipping: str | None = None
 
     @property
     def gdp_mu(self) -> float:
-        """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019)."""
+        """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019); μ² adds over the σ schedule."""
+        if self.noise_schedule:
+            return sum(gdp_mu(s, self.sample_rate, b - a + 1) ** 2 for a, b, s in self.noise_schedule) ** 0.5
         return gdp_mu(self.noise_multiplier, self.sample_rate, self.steps)
 
     def to_text(self) -> str:
@@ -45,6 +51,13 @@ class BudgetReport:
             ("mechanism", self.mechanism),
             ("μ-GDP (CLT)", f"{self.gdp_mu:.4f}"),
         ]
+        if self.clipping is not None:
+            rows.append(("clipping", self.clipping))
+        if len(self.noise_schedule) > 1:
+            sig = [s for _, _, s in self.noise_schedule]
+            shown = ", ".join(f"{a}–{b}: {s:.3f}" for a, b, s in self.noise_schedule[:8])
+            more = f", … ({len(sig)} ranges)" if len(sig) > 8 else ""
+            rows.append(("σ per step", f"{min(sig):.4f} to {max(sig):.4f}; steps {shown}{more}"))
         if self.epsilon_bounds is not None:
             lo, est, up = self.epsilon_bounds
             rows.append(("PRV ε bounds", f"lower {lo:.4f}, estimate {est:.4f}, upper {up:.4f}"))
@@ -70,6 +83,7 @@ class BudgetReport:
         if data.get("epsilon_bounds") is not None:
             data["epsilon_bounds"] = tuple(data["epsilon_bounds"])
         data["epsilon_history"] = [tuple(p) for p in data.get("epsilon_history", [])]
+        data["noise_schedule"] = [tuple(p) for p in data.get("noise_schedule", [])]
         return cls(**data)
 
     def save(self, path: str) -> None:

@@ -11,7 +11,7 @@ Norms are computed in float64 so that huge outliers are clipped, not overflowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -103,6 +103,11 @@ class ClippedBatch:
     batch_size: int
     loss_sum: float
     clipped_count: int  # examples whose norm exceeded the threshold (private; diagnostics only)
+    #: per parameter: examples with ‖g_i,p‖ within its threshold (flat: the whole norm) — private,
+    #: to be noised before use (adaptive clipping's count, Andrew et al. 2021)
+    unclipped: dict[str, int] = field(default_factory=dict)
+    #: per-example losses (detached) — private, to be clipped and noised before use
+    example_losses: torch.Tensor | None = None
 
     @property
     def mean_loss(self) -> float:
@@ -144,12 +149,16 @@ def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: tor
         chunk_size = auto_chunk_size(params.values())
     sums = {k: torch.zeros_like(p) for k, p in params.items()}
     n, loss_sum, clipped = 0, 0.0, 0
+    unclipped, losses_all = dict.fromkeys(sums, 0), []
     for grads, losses in iter_per_sample_grads(model, loss_fn, inputs, targets, chunk_size, method):
         factors = clip_factors(grads, config)
         part = clipped_sum(grads, config, factors)
         for k in sums:
             sums[k] += part[k]
+            unclipped[k] += int((factors[k] >= 1).sum())
+        losses_all.append(losses.detach().reshape(-1))
         n += int(losses.shape[0])
         loss_sum += float(losses.detach().sum())
         clipped += int((torch.stack([f for f in factors.values()]).amin(0) < 1).sum())
-    return ClippedBatch(sums, n, loss_sum, clipped)
+    example_losses = torch.cat(losses_all) if losses_all else torch.zeros(0)
+    return ClippedBatch(sums, n, loss_sum, clipped, unclipped, example_losses)

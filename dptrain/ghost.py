@@ -273,6 +273,7 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
     _check_thresholds(config, params)
     sums: dict[str, torch.Tensor] = {}
     n, loss_sum, clipped = 0, 0.0, 0
+    unclipped, losses_all = dict.fromkeys(params, 0), []
     for xs, y in iter_chunks(inputs, targets, chunk_size):
         b = int(y.shape[0])
         if b == 0:
@@ -282,20 +283,24 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
             return None
         merged, losses = res
         with _float32(y.device.type):
-            part, count = _clip_chunk(merged, params, config, b)
+            part, count, kept = _clip_chunk(merged, params, config, b)
         for k, v in part.items():
             sums[k] = v if k not in sums else sums[k] + v
+        for k, v in kept.items():
+            unclipped[k] += v
         n += b
         loss_sum += float(losses.sum())
+        losses_all.append(losses.detach().reshape(-1))
         clipped += count
     for k, p in params.items():
         sums[k] = sums[k].to(p.dtype) if k in sums else torch.zeros_like(p)
-    return ClippedBatch({k: sums[k] for k in params}, n, loss_sum, clipped)
+    example_losses = torch.cat(losses_all) if losses_all else torch.zeros(0)
+    return ClippedBatch({k: sums[k] for k in params}, n, loss_sum, clipped, unclipped, example_losses)
 
 
 def _clip_chunk(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int
-                ) -> tuple[dict[str, torch.Tensor], int]:
-    """Clip factors from the per-example norms, and the clipped sums of one chunk."""
+                ) -> tuple[dict[str, torch.Tensor], int, dict[str, int]]:
+    """Clipped sums of one chunk, examples clipped, and per parameter the examples not clipped."""
     device = next(iter(params.values())).device
     sq = {k: gl.sq_norms(t) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
@@ -317,7 +322,8 @@ def _clip_chunk(merged: dict[str, list], params: dict[str, nn.Parameter], config
         if not all_kept[k]:  # non-finite gradients: the example contributes nothing to this parameter
             terms = gl.drop_examples(terms, keep[k])
         out[k] = gl.clipped_sum(terms, factors[k].float(), params[k].shape)
+    kept_counts = {k: int((f >= 1).sum()) for k, f in factors.items()}
     if not factors:
-        return out, 0
+        return out, 0, kept_counts
     low = factors[next(iter(factors))] if config.thresholds is None else torch.stack(list(factors.values())).amin(0)
-    return out, int((low < 1).sum())
+    return out, int((low < 1).sum()), kept_counts

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
 
+from .adaptive import ADAPTIVE_CLIPPINGS, AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
@@ -32,7 +33,7 @@ from .validate import validate
 MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
 MECHANISMS = ("dpsgd", "lazy") + MF_MECHANISMS
 ACCOUNTANTS = accountants.ACCOUNTANTS  # ("prv", "pld", "rdp", "gdp")
-CLIPPINGS = ("flat", "per-layer")
+CLIPPINGS = ("flat", "per-layer") + ADAPTIVE_CLIPPINGS
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class PrivacyConfig:
     max_grad_norm: float
     mechanism: str
     accountant: str
-    clipping: str
+    clipping: Any  # a name in CLIPPINGS, or adaptive settings (dptrain.adaptive.QuantileClipping, RLDPSettings)
     noise_multiplier: float | None
     chunk_size: int | None
     seed: int | None
@@ -66,10 +67,14 @@ class PrivacyConfig:
         if self.bands is not None and self.mechanism != "banded-mf":
             raise PrivacyConfigError(f"make_private: bands={self.bands} applies to mechanism='banded-mf' only, "
                                      f"not {self.mechanism!r}")
+        adaptive = adaptive_settings(self.clipping) is not None
+        if adaptive and self.mechanism != "dpsgd":
+            raise PrivacyConfigError(f"make_private: clipping={self.clipping!r} works with mechanism='dpsgd' only, "
+                                     f"not {self.mechanism!r} (a correlated-noise stream fixes its noise in advance)")
         for value, allowed, what in ((self.mechanism, MECHANISMS, "mechanism"),
                                      (self.accountant, ACCOUNTANTS, "accountant"),
                                      (self.clipping, CLIPPINGS, "clipping")):
-            if value not in allowed:
+            if not (what == "clipping" and adaptive) and value not in allowed:
                 raise PrivacyConfigError(f"make_private: unknown {what} {value!r}; choose one of {allowed}")
 
 
@@ -114,6 +119,7 @@ class PrivateTraining:
         self.mechanism: NoiseMechanism | None = None
         self.clipping: ClippingConfig | None = None
         self.distributed: bool | None = None  # None: data-parallel iff torch.distributed is initialised
+        self.adaptive: AdaptiveClipping | None = None
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -155,6 +161,9 @@ class PrivateTraining:
             self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self.config.seed)
             self.plan = TrainingPlan(n, sample_rate, steps_per_epoch, steps, delta, sigma, planned_eps)
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
+        settings = adaptive_settings(self.config.clipping)
+        if settings is not None:
+            self.adaptive = AdaptiveClipping(self, settings)
         if loss_fn is not None:
             self.loss_fn = loss_fn
         mechanism: NoiseMechanism = self.mechanism
@@ -308,6 +317,9 @@ class PrivateTraining:
     def check_budget(self) -> None:
         """Raise :class:`BudgetExceededError` if one more step would pass the target ε."""
         plan = self._require_attached()
+        if self.adaptive is not None:
+            self.adaptive.noise_multiplier(self)
+            return
         target = self.config.eps
         if target is None:
             return
@@ -352,6 +364,8 @@ class PrivateTraining:
         plan = self._require_attached()
         if targets is None:
             inputs, targets = _unpack(inputs)
+        if self.adaptive is not None:
+            return self.adaptive.step(self, inputs, targets)
         self.check_budget()
         assert self.optimizer is not None and self.mechanism is not None
         self.optimizer.zero_grad()
@@ -383,7 +397,8 @@ class PrivateTraining:
         history: list[tuple[int, float]] = []
         if self.steps > 0:
             points = sorted({max(1, round(self.steps * k / history_points)) for k in range(1, history_points + 1)})
-            history = [(t, accountants.epsilon_of_event(self._run_event(t), plan.delta,
+            run_event = self._run_event if self.adaptive is None else self.adaptive.prefix_event(self.ledger)
+            history = [(t, accountants.epsilon_of_event(run_event(t), plan.delta,
                                                         accountant=self.config.accountant)) for t in points]
         warn = []
         if plan.steps_per_epoch >= 2 and self.config.mechanism in ("dpsgd", "lazy"):
@@ -397,7 +412,7 @@ class PrivateTraining:
             planned_steps=plan.planned_steps, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
-            warnings=warn)
+            warnings=warn, **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer (+ mechanism RNG), sampler RNG, accountant history and plan."""
@@ -405,7 +420,8 @@ class PrivateTraining:
         assert self.optimizer is not None and self.loader is not None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
-                "plan": asdict(plan), "config": asdict(self.config)}
+                "plan": asdict(plan), "config": asdict(self.config),
+                **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run: the budget already spent is restored, never reset."""
@@ -422,6 +438,11 @@ class PrivateTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
+        if self.adaptive is not None:
+            if "adaptive" not in state:
+                raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
+                                         "controller state; load a checkpoint saved by the same kind of run")
+            self.adaptive.load_state_dict(state["adaptive"])
 
 
 def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None = None,
@@ -439,6 +460,9 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     ``bands`` bands, ``"multi-epoch-mf"``, ``"fft-mf"``), or ``"lazy"``: DP-SGD with lazy noise
     for embedding tables (:mod:`dptrain.lazy`; chosen by itself under ``"dpsgd"`` when a table has
     at least ``dptrain.lazy.AUTO_MIN_ROWS`` rows and is trained by plain SGD).
+    ``clipping``: ``"flat"``, ``"per-layer"``, ``"quantile"`` (Andrew et al. 2021) or ``"rldp"``
+    (SAC controller of per-layer thresholds and σ per step), or their settings objects
+    (:mod:`dptrain.adaptive`).
     ``distributed``: data-parallel DP-SGD over ``torch.distributed`` ranks (:mod:`dptrain.distributed`);
     ``None`` turns it on when a process group with more than one rank is initialised at ``attach``.
     """
@@ -446,7 +470,7 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
                            noise_multiplier, chunk_size, seed, bands)
     from .lazy import LazyPrivateTraining, wants_lazy
 
-    lazy = mechanism == "lazy" or (mechanism == "dpsgd" and wants_lazy(model))
+    lazy = mechanism == "lazy" or (mechanism == "dpsgd" and adaptive_settings(clipping) is None and wants_lazy(model))
     priv = LazyPrivateTraining(model, config) if lazy else PrivateTraining(model, config)
     priv.distributed = distributed
     return priv
