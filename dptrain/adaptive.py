@@ -11,6 +11,11 @@ One step, for both:
 4. optimizer step; the ledger records PoissonSampled(q, Gaussian(σ_t)); the controller
    updates its thresholds from the released statistics only.
 
+Step scale: with ``scale_step`` (default) the privatized mean gradient is divided by S_t/S_0
+(S_0 = ``max_grad_norm``, the first threshold). This is post-processing of the release with a
+public factor; it keeps the learning rate's meaning while C adapts (the update of clipped
+gradients scales with lr·C, so a C that follows a shrinking median would otherwise stall training).
+
 Gradient sum + statistics are one Gaussian mechanism of multiplier σ_t
 (:func:`mechanisms.adaptive_clipping.combined_noise_multiplier`), so each step's event is exact.
 """
@@ -48,6 +53,7 @@ class QuantileClipping:
     target_quantile: float = 0.5
     learning_rate: float = DEFAULT_CLIP_LEARNING_RATE
     count_noise_std: float | None = None
+    scale_step: bool = True
 
 
 def adaptive_settings(clipping: Any) -> QuantileClipping | RLDPSettings | None:
@@ -115,6 +121,7 @@ class AdaptiveClipping:
         self.settings = settings
         self.sample_rate = plan.sample_rate
         self.expected_batch = plan.sample_rate * plan.dataset_size
+        self.reference_sensitivity = priv.config.max_grad_norm
         seed = None if priv.config.seed is None else priv.config.seed + 7
         names = list(trainable_parameters(priv.model))
         self.history: list[dict[str, float]] = []
@@ -180,6 +187,8 @@ class AdaptiveClipping:
         for name, p in trainable_parameters(priv.model).items():
             p.grad = batch.sums[name]
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]
+        scale = config.sensitivity / self.reference_sensitivity if self.settings.scale_step else 1.0
+        priv.optimizer.expected_batch_size = self.expected_batch * scale  # public divisor (post-processing)
         priv.optimizer.step()
         priv.ledger.record(self.event(sigma))
         record = {"noise_multiplier": sigma, "gradient_noise_multiplier": sigma_grad,

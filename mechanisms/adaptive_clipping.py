@@ -31,6 +31,8 @@ import torch
 #: Andrew et al. recommend η = 0.2 for the geometric update and σ_b = n̄/20
 DEFAULT_CLIP_LEARNING_RATE = 0.2
 DEFAULT_COUNT_NOISE_FRACTION = 1 / 20
+#: thresholds stay within this factor of their initial value (no under/overflow on long runs)
+CLIP_RANGE = 1e6
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class QuantileClipController:
                              "0.5 clips at the median norm")
         if not learning_rate > 0:
             raise ValueError(f"QuantileClipController: learning_rate must be > 0, got {learning_rate}")
-        self.clip = float(initial_clip)
+        self.clip = self.initial_clip = float(initial_clip)
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)
         self.count_statistic = NoisedStatistic(0.5, float(count_noise_std))
@@ -132,15 +134,16 @@ class QuantileClipController:
                                                self.count_statistic.std, self.generator)[0])
 
     def update(self, noised_fraction: float) -> float:
-        self.clip = geometric_clip_update(self.clip, noised_fraction, self.target_quantile, self.learning_rate)
+        clip = geometric_clip_update(self.clip, noised_fraction, self.target_quantile, self.learning_rate)
+        self.clip = min(max(clip, self.initial_clip / CLIP_RANGE), self.initial_clip * CLIP_RANGE)
         return self.clip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clip": self.clip, "target_quantile": self.target_quantile, "learning_rate": self.learning_rate,
+        return {"clip": self.clip, "initial_clip": self.initial_clip, "target_quantile": self.target_quantile, "learning_rate": self.learning_rate,
                 "count_noise_std": self.count_statistic.std, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clip = float(state["clip"])
+        self.clip, self.initial_clip = float(state["clip"]), float(state["initial_clip"])
         self.target_quantile = float(state["target_quantile"])
         self.learning_rate = float(state["learning_rate"])
         self.count_statistic = NoisedStatistic(0.5, float(state["count_noise_std"]))

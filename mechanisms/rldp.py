@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .adaptive_clipping import NoisedStatistic, geometric_clip_update, noised_mean_loss, noised_unclipped_fraction
+from .adaptive_clipping import CLIP_RANGE, NoisedStatistic, geometric_clip_update, noised_mean_loss, noised_unclipped_fraction
 from .sac import SoftActorCritic
 
 
@@ -69,6 +69,7 @@ class RLDPSettings:
     clip_learning_rate: float = 0.2
     privacy_penalty: float = 0.05
     updates_per_decision: int = 8
+    scale_step: bool = True  # dptrain: divide the update by S_t/S_0 (see dptrain.adaptive)
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -160,7 +161,8 @@ class RLDPController:
     def observe(self, signals: PrivateSignals, noise_multiplier: float, public: PublicState) -> None:
         """After a step: update thresholds toward their quantiles; every ``interval`` steps, learn and act."""
         for k, f, gamma in zip(self.names, signals.unclipped_fraction, self.target_quantiles):
-            self.thresholds[k] = geometric_clip_update(self.thresholds[k], f, gamma, self.settings.clip_learning_rate)
+            c = geometric_clip_update(self.thresholds[k], f, gamma, self.settings.clip_learning_rate)
+            self.thresholds[k] = min(max(c, self.initial[k] / CLIP_RANGE), self.initial[k] * CLIP_RANGE)
         self.window.append(signals)
         self.window_noise.append(float(noise_multiplier))
         if len(self.window) < self.settings.interval:
