@@ -169,3 +169,20 @@ def test_bad_adaptive_configurations():
     with pytest.raises(dptrain.PrivacyConfigError, match="leaving nothing for the gradient"):
         dptrain.make_private(model, eps=3, clipping=QuantileClipping(count_noise_std=0.01)).attach(
             TensorDataset(torch.randn(50, 3), torch.zeros(50, dtype=torch.long)), batch_size=10, epochs=1)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_unclipped_counts_and_losses_agree_between_engines(per_layer):
+    """The raw statistics adaptive clipping noises are the same on the fast path and the vmap engine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = _data(n=40).tensors
+    x = x * torch.linspace(0.05, 5, 40)[:, None]  # norms spread around the thresholds
+    config = (dptrain.ClippingConfig(1.0, {"0.weight": 0.5, "0.bias": 0.2, "2.weight": 0.6, "2.bias": 0.3})
+              if per_layer else dptrain.ClippingConfig(0.8))
+    fast = dptrain.clip_and_sum(model, nn.CrossEntropyLoss(), x, y, config, method="fast")
+    ref = dptrain.clip_and_sum(model, nn.CrossEntropyLoss(), x, y, config, method="vmap", chunk_size=7)
+    assert fast.unclipped == ref.unclipped
+    assert 0 < min(ref.unclipped.values()) and max(ref.unclipped.values()) < 40
+    assert torch.allclose(fast.example_losses, ref.example_losses, atol=1e-6)
+    assert fast.example_losses.shape == (40,)
