@@ -186,3 +186,13 @@ def test_unclipped_counts_and_losses_agree_between_engines(per_layer):
     assert 0 < min(ref.unclipped.values()) and max(ref.unclipped.values()) < 40
     assert torch.allclose(fast.example_losses, ref.example_losses, atol=1e-6)
     assert fast.example_losses.shape == (40,)
+
+
+def test_adaptive_clipping_is_not_swapped_for_lazy_noise_on_large_tables():
+    from dptrain.lazy import AUTO_MIN_ROWS
+
+    model = nn.Sequential(nn.Embedding(AUTO_MIN_ROWS, 2), nn.Flatten(), nn.Linear(2, 2))
+    priv = dptrain.make_private(model, eps=3, clipping="quantile")
+    assert type(priv) is dptrain.PrivateTraining
+    with pytest.raises(dptrain.PrivacyConfigError, match="mechanism='dpsgd' only"):
+        dptrain.make_private(model, eps=3, clipping="rldp", mechanism="lazy")
