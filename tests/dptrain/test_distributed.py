@@ -5,9 +5,6 @@ the same computations done here in one process.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,32 +16,16 @@ from torch import nn
 import dptrain
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+from ranks import free_port, run_ranks  # noqa: E402
 import distributed_worker as worker  # noqa: E402
 
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(r), str(WORLD), str(port),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(HERE / "distributed_worker.py", WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 def test_same_clipped_sum_as_one_process(ranks):
