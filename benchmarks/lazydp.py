@@ -18,6 +18,7 @@ A config whose estimated memory passes ``--max-gb`` is skipped (reported, not ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -47,15 +48,25 @@ class TableMLP(nn.Module):
         return self.mlp(self.table(x).flatten(1))
 
 
+@functools.lru_cache(maxsize=2)
+def _zipf_cdf(rows: int) -> np.ndarray:
+    return np.cumsum(1.0 / np.arange(1, rows + 1, dtype=np.float64) ** 1.05)
+
+
 def zipf_ids(shape: tuple[int, ...], rows: int, rng: np.random.Generator) -> torch.Tensor:
-    cdf = np.cumsum(1.0 / np.arange(1, rows + 1, dtype=np.float64) ** 1.05)
+    cdf = _zipf_cdf(rows)
     return torch.from_numpy(np.searchsorted(cdf, rng.random(shape) * cdf[-1]).astype(np.int64))
 
 
-def make_step(mode: str, rows: int, batch: int, examples: int):
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cpu"):
     """(step(x, y), after()) for one mode; ``after`` returns extra figures (the lazy flush)."""
     torch.manual_seed(0)
-    model = TableMLP(rows, sparse=mode == "nonprivate")
+    model = TableMLP(rows, sparse=mode == "nonprivate").to(device)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     if mode == "nonprivate":
@@ -65,12 +76,12 @@ def make_step(mode: str, rows: int, batch: int, examples: int):
             opt.step()
         return step, dict
     if mode == "eager-noise-floor":
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         w = model.table.weight
 
         @torch.no_grad()
         def step(x, y):
-            w.add_(torch.randn(w.shape, generator=g), alpha=-0.05 / batch)
+            w.add_(torch.randn(w.shape, generator=g, device=w.device), alpha=-0.05 / batch)
         return step, dict
     if mode == "eager":
         from dptrain import ClippingConfig, DPOptimizer
@@ -97,8 +108,10 @@ def make_step(mode: str, rows: int, batch: int, examples: int):
         priv.attach(data, batch_size=batch, steps=10_000, optimizer=opt)
 
         def after():
+            _sync(device)
             t = time.perf_counter()
             priv.flush()
+            _sync(device)
             flush = time.perf_counter() - t
             return {"flush_s": flush, "steps_per_epoch": examples / batch,
                     "flush_per_step_s": flush / (examples / batch)}
@@ -119,22 +132,28 @@ def make_step(mode: str, rows: int, batch: int, examples: int):
     return step, dict
 
 
-def run_one(mode: str, rows: int, batch: int, repeats: int, examples: int) -> dict:
+def run_one(mode: str, rows: int, batch: int, repeats: int, examples: int, device: str = "cpu") -> dict:
     warnings.filterwarnings("ignore")
     rng = np.random.default_rng(1)
-    batches = [(zipf_ids((batch, 2), rows, rng), torch.from_numpy(rng.integers(0, 2, batch)))
+    batches = [(zipf_ids((batch, 2), rows, rng).to(device), torch.from_numpy(rng.integers(0, 2, batch)).to(device))
                for _ in range(repeats + 2)]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
-        step, after = make_step(mode, rows, batch, examples)
+        step, after = make_step(mode, rows, batch, examples, device)
         for x, y in batches[:2]:  # warm-up
             step(x, y)
+        _sync(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for x, y in batches[2:]:
             t = time.perf_counter()
             step(x, y)
+            _sync(device)
             times.append(time.perf_counter() - t)
         extra = after()
+        if device.startswith("cuda"):
+            extra["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     except Exception as exc:  # noqa: BLE001 - reported
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return {"median_s": statistics.median(times), "times_s": times, **extra,
@@ -154,15 +173,17 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=1_000_000, help="epoch size N for the amortised flush")
     p.add_argument("--max-gb", type=float, default=12.0, help="skip configs estimated above this")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the table, the batches and the noise on it)")
     p.add_argument("--one", nargs=3, metavar=("MODE", "ROWS", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.one:
-        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), a.repeats, a.examples)))
+        print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), a.repeats, a.examples, a.device)))
         return
     result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                                "cpus": os.cpu_count(), "device": "cpu"},
+                                "cpus": os.cpu_count(), "device": a.device,
+                                "cuda": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None},
                     "dim": DIM, "repeats": a.repeats, "examples_per_epoch": a.examples, "max_gb": a.max_gb,
                     "configs": {}}
     for rows in a.rows:
@@ -174,7 +195,7 @@ def main() -> None:
                     entry[mode] = {"skipped": f"estimated {est:.1f} GB > --max-gb {a.max_gb}"}
                     continue
                 cmd = [sys.executable, __file__, "--one", mode, str(rows), str(batch), "--repeats", str(a.repeats),
-                       "--examples", str(a.examples)] + (["--threads", str(a.threads)] if a.threads else [])
+                       "--examples", str(a.examples), "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 try:
                     entry[mode] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -27,7 +27,7 @@ from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
 from .optimizer import DPOptimizer
-from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler
+from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
 from .validate import validate
 
 MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
@@ -297,12 +297,7 @@ class PrivateTraining:
                         "(batch statistics, normalisation over dim 0) from forward().")
 
     def _to_device(self, t: Any) -> Any:
-        device = next(iter(trainable_parameters(self.model).values())).device
-        if isinstance(t, torch.Tensor):
-            return t.to(device)
-        if isinstance(t, (tuple, list)):
-            return type(t)(self._to_device(v) for v in t)
-        return t
+        return to_device(t, next(iter(trainable_parameters(self.model).values())).device)
 
     def _require_attached(self) -> TrainingPlan:
         if self.plan is None or self.optimizer is None:

@@ -51,6 +51,15 @@ class PoissonSampler:
         self.generator.set_state(state["rng"])
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or tuples / lists of them) moved to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def _empty_like(example: Any) -> Any:
     """A zero-length batch with the structure of one collated example."""
     if isinstance(example, torch.Tensor):

@@ -25,7 +25,7 @@ from mechanisms import GaussianMechanism
 from ..clipping import ClippingConfig, clip_and_sum
 from ..engine import LossFn
 from ..optimizer import DPOptimizer
-from ..sampling import PoissonLoader, PoissonSampler
+from ..sampling import PoissonLoader, PoissonSampler, to_device
 from .config import FederatedConfig
 
 
@@ -76,9 +76,10 @@ class Client:
                 for k, p in params.items():
                     p.copy_(start[k])
 
-    def _batch(self) -> tuple[Any, torch.Tensor]:
+    def _batch(self, device: torch.device) -> tuple[Any, torch.Tensor]:
+        """The next Poisson batch, on the model's device (client data may live on the CPU)."""
         x, y = self.loader.batch(self.sampler.sample())
-        return x, y
+        return to_device(x, device), to_device(y, device)
 
     def _dp_sgd(self, model: nn.Module, params: Mapping[str, nn.Parameter], loss_fn: LossFn) -> None:
         assert self.mechanism is not None
@@ -86,8 +87,9 @@ class Client:
         opt = DPOptimizer(torch.optim.SGD(plist, lr=self.config.lr), plist, self.mechanism,
                           self.sample_rate * self.n)
         clipping = ClippingConfig(self.config.max_norm)
+        device = plist[0].device
         for _ in range(self.config.local_steps):
-            x, y = self._batch()
+            x, y = self._batch(device)
             opt.zero_grad()
             sums = clip_and_sum(model, loss_fn, x, y, clipping).sums
             for k, p in params.items():
@@ -99,7 +101,7 @@ class Client:
     def _sgd(self, model: nn.Module, params: Mapping[str, nn.Parameter], loss_fn: LossFn) -> None:
         plist = list(params.values())
         for _ in range(self.config.local_steps):
-            x, y = self._batch()
+            x, y = self._batch(plist[0].device)
             if y.shape[0] == 0:
                 continue
             grads = torch.autograd.grad(loss_fn(model(x), y), plist)

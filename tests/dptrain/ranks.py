@@ -1,4 +1,4 @@
-"""Test helper: run a worker script as W gloo ranks on localhost and collect what each saved."""
+"""Test helper: run a worker script as W ranks (gloo, or NCCL on GPUs) on localhost and collect what each saved."""
 from __future__ import annotations
 
 import os

@@ -103,3 +103,18 @@ def test_mechanisms_without_a_distributed_path_are_refused():
                 priv.attach(data, batch_size=8, steps=4, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_rank_on_gpu_equals_the_single_process_gpu_run(tmp_path):
+    # One NCCL rank (the machines here have one GPU): clipping on the GPU, the all-reduce and the
+    # rank-0 noise through NCCL give the model and ε of the same run without a process group.
+    out = run_ranks(HERE / "nccl_worker.py", 1, tmp_path)[0]
+    assert out["nccl"]["device"].startswith("cuda") and out["noise_device"].startswith("cuda")
+    for k, v in out["single"]["params"].items():
+        torch.testing.assert_close(out["nccl"]["params"][k], v, atol=1e-5, rtol=1e-5)
+    assert out["nccl"]["epsilon"] == out["single"]["epsilon"]
+    n = out["noise"].numel()
+    stat = float((out["noise"].double() ** 2).sum())  # σ = 1: ~ χ²_n; false-failure probability 1e-7
+    assert stats.chi2.ppf(0.5e-7, n) < stat < stats.chi2.isf(0.5e-7, n)

@@ -14,7 +14,7 @@ E, HEADS = 8, 2
 
 
 def causal(x: torch.Tensor, src: int) -> torch.Tensor:
-    return torch.ones(x.shape[1], src, dtype=torch.bool).triu(1)
+    return torch.ones(x.shape[1], src, dtype=torch.bool, device=x.device).triu(1)
 
 
 def per_example_float(x: torch.Tensor, src: int) -> torch.Tensor:

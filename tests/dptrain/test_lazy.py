@@ -42,8 +42,8 @@ def _loss(out, target):
     return out.sum()
 
 
-def _train(lazy: bool, seed: int) -> tuple[np.ndarray, object]:
-    model = Linear()
+def _train(lazy: bool, seed: int, device: str = "cpu") -> tuple[np.ndarray, object]:
+    model = Linear().to(device)
     config = PrivacyConfig(None, 0.05, C, "lazy" if lazy else "dpsgd", "rdp", "flat", SIGMA, None, seed)
     priv = (LazyPrivateTraining if lazy else PrivateTraining)(model, config)
     opt = torch.optim.SGD(model.parameters(), lr=LR0)
@@ -54,10 +54,10 @@ def _train(lazy: bool, seed: int) -> tuple[np.ndarray, object]:
         priv.step(torch.tensor(rows), torch.zeros(len(rows)))
         sched.step()
     if lazy:  # rows 0 and 1 are brought up to date by a read, the others by the checkpoint's flush
-        model(torch.tensor([0, 1]))
+        model(torch.tensor([0, 1], device=device))
         assert priv.tables.noise["table.weight"].last_step[[0, 1]].tolist() == [6, 6]
         assert not priv.tables.is_flushed
-    w = priv.state_dict()["model"]["table.weight"].numpy().copy()
+    w = priv.state_dict()["model"]["table.weight"].cpu().numpy().copy()
     return w, priv
 
 
@@ -69,12 +69,17 @@ def _expected() -> tuple[np.ndarray, float]:
     return mean, var
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("lazy", [True, False])
-def test_rows_have_the_eager_mean_and_variance(lazy):
+def test_rows_have_the_eager_mean_and_variance(lazy, device):
     # Per row (never / once / every step / twice in a batch, with an lr schedule): D = 4000 independent
     # coordinates of N(mean, var) after subtracting the known mean. z-test on the mean and chi-square
     # on the variance, Bonferroni over 6 rows × 2 tests: false-failure probability 1e-7.
-    w, _ = _train(lazy, seed=5)
+    w, _ = _train(lazy, seed=5, device=device)
     mean, var = _expected()
     alpha = 1e-7 / 12
     for r in range(6):

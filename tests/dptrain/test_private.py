@@ -89,7 +89,12 @@ def test_resume_continues_the_same_budget_and_model():
     torch.testing.assert_close(model_c.weight, model_a.weight)
 
 
-def test_noise_reaching_the_parameters_has_the_stated_scale():
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_noise_reaching_the_parameters_has_the_stated_scale(device):
     # A model whose loss does not depend on its parameter: the clipped sum is 0, so the
     # plain-SGD update is exactly -lr * noise / (q N), noise ~ N(0, σ²C²) per coordinate.
     class Constant(nn.Module):
@@ -100,11 +105,12 @@ def test_noise_reaching_the_parameters_has_the_stated_scale():
         def forward(self, x):
             return x[:, :2] + 0 * self.w.sum()
 
-    model = Constant()
+    model = Constant().to(device)
     priv = dptrain.make_private(model, eps=None, noise_multiplier=0.8, max_grad_norm=1.5, seed=1)
     priv.attach(_data(), batch_size=40, steps=3, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
-    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
-    update = -model.w.detach().double() * (0.2 * 200)
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))  # CPU batch: moved to the model's device
+    assert model.w.device.type == device
+    update = -model.w.detach().cpu().double() * (0.2 * 200)
     n = update.numel()
     chi = (n - 1) * float(update.var()) / (0.8 * 1.5) ** 2
     # two-sided chi-square test of the variance, false-failure probability 1e-7
@@ -219,3 +225,19 @@ def test_every_accountant_calibrates_and_reports(accountant):
     assert rep.epsilon_spent == pytest.approx(
         accountants.epsilon(plan.noise_multiplier, plan.sample_rate, plan.planned_steps, plan.delta, accountant))
     assert rep.epsilon_spent <= 2.0
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_each_example_contribution_is_bounded_on_every_device(device):
+    # small σ (σ = 0 is refused) isolates the clipped sum: one example moves the parameters by lr·C/(qN)
+    # at most; the noise adds ≈ σ·sqrt(#params)·lr·C/(qN) = 1.1 % of that.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)).to(device)
+    before = [p.detach().clone() for p in model.parameters()]
+    priv = dptrain.make_private(model, eps=None, noise_multiplier=1e-3, max_grad_norm=0.25, seed=0,
+                                accountant="rdp")
+    priv.attach(_data(), batch_size=40, steps=2, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    x, y = _data()[:1]
+    priv.step(x * 100, y)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert 0.25 / 40 * 0.95 < float(moved) <= 0.25 / 40 * 1.05  # the ×100 input is clipped to C

@@ -38,18 +38,26 @@ def pairs(model):
             for name, m in lora_layers(model).items()}
 
 
-def test_fedsvd_a_orthonormal_after_every_round_and_product_preserved():
-    model = lora_model()
-    fed = make_federated(model, clients(), eps=4.0, algorithm="fedsvd", rounds=4, local_steps=2,
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("dp", ["example", "client"])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fedsvd_a_orthonormal_after_every_round_and_product_preserved(device, dp):
+    model = lora_model().to(device)  # client data stays on the CPU; batches move to the model's device
+    eye = torch.eye(2, device=device)
+    fed = make_federated(model, clients(), eps=4.0, algorithm="fedsvd", dp=dp, rounds=4, local_steps=2,
                          batch_size=10, lr=0.5, seed=0, **RDP)
     for name, (_, a) in pairs(model).items():
-        torch.testing.assert_close(a @ a.T, torch.eye(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)
     for _ in range(4):
         before = pairs(model)
         result = fed.run_round()
         for name, (b, a) in pairs(model).items():
             assert not lora_layers(model)[name].lora_A.weight.requires_grad  # clients train B only
-            torch.testing.assert_close(a @ a.T, torch.eye(2), atol=1e-5, rtol=0)
+            assert a.device.type == device
+            torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)
             b_prev, a_prev = before[name]
             averaged = b_prev + result.mean_update[f"{name}.lora_B.weight"]
             torch.testing.assert_close(b @ a, averaged @ a_prev, atol=1e-5, rtol=1e-4)
