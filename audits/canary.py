@@ -128,17 +128,9 @@ def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs:
                              scale=canary_scale)
     all_scores, all_in = [], []
     one_run = None
-    iterator = range(runs)
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc="audit runs", unit="run")
     claimed = delta = float("nan")
-    for run in iterator:
-        included = rng.random(m) < 0.5
-        idx = torch.from_numpy(np.flatnonzero(included))
-        data = TensorDataset(torch.cat([base.tensors[0], canaries.tensors[0][idx]]),
-                             torch.cat([base.tensors[1], canaries.tensors[1][idx]]))
-        model, claimed, delta = train_fn(data, seed + run)
+    for run, model, included, claimed, delta in _canary_runs(train_fn, base, canaries, runs, rng, seed,
+                                                             "audit runs" if progress else None):
         scores = canary_scores(model, canaries)
         all_scores.append(scores)
         all_in.append(included)
@@ -150,6 +142,24 @@ def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs:
     result.roc, result.roc_curve = r.to_dict(), (r.fpr, r.tpr)
     result.intervals = split_threshold_intervals(scores, is_in, delta, rng)
     return result
+
+
+def _canary_runs(train_fn: TrainFn, base: TensorDataset, canaries: TensorDataset, runs: int,
+                 rng: np.random.Generator, seed: int, progress: str | None):
+    """Yield (run, model, included, claimed ε, δ) for ``runs`` trainings on ``base`` plus each
+    canary independently w.p. ½ (``included``: which ones); ``progress`` names a tqdm bar."""
+    iterator = range(runs)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=progress, unit="run")
+    m = len(canaries)
+    for run in iterator:
+        included = rng.random(m) < 0.5
+        idx = torch.from_numpy(np.flatnonzero(included))
+        data = TensorDataset(torch.cat([base.tensors[0], canaries.tensors[0][idx]]),
+                             torch.cat([base.tensors[1], canaries.tensors[1][idx]]))
+        model, claimed, delta = train_fn(data, seed + run)
+        yield run, model, included, claimed, delta
 
 
 def split_threshold_intervals(scores: np.ndarray, is_in: np.ndarray, delta: float,
@@ -185,17 +195,9 @@ def run_lira_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, shadows
     canaries = make_canaries(m, base.tensors[0].shape[1], int(base.tensors[1].max()) + 1, seed=seed,
                              scale=canary_scale)
     phis, masks = [], []
-    iterator = range(shadows + 1)
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc="LiRA shadow + target runs", unit="run")
     claimed = delta = float("nan")
-    for run in iterator:
-        included = rng.random(m) < 0.5
-        idx = torch.from_numpy(np.flatnonzero(included))
-        data = TensorDataset(torch.cat([base.tensors[0], canaries.tensors[0][idx]]),
-                             torch.cat([base.tensors[1], canaries.tensors[1][idx]]))
-        model, claimed, delta = train_fn(data, seed + run)
+    for _, model, included, claimed, delta in _canary_runs(train_fn, base, canaries, shadows + 1, rng, seed,
+                                                           "LiRA shadow + target runs" if progress else None):
         phis.append(canary_logit_confidence(model, canaries))
         masks.append(included)
     phi, mask = np.stack(phis[:-1]), np.stack(masks[:-1])
