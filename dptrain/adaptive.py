@@ -35,7 +35,7 @@ from mechanisms.rldp import PublicState, RLDPController, RLDPSettings
 
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError
+from .errors import BudgetExceededError, PrivacyConfigError, refuse_step_over_budget
 
 if TYPE_CHECKING:
     from .private import PrivateTraining
@@ -160,12 +160,8 @@ class AdaptiveClipping:
             return self.guard.admit(priv.ledger, priv.steps, self.controller.requested_noise())  # type: ignore[union-attr]
         target = priv.config.eps
         if target is not None and (priv.config.noise_multiplier is not None or priv.steps >= plan.planned_steps):
-            eps_next = priv.ledger.epsilon_if(self.event(plan.noise_multiplier), plan.delta,
-                                              accountant=priv.config.accountant)
-            if eps_next > target:
-                raise BudgetExceededError(
-                    f"step {priv.steps + 1} would spend ε={eps_next:.4g} > target ε={target} (δ={plan.delta:.3g}); "
-                    f"training stops here. Spent so far: ε={priv.epsilon_spent():.4g}.")
+            refuse_step_over_budget(priv.ledger, self.event(plan.noise_multiplier), plan.delta,
+                                    priv.config.accountant, target, priv.steps + 1, priv.epsilon_spent)
         return plan.noise_multiplier
 
     def event(self, noise_multiplier: float) -> accountants.DpEvent:

@@ -25,7 +25,7 @@ from mechanisms import GaussianMechanism, NoiseMechanism
 from .adaptive import ADAPTIVE_CLIPPINGS, AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, choose_method, trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
+from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
 from .optimizer import DPOptimizer
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
 from .validate import validate
@@ -327,12 +327,8 @@ class PrivateTraining:
         calibrated_within_plan = self.config.noise_multiplier is None and self.steps < plan.planned_steps
         if calibrated_within_plan:
             return  # calibration guarantees ε(σ, q, planned_steps) <= target
-        eps_next = self.ledger.epsilon_if(self._step_event(self.steps), plan.delta,
-                                          accountant=self.config.accountant)
-        if eps_next > target:
-            raise BudgetExceededError(
-                f"step {self.steps + 1} would spend ε={eps_next:.4g} > target ε={target} "
-                f"(δ={plan.delta:.3g}); training stops here. Spent so far: ε={self.epsilon_spent():.4g}.")
+        refuse_step_over_budget(self.ledger, self._step_event(self.steps), plan.delta, self.config.accountant,
+                                target, self.steps + 1, self.epsilon_spent)
 
     def epsilon_spent(self) -> float:
         """ε spent so far at the run's δ (0 before the first step)."""
