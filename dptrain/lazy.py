@@ -8,9 +8,9 @@ recorded in the ledger. What changes is when the table noise is written:
 * per-example gradients are clipped under one flat norm over dense layers and tables, the
   table part computed from the rows each example read (:mod:`dptrain.lazy_clip`);
 * dense parameters get their noise through :class:`dptrain.DPOptimizer` with any torch optimizer;
-* each table is updated by plain SGD, row v at step t by −lr_t/B · (clipped sum_v + N(0, σ²C² I)),
-  the noise of a row that the batch did not touch deferred until the row is next read or flushed
-  and then drawn at once with the summed variance (:mod:`mechanisms.lazy`).
+* each table is updated by plain SGD, row v at step t by −lr_t/B · (clipped sum_v + N(0, σ²C² I)):
+  the clipped sums are added at the step, and every row's noise is deferred until the row is next
+  read or flushed and then drawn at once with the summed variance (:mod:`mechanisms.lazy`).
 
 Conditions of equivalence, enforced here: the table is in a ``torch.optim.SGD`` param group with
 momentum = 0, weight_decay = 0 and maximize = False (momentum, weight decay and adaptive

@@ -92,10 +92,9 @@ class LazyTables:
             self.flush()
 
     def sgd_step(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], lrs: dict[str, float]) -> None:
-        """One plain-SGD step of every table: touched rows now, the others lazily."""
+        """One plain-SGD step of every table: the clipped sums now, every row's noise at its next read."""
         for k, table in self.noise.items():
             idx, values = rows[k]
-            table.catch_up(idx)  # no-op for rows the forward read; zero-weight padding rows of bags
             table.sgd_step(idx, values, lrs[k])
         self._dirty = True
 

@@ -18,6 +18,13 @@ Everything that leaves the process is flushed first (DESIGN.md invariant 7).
 State: per-row ``last_step`` (the step up to which the row has its noise) and the running
 prefix sum of per-step variances. Memory: one int64 per row plus one float64 per step.
 A flush draws its noise in blocks of rows, so its temporary memory stays bounded.
+
+Every row's noise is deferred, the touched rows' included: step t adds only the clipped sums
+−lr_t/B · Σ_i clip(g_i) to the rows the batch touched, and its noise N(0, (lr_t σC/B)² I)
+becomes pending for every row. Additions commute, so the update of a row that still owes noise
+is exact; what matters is that a read sees all the noise of the steps before it, which the
+catch-up before every read (and the flush) guarantees. One draw per row read, none per
+update, no data-dependent branch (no host synchronisation on a GPU).
 """
 from __future__ import annotations
 
@@ -44,12 +51,13 @@ class LazyNoiseTable:
         self.expected_batch_size = float(expected_batch_size)
         self.generator = generator
         self.step = 0  # number of optimizer steps taken so far
+        self._total = 0.0  # Σ_{u<step} (lr_u σC/B)², the host copy of _cumvar[step]
         self.last_step = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
         # _cumvar[t] = Σ_{u<t} (lr_u σC/B)², grown by doubling
         self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
 
     def _pending_var(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._cumvar[self.step] - self._cumvar[self.last_step[rows]]
+        return self._total - self._cumvar[self.last_step[rows]]
 
     def _append_cumvar(self, value: float) -> None:
         if self.step + 1 >= self._cumvar.numel():
@@ -60,33 +68,31 @@ class LazyNoiseTable:
 
     @torch.no_grad()
     def catch_up(self, rows: torch.Tensor) -> None:
-        """Give ``rows`` (unique indices) the noise of every step they skipped."""
+        """Give ``rows`` (unique indices) the noise of every step they skipped.
+
+        Row r gets sqrt(v_r)·z_r, z_r ~ N(0, I), v_r = _cumvar[step] − _cumvar[last_step[r]] ≥ 0; a row
+        already up to date (v_r = 0) gets 0·z_r, so no row needs to be picked out on the host.
+        """
         if rows.numel() == 0:
             return
-        var = self._pending_var(rows)
-        need = var > 0
-        if bool(need.any()):
-            rows, var = rows[need], var[need]
-            z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
-                            device=self.weight.device, dtype=self.weight.dtype)
-            self.weight.index_add_(0, rows, z * var.sqrt().to(self.weight.dtype)[:, None])
+        z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        z *= self._pending_var(rows).sqrt().to(self.weight.dtype)[:, None]
+        self.weight.index_add_(0, rows, z)
         self.last_step[rows] = self.step
 
     @torch.no_grad()
     def sgd_step(self, rows: torch.Tensor, grad_sum_rows: torch.Tensor, lr: float) -> None:
-        """Step ``t``: touched rows get −lr (clipped sum + this step's noise)/B; others wait.
+        """Step ``t``: W[rows] −= lr/B · grad_sum_rows; this step's noise becomes pending for every row.
 
-        ``rows`` must be unique and already caught up (their forward read them).
+        ``rows`` may repeat (their values add up) and need not be caught up: the noise they owe
+        stays owed (see the module docstring).
         """
         b = self.expected_batch_size
         if rows.numel():
-            if bool((self.last_step[rows] != self.step).any()):
-                raise RuntimeError("LazyNoiseTable: rows updated at a step without catching up first")
-            z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
-                            device=self.weight.device, dtype=self.weight.dtype)
-            self.weight.index_add_(0, rows, -(lr / b) * (grad_sum_rows + self.noise_std * z))
-            self.last_step[rows] = self.step + 1
-        self._append_cumvar(float(self._cumvar[self.step]) + (lr * self.noise_std / b) ** 2)
+            self.weight.index_add_(0, rows, grad_sum_rows.to(self.weight.dtype), alpha=-lr / b)
+        self._total += (lr * self.noise_std / b) ** 2
+        self._append_cumvar(self._total)
         self.step += 1
 
     def flush(self) -> None:
@@ -105,12 +111,13 @@ class LazyNoiseTable:
         if not self.is_flushed:
             raise RuntimeError("LazyNoiseTable: flush() before saving; the per-row table of last updates "
                                "reveals which rows were used and must not leave the process unflushed")
-        return {"step": self.step, "cumvar_last": float(self._cumvar[self.step]),
+        return {"step": self.step, "cumvar_last": self._total,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.last_step.fill_(self.step)
         self._cumvar = torch.zeros(max(64, 2 * (self.step + 1)), dtype=torch.float64, device=self.weight.device)
-        self._cumvar[self.step] = float(state["cumvar_last"])
+        self._total = float(state["cumvar_last"])
+        self._cumvar[self.step] = self._total
         self.generator.set_state(state["generator"])

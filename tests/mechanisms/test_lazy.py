@@ -97,9 +97,22 @@ def test_state_dict_requires_flush_and_round_trips():
     assert other.step == 1 and other.is_flushed
 
 
-def test_updating_a_row_that_was_not_caught_up_is_refused():
-    w = torch.zeros(3, 2)
-    table = LazyNoiseTable(w, 1.0, 2.0, torch.Generator().manual_seed(0))
-    table.sgd_step(torch.tensor([1]), torch.zeros(1, 2), 0.1)  # step 0: row 1 fresh, fine
-    with pytest.raises(RuntimeError, match="catching up"):
-        table.sgd_step(torch.tensor([0]), torch.zeros(1, 2), 0.1)
+def test_an_update_before_the_catch_up_keeps_the_owed_noise():
+    # Row 0 is updated at every step but read (caught up) only before steps 2 and 4; row 1 is never
+    # touched. After the flush both rows have every step's noise: z-test on the mean and chi-square
+    # on the variance per row, Bonferroni over 2 rows × 2 tests: false-failure probability 1e-7.
+    w = torch.zeros(2, D, dtype=torch.float64)
+    table = LazyNoiseTable(w, SIGMA_C, B, torch.Generator().manual_seed(3))
+    for t, lr in enumerate(LRS):
+        if t in (2, 4):
+            table.catch_up(torch.tensor([0]))
+        table.sgd_step(torch.tensor([0, 0]), torch.full((2, D), grad_for(0, t), dtype=torch.float64), lr)
+    table.flush()
+    _, var = eager_moments()
+    mean = [-sum(lr / B * 2 * grad_for(0, t) for t, lr in enumerate(LRS)), 0.0]  # row 0 listed twice a step
+    alpha = 1e-7 / 4
+    for r in (0, 1):
+        z = (float(w[r].mean()) - mean[r]) / np.sqrt(var / D)
+        assert abs(z) < stats.norm.isf(alpha / 2), (r, float(w[r].mean()), mean[r])
+        chi = (D - 1) * float(w[r].var()) / var
+        assert stats.chi2.ppf(alpha / 2, D - 1) < chi < stats.chi2.isf(alpha / 2, D - 1), (r, float(w[r].var()))
