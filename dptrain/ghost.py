@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +52,18 @@ def _float32(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _kind(m: nn.Module) -> str:
+def _kind(m: nn.Module, hooks_ok: bool = False) -> str:
     """How a module's per-example gradients are formed: a closed form, or 'generic' (vmap(vjp)).
 
     Closed forms need the stock forward acting on the module's own ``weight`` / ``bias``
-    Parameters: a forward pre-hook (old-style weight_norm) or other own parameters mean generic.
+    Parameters: a forward pre-hook (old-style weight_norm) or other own parameters mean generic,
+    unless ``hooks_ok`` (the caller knows its pre-hooks leave the call as it is).
     A stock nn.MultiheadAttention is 'attention' (:mod:`dptrain.ghost_attention`).
     """
     if is_plain_attention(m):
         return "attention"
     own = {k for k, p in m.named_parameters(recurse=False) if p.requires_grad}
-    if m._forward_pre_hooks or not own <= {"weight", "bias"}:
+    if (m._forward_pre_hooks and not hooks_ok) or not own <= {"weight", "bias"}:
         return "generic"
     for cls, kind in _KNOWN.items():
         if isinstance(m, cls) and type(m).forward is cls.forward:
@@ -87,19 +88,42 @@ def _own(m: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @dataclass
-class _Plan:
-    """What one call needs to know about the model, computed once."""
+class Plan:
+    """What one call needs to know about the model, computed once (reusable while the model is unchanged)."""
 
     owners: dict[str, nn.Module]
     kinds: dict[str, str]
     own: dict[str, dict[str, nn.Parameter]]  # module name → its own trainable parameters
     params: dict[str, nn.Parameter]  # trainable_parameters(model)
+    supported: bool  # no owner known to defeat the path (see ghost_supported)
 
     @staticmethod
-    def of(model: nn.Module) -> "_Plan":
+    def of(model: nn.Module, lookups: Collection[nn.Module] = ()) -> "Plan":
+        """The plan of ``model``. ``lookups``: Embedding / EmbeddingBag modules whose forward pre-hooks
+        only write to their own weight before the stock lookup runs (the lazy-noise catch-up): they
+        keep their closed form, and their ``sparse`` flag is irrelevant (their gradient is never formed)."""
         owners = _owners(model)
         own = {name: _own(m) for name, m in owners.items()}
-        return _Plan(owners, {name: _kind(m) for name, m in owners.items()}, own, trainable_parameters(model))
+        looks = {id(m) for m in lookups}
+        kinds = {name: _kind(m, id(m) in looks) for name, m in owners.items()}
+        supported = _supported({k: m for k, m in owners.items() if id(m) not in looks})
+        return Plan(owners, kinds, own, trainable_parameters(model), supported)
+
+
+def plan_key(model: nn.Module) -> tuple:
+    """What :meth:`Plan.of` reads from a model: while the key is unchanged, a plan of it stays valid.
+
+    Per module: identity, class, training flag, number of forward pre-hooks, and its own parameters
+    (identity, requires_grad). Changing a module's other settings (an EmbeddingBag's mode, a table's
+    max_norm) after the plan is made is not detected.
+    """
+    out: list = []
+    for m in model.modules():
+        out += (id(m), type(m), m.training, len(m._forward_pre_hooks))
+        for p in m._parameters.values():
+            if p is not None:
+                out += (id(p), p.requires_grad)
+    return tuple(out)
 
 
 def ghost_supported(model: nn.Module) -> bool:
@@ -145,7 +169,7 @@ def per_example_losses(loss_fn: LossFn, output: Any, y: torch.Tensor) -> torch.T
     return vmap(lambda o, t: loss_fn(tree_map(lambda v: v.unsqueeze(0), o), t.unsqueeze(0)))(output, y)
 
 
-def _chunk_terms(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch.Tensor, ...], y: torch.Tensor,
+def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.Tensor, ...], y: torch.Tensor,
                  copies: bool) -> tuple[dict[int, list], torch.Tensor] | None | str:
     """Terms per trainable parameter (keyed by id) and per-example losses; 'copy' to rerun with copies."""
     owners, kinds = plan.owners, plan.kinds
@@ -214,7 +238,7 @@ def _sums_to(terms: list, want: torch.Tensor | None, p: torch.Tensor, b: int) ->
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-5 * scale + 1e-7))
 
 
-def _run_chunk(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch.Tensor, ...], y: torch.Tensor
+def _run_chunk(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.Tensor, ...], y: torch.Tensor
                ) -> tuple[dict[str, list], torch.Tensor] | None:
     """Merged terms per trainable parameter name, and per-example losses; None if not covered."""
     copies = _NEEDS_COPIES.get(model, False)
@@ -233,8 +257,8 @@ def _run_chunk(model: nn.Module, plan: _Plan, loss_fn: LossFn, xs: tuple[torch.T
 def ghost_norms(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor] | None:
     """Per-example gradient norms ‖∇_p ℓ_i‖ (float64 [B]) per trainable parameter, or None if not covered."""
-    plan = _Plan.of(model)
-    if not _supported(plan.owners):
+    plan = Plan.of(model)
+    if not plan.supported:
         return None
     xs, y = next(iter_chunks(inputs, targets, None))
     b = int(y.shape[0])
@@ -257,23 +281,34 @@ def _check_thresholds(config: ClippingConfig, names) -> None:
                              "pass one threshold per trainable parameter or use flat clipping")
 
 
-def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
-                       config: ClippingConfig | float, chunk_size: int | None = None) -> ClippedBatch | None:
-    """Σ_i clip(∇ℓ_i) as :func:`dptrain.clipping.clip_and_sum` returns it, or None if not covered.
+#: receives, per chunk and parameter, the factored per-example gradients and their clip factors
+Sink = Callable[[str, list, torch.Tensor], None]
 
-    Same clip factors (flat or per-layer ``config.thresholds``), same sums; memory is that of
-    a non-private step on ``chunk_size`` examples (the batch runs chunk by chunk).
+
+@dataclass
+class ChunkTotals:
+    """What :func:`clip_chunks` adds up over the chunks besides the clipped sums."""
+
+    batch_size: int
+    loss_sum: float
+    clipped_count: int
+    unclipped: dict[str, int]  # per parameter: examples with f_i = 1 (flat: the same for all)
+    example_losses: torch.Tensor
+
+
+def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
+                config: ClippingConfig, sink: Sink, chunk_size: int | None = None) -> ChunkTotals | None:
+    """The book-keeping loop: for each chunk and each parameter p, ``sink(p's name, terms, f)``.
+
+    ``terms`` are p's per-example gradients G_i in factored form (:mod:`dptrain.ghost_layers`; an
+    example with a non-finite gradient zeroed), ``f`` the float32 clip factors f_i (flat or per-layer),
+    so that the sink's Σ_i f_i G_i is the chunk's clipped sum. None if the record does not cover
+    the model (nothing was handed to the sink for the failing chunk). One host synchronisation per
+    chunk (is every norm finite?) and one at the end (the totals).
     """
-    if not isinstance(config, ClippingConfig):
-        config = ClippingConfig(float(config))
-    plan = _Plan.of(model)
-    if not _supported(plan.owners):
-        return None
     params = plan.params
     _check_thresholds(config, params)
-    sums: dict[str, torch.Tensor] = {}
-    n, loss_sum, clipped = 0, 0.0, 0
-    unclipped, losses_all = dict.fromkeys(params, 0), []
+    n, losses_all, counts = 0, [], []
     for xs, y in iter_chunks(inputs, targets, chunk_size):
         b = int(y.shape[0])
         if b == 0:
@@ -283,47 +318,74 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
             return None
         merged, losses = res
         with _float32(y.device.type):
-            part, count, kept = _clip_chunk(merged, params, config, b)
-        for k, v in part.items():
-            sums[k] = v if k not in sums else sums[k] + v
-        for k, v in kept.items():
-            unclipped[k] += v
+            factors, keep = _clip_factors(merged, params, config, b)
+            for k, terms in merged.items():
+                sink(k, terms if keep is None else gl.drop_examples(terms, keep[k]), factors[k].float())
         n += b
-        loss_sum += float(losses.sum())
         losses_all.append(losses.detach().reshape(-1))
-        clipped += count
-    for k, p in params.items():
-        sums[k] = sums[k].to(p.dtype) if k in sums else torch.zeros_like(p)
-    example_losses = torch.cat(losses_all) if losses_all else torch.zeros(0)
-    return ClippedBatch({k: sums[k] for k in params}, n, loss_sum, clipped, unclipped, example_losses)
+        counts.append(_counts(losses, factors, config))
+    names = list(params)
+    if not counts:
+        return ChunkTotals(0, 0.0, 0, dict.fromkeys(names, 0), torch.zeros(0))
+    loss_sum, clipped, *kept = torch.stack(counts).sum(0).tolist()
+    unclipped = dict(zip(names, kept)) if kept else dict.fromkeys(names, n - clipped)
+    return ChunkTotals(n, loss_sum, int(clipped), {k: int(v) for k, v in unclipped.items()}, torch.cat(losses_all))
 
 
-def _clip_chunk(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int
-                ) -> tuple[dict[str, torch.Tensor], int, dict[str, int]]:
-    """Clipped sums of one chunk, examples clipped, and per parameter the examples not clipped."""
+def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Clip factors per parameter (float64 [b]), and, only if some gradient is not finite, the examples to keep.
+
+    Every squared norm finite means every factor is positive and every term finite: all examples kept.
+    """
     device = next(iter(params.values())).device
     sq = {k: gl.sq_norms(t) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
     total = sum(sq.values(), zero)
-    if not bool(torch.isfinite(total).all()):  # float32 overflow, or a non-finite gradient
+    finite = bool(torch.isfinite(total).all())
+    if not finite:  # float32 overflow, or a non-finite gradient
         sq = {k: gl.refine(merged[k], v) for k, v in sq.items()}
         total = sum(sq.values(), zero)
     if config.thresholds is None:
-        f = _factor(torch.sqrt(total), config.max_grad_norm)
-        factors = {k: f for k in params}
-        keep = {k: f > 0 for k in params}
-        all_kept = dict.fromkeys(params, bool(keep[next(iter(params))].all())) if params else {}
+        factors = dict.fromkeys(params, _factor(torch.sqrt(total), config.max_grad_norm))
     else:
         factors = {k: _factor(torch.sqrt(sq.get(k, zero)), config.thresholds[k]) for k in params}
-        keep = {k: factors[k] > 0 for k in params}
-        all_kept = {k: bool(v.all()) for k, v in keep.items()}
-    out = {}
-    for k, terms in merged.items():
-        if not all_kept[k]:  # non-finite gradients: the example contributes nothing to this parameter
-            terms = gl.drop_examples(terms, keep[k])
-        out[k] = gl.clipped_sum(terms, factors[k].float(), params[k].shape)
-    kept_counts = {k: int((f >= 1).sum()) for k, f in factors.items()}
+    return factors, None if finite else {k: f > 0 for k, f in factors.items()}
+
+
+def _counts(losses: torch.Tensor, factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.Tensor:
+    """[Σ loss, examples clipped, (per-layer:) per parameter the examples not clipped] of one chunk (float64)."""
+    loss = losses.detach().sum().double().reshape(1)
     if not factors:
-        return out, 0, kept_counts
-    low = factors[next(iter(factors))] if config.thresholds is None else torch.stack(list(factors.values())).amin(0)
-    return out, int((low < 1).sum()), kept_counts
+        return torch.cat([loss, loss.new_zeros(1)])
+    if config.thresholds is None:
+        return torch.cat([loss, (next(iter(factors.values())) < 1).sum().double().reshape(1)])
+    stacked = torch.stack(list(factors.values()))
+    return torch.cat([loss, (stacked.amin(0) < 1).sum().double().reshape(1), (stacked >= 1).sum(1).double()])
+
+
+def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
+                       config: ClippingConfig | float, chunk_size: int | None = None) -> ClippedBatch | None:
+    """Σ_i clip(∇ℓ_i) as :func:`dptrain.clipping.clip_and_sum` returns it, or None if not covered.
+
+    Same clip factors (flat or per-layer ``config.thresholds``), same sums; memory is that of
+    a non-private step on ``chunk_size`` examples (the batch runs chunk by chunk).
+    """
+    if not isinstance(config, ClippingConfig):
+        config = ClippingConfig(float(config))
+    plan = Plan.of(model)
+    if not plan.supported:
+        return None
+    params = plan.params
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(k: str, terms: list, f: torch.Tensor) -> None:
+        part = gl.clipped_sum(terms, f, params[k].shape)
+        sums[k] = part if k not in sums else sums[k] + part
+
+    totals = clip_chunks(model, plan, loss_fn, inputs, targets, config, add, chunk_size)
+    if totals is None:
+        return None
+    out = {k: sums[k].to(p.dtype) if k in sums else torch.zeros_like(p) for k, p in params.items()}
+    return ClippedBatch(out, totals.batch_size, totals.loss_sum, totals.clipped_count, totals.unclipped,
+                        totals.example_losses)

@@ -11,8 +11,9 @@ unless that is the cheap choice:
 * :class:`Conv` — a Conv with many output positions: its per-example weight gradients are
   small, formed by one convolution backward with the batch folded into the groups
   (Rochette et al. 2019); the clipped sum is a conv weight-gradient of f-scaled output grads.
-* :class:`Rows` — Σ_t e_{idx_it} R_itᵀ, the sparse rows of an Embedding gradient; norm² by a
-  segment sum of rows sharing an index inside one example (duplicates add up).
+* :class:`Rows` — Σ_t e_{idx_it} R_itᵀ, the sparse rows of an Embedding gradient; norm² by the
+  T×T Gram matrix masked to equal indices (short T), else by a segment sum of rows sharing an
+  index inside one example (duplicates add up).
 * :class:`Dense` — explicit per-example gradients (biases, LayerNorm/GroupNorm/RMSNorm affine
   parameters, the vmap(vjp) fallback); small.
 
@@ -310,8 +311,25 @@ def _segment_sums(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.T
     return torch.ops.aten.embedding_dense_backward(rows, keys, count, -1, False)
 
 
+#: longest T for which an embedding's per-example norm uses the T×T Gram matrix (no sort)
+_ROWS_GRAM_MAX_T = 16
+
+
 def _rows_sq(term: Rows) -> torch.Tensor:
+    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for short T, else a segment sum
+    over (example, row) keys."""
     b, t, d = term.right.shape
+    if t == 1:
+        return _sq(term.right)
+    if t == 2:  # ‖R_0‖² + ‖R_1‖² + 2 [idx_0 = idx_1] R_0·R_1
+        r0, r1 = term.right[:, 0], term.right[:, 1]
+        dot = torch.where(term.idx[:, 0] == term.idx[:, 1], (r0 * r1).sum(1), 0.0)
+        return (_sq(term.right) + 2 * dot.double()).clamp_min(0.0)
+    if t <= _ROWS_GRAM_MAX_T:
+        right = term.right
+        gram = torch.matmul(right, right.transpose(1, 2))
+        same = term.idx.unsqueeze(2) == term.idx.unsqueeze(1)
+        return torch.where(same, gram, 0.0).sum((1, 2)).double().clamp_min(0.0)  # rounding: tiny negatives
     keys = term.idx + term.num_rows * torch.arange(b, device=term.idx.device)[:, None]
     uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
     seg = _segment_sums(term.right.reshape(-1, d), inverse, uniq.numel())

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from .errors import PrivacyConfigError, PrivacyError
-from .lazy_clip import TABLE_TYPES, SparseClippedBatch, sparse_clip_and_sum, table_parameters
+from .lazy_clip import TABLE_TYPES, LazyPlans, SparseClippedBatch, sparse_clip_and_sum, table_parameters
 from .lazy_tables import LazyTables
 from .optimizer import DPOptimizer
 from .private import PrivateTraining, _unpack
+from .sampling import to_device
 
 #: under mechanism="dpsgd", a table with at least this many rows switches training to lazy noise
 AUTO_MIN_ROWS = 100_000
@@ -103,6 +104,7 @@ class LazyPrivateTraining(PrivateTraining):
         self._table_arg: torch.optim.Optimizer | None = None
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._has_dense = False
+        self._plans = LazyPlans(model)
 
     def attach(self, dataset: Any, batch_size: int | None = 128, epochs: float | None = 10,
                optimizer: torch.optim.Optimizer | None = None, loss_fn: Any = None,
@@ -195,12 +197,14 @@ class LazyPrivateTraining(PrivateTraining):
             return super().backward(inputs, targets)
         self._require_attached()
         assert self.clipping is not None
-        inputs, targets = self._to_device(inputs), self._to_device(targets)
+        plan, _ = self._plans.get()
+        device = next(iter(plan.params.values())).device
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                                                        chunk_size=self.config.chunk_size)
-        params = self._trainable()
+                                                        chunk_size=self.config.chunk_size, plans=self._plans,
+                                                        coalesce=False)
         for name, g in batch.dense.items():
-            params[name].grad = g
+            plan.params[name].grad = g
         self._rows = batch.rows
         return batch.mean_loss
 

@@ -57,7 +57,7 @@ class LazyNoiseTable:
         self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
 
     def _pending_var(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._total - self._cumvar[self.last_step[rows]]
+        return self._total - self._cumvar.index_select(0, self.last_step.index_select(0, rows))
 
     def _append_cumvar(self, value: float) -> None:
         if self.step + 1 >= self._cumvar.numel():
@@ -77,9 +77,9 @@ class LazyNoiseTable:
             return
         z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
                         device=self.weight.device, dtype=self.weight.dtype)
-        z *= self._pending_var(rows).sqrt().to(self.weight.dtype)[:, None]
+        z *= self._pending_var(rows).sqrt_().to(self.weight.dtype).unsqueeze(1)
         self.weight.index_add_(0, rows, z)
-        self.last_step[rows] = self.step
+        self.last_step.index_fill_(0, rows, self.step)
 
     @torch.no_grad()
     def sgd_step(self, rows: torch.Tensor, grad_sum_rows: torch.Tensor, lr: float) -> None:
