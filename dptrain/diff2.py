@@ -3,7 +3,8 @@
 ``make_diff2(model, clients, eps=3, rounds=R, refresh_every=T, clip_grad=C1, clip_diff=C2, lr=η)``
 calibrates DIFF2's two noise multipliers for the target ε (:func:`mechanisms.diff2.calibrate_diff2`)
 and returns a :class:`Diff2Trainer`; ``trainer.fit()`` runs the R rounds of
-:mod:`mechanisms.diff2` with its GD subroutine x_{t+1} = x_t − η v_t.
+:mod:`mechanisms.diff2` with its GD subroutine x_{t+1} = x_t − η v_t. Differences are clipped
+at r_t = C2·‖x_t − x_{t−1}‖ (the norm over the trainable parameters, one host sync per round).
 
 Units and neighbouring relation (stated in the report):
 * ``level="example"`` — example-level DP over the union of all clients' data: each example's
@@ -57,7 +58,7 @@ class Diff2Report:
                 f"  ε spent {self.epsilon:.4f} at δ={self.delta:.3g} ({self.accountant}) after {self.rounds_run}/"
                 f"{c.rounds} rounds over {self.units} units\n"
                 f"  refresh every T={c.refresh_every}: clip C1={c.clip_grad:g}, noise multiplier z1={c.noise_grad:.4g}; "
-                f"differences: C2={c.clip_diff:g}, z2={c.noise_diff:.4g}")
+                f"differences clipped at C2·‖x_t − x_(t−1)‖, C2={c.clip_diff:g}, z2={c.noise_diff:.4g}")
 
 
 @contextlib.contextmanager
@@ -134,12 +135,29 @@ class Diff2Trainer:
         return {k: (gi if gi is not None else torch.zeros_like(p)).unsqueeze(0)
                 for (k, p), gi in zip(params.items(), g)}
 
-    def local_clipped_sum(self, t: int) -> dict[str, torch.Tensor]:
-        """Σ over this process's units of clip_{C1}(g_u(x_t)) (refresh) or clip_{C2}(g_u(x_t) − g_u(x_{t−1}))."""
+    def step_distance(self) -> float:
+        """‖x_t − x_{t−1}‖ over the trainable parameters (public: both iterates were released)."""
+        if self.previous is None:
+            raise RuntimeError("DIFF2: no previous iterate yet (round 0 is a refresh)")
+        sq = sum(((p.detach() - self.previous[k]).double() ** 2).sum()
+                 for k, p in trainable_parameters(self.model).items())
+        return float(torch.sqrt(sq))
+
+    def local_clipped_sum(self, t: int, distance: float | None = None) -> dict[str, torch.Tensor]:
+        """Σ over this process's units of clip_{C1}(g_u(x_t)) (refresh) or clip_{r_t}(g_u(x_t) − g_u(x_{t−1})).
+
+        r_t = C2·``distance``, ``distance`` = ‖x_t − x_{t−1}‖ (computed here when not given).
+        """
         refresh = self.mechanism.is_refresh(t)
-        clip = ClippingConfig(self.mechanism.clip_threshold(t))
+        if not refresh and distance is None:
+            distance = self.step_distance()
+        threshold = self.mechanism.clip_threshold(t, distance)
         params = trainable_parameters(self.model)
         total = {k: torch.zeros_like(p) for k, p in params.items()}
+        if threshold == 0:  # x_t = x_{t−1}: every difference is zero (and the round releases exactly 0)
+            self._fresh = self._cache
+            return total
+        clip = ClippingConfig(threshold)
         unit_grads = self._example_grads if self.level == "example" else self._client_grad
         cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for c, (x, y) in enumerate(self.clients):
@@ -179,13 +197,15 @@ class Diff2Trainer:
                                       f"ε spent {self.epsilon_spent():.4g}. Plan more rounds at attach time.")
         params = trainable_parameters(self.model)
         names = list(params)
-        local = self.local_clipped_sum(t)
+        distance = None if self.mechanism.is_refresh(t) else self.step_distance()
+        local = self.local_clipped_sum(t, distance)
         self._cache, self._fresh = self._fresh, None
         sums = [local[k] for k in names]
         if self.ddp is None:
-            noised = self.mechanism.noise(sums, t)
+            noised = self.mechanism.noise(sums, t, distance)
         else:
-            noised = self.ddp.all_reduce_sums(self.mechanism.noise(sums, t) if self.ddp.is_main_process() else sums)
+            noised = self.ddp.all_reduce_sums(self.mechanism.noise(sums, t, distance) if self.ddp.is_main_process()
+                                              else sums)
         estimate = self.mechanism.update(noised, t, self.units)
         self.previous = {k: p.detach().clone() for k, p in params.items()}
         with torch.no_grad():
@@ -208,15 +228,16 @@ class Diff2Trainer:
 
 
 def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None = 3.0, delta: float | None = None,
-               rounds: int = 100, refresh_every: int = 10, clip_grad: float = 1.0, clip_diff: float = 0.1,
+               rounds: int = 100, refresh_every: int = 10, clip_grad: float = 1.0, clip_diff: float = 10.0,
                lr: float = 0.5, level: str = "example", noise_grad: float | None = None,
-               noise_diff: float | None = None, grad_share: float = 0.5, accountant: str = "prv",
+               noise_diff: float | None = None, grad_share: float = 0.8, accountant: str = "prv",
                loss_fn: LossFn | None = None, seed: int | None = None,
                distributed: bool | None = None) -> Diff2Trainer:
     """A DIFF2 run with noise calibrated to ``eps`` at ``delta`` (default 1/N^1.1, N units).
 
-    Give ``noise_grad`` and ``noise_diff`` instead of ``eps`` to fix the noise (ε is then what
-    they spend; both 0 is the non-private recursion). ``refresh_every=1`` is DP-GD.
+    ``clip_diff`` is C2 in r_t = C2·‖x_t − x_{t−1}‖ (per unit of parameter distance, not an
+    absolute norm). Give ``noise_grad`` and ``noise_diff`` instead of ``eps`` to fix the noise
+    (ε is then what they spend; both 0 is the non-private recursion). ``refresh_every=1`` is DP-GD.
     """
     from . import distributed as ddp
 

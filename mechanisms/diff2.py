@@ -1,28 +1,43 @@
 """DIFF2: private gradient estimator from gradient differences (Murata & Suzuki, ICML 2023).
 
 "DIFF2: Differential Private Optimization via Gradient Differences for Nonconvex Distributed
-Learning", arXiv 2302.03884. Units u (examples, or whole clients for client-level DP) hold
-gradients g_u(x). At round t (0-based) with iterate x_t and N units:
+Learning", arXiv 2302.03884 (PMLR v202). Units u (examples, or whole clients for client-level
+DP) hold gradients g_u(x). At round t (0-based) with iterate x_t and N units:
 
-* refresh rounds, t mod T = 0:   v_t = (Σ_u clip_{C1}(g_u(x_t)) + ξ_t) / N,               ξ_t ~ N(0, (z1·C1)² I)
-* other rounds:                  v_t = v_{t−1} + (Σ_u clip_{C2}(g_u(x_t) − g_u(x_{t−1})) + ξ_t) / N,
-                                                                                          ξ_t ~ N(0, (z2·C2)² I)
+* refresh rounds, t mod T = 0:  v_t = (Σ_u clip_{C1}(g_u(x_t)) + ξ_t) / N,       ξ_t ~ N(0, (z1·C1)² I)
+* other rounds:                 v_t = v_{t−1} + (Σ_u clip_{r_t}(g_u(x_t) − g_u(x_{t−1})) + ξ_t) / N,
+                                r_t = C2·‖x_t − x_{t−1}‖,                          ξ_t ~ N(0, (z2·r_t)² I)
 
-and the GD subroutine steps x_{t+1} = x_t − η v_t. With T = 1 every round is a refresh and
-DIFF2 is DP-GD. Differences are small when consecutive iterates are close
-(‖g_u(x_t) − g_u(x_{t−1})‖ ≤ L‖x_t − x_{t−1}‖ = Lη‖v_{t−1}‖ for L-smooth losses), so C2 ≪ C1
-and the difference rounds need much less noise than a fresh gradient.
+and the GD subroutine ("DIFF2-GD") steps x_{t+1} = x_t − η v_t. With T = 1 every round is a
+refresh and DIFF2 is DP-GD. The difference clip radius moves with the step: for L-smooth
+per-unit losses ‖g_u(x_t) − g_u(x_{t−1})‖ ≤ L‖x_t − x_{t−1}‖, so C2 plays the role of a per-unit
+smoothness constant and, with C2 ≥ L, no difference is clipped at all; a round's sensitivity
+and noise shrink with the step η‖v_{t−1}‖.
 
 Privacy (add/remove-one-unit neighbours; example-level DP when units are examples,
-client-level DP when they are clients). Adding or removing one unit changes a round's sum by
-at most C1 (refresh) or C2 (difference); the iterates are public functions of earlier
-releases. A round is a Gaussian mechanism with noise multiplier z1 = std/C1 or z2 = std/C2,
-and R rounds are the adaptive composition of K1 = ⌈R/T⌉ GaussianEvent(z1) and R − K1
-GaussianEvent(z2): exactly μ-GDP with μ² = K1/z1² + (R − K1)/z2² (Dong, Roth & Su 2019,
-Corollary 3.3). The paper's calibration σ1 ∝ C1√(R/T), σ2 ∝ C2√R gives each phase an equal
-share of μ²; :func:`calibrate_diff2` does that for a target ε through :mod:`accountants`.
+client-level DP when they are clients). The iterates are public functions of earlier releases
+(and of the public initialisation), so r_t is fixed before round t looks at the data. Adding or
+removing one unit changes a round's sum by at most C1 (refresh) or r_t (difference), and the
+noise std is z1·C1 or z2·r_t: round t is a Gaussian mechanism with noise multiplier z1 or z2
+whatever r_t is (r_t = 0 releases exactly zero: no loss). R rounds are the adaptive composition
+of K1 = ⌈R/T⌉ GaussianEvent(z1) and R − K1 GaussianEvent(z2): exactly μ-GDP with
+μ² = K1/z1² + (R − K1)/z2² (Dong, Roth & Su 2019, Corollary 3.3). The paper's calibration
+σ1 ∝ C1√(R/T), σ2 ∝ C2√R splits the budget between the two phases; :func:`calibrate_diff2`
+gives the refresh phase a share s of μ² (default s = 0.8, the split of the authors' public
+reproduction code, u = 1.25 → 1/u to the refreshes) and finds μ for a target ε through
+:mod:`accountants` (exact composition, where the paper bounds it through RDP).
 The noise is added once to the sum over all units (trusted aggregator, or rank 0 of a
 ``torch.distributed`` group).
+
+Checked against (facts only): the authors' reproduction code ("Diff2_GD_Server" in a public fork
+of it, lawrenceztang/CE-PLSGM, src/optimizers.py) and a public summary of the paper: the
+recursion and refresh at t mod T = 0 from t = 0, per-example clipping of the full local
+gradients and of their differences, r_t = C2·‖x_t − x_{t−1}‖ with the noise scaled to r_t, the
+two noise scales σ1² ∝ R/T and σ2² ∝ R, and the GD step with the current estimate. Deliberate
+differences: add/remove neighbours and a plain sum over all N units divided by N (the code
+uses replace-one neighbours and a mean of client means, sensitivity 2C/(n_min·P)); exact GDP/PLD
+composition of the K1 + K2 rounds instead of an RDP bound that charges the difference phase
+for all R rounds.
 """
 from __future__ import annotations
 
@@ -40,7 +55,11 @@ from .rng import DeviceGenerators
 
 @dataclass(frozen=True)
 class Diff2Config:
-    """R rounds, refresh period T, clip thresholds C1 / C2 and noise multipliers z1 / z2 (std / clip)."""
+    """R rounds, refresh period T, gradient clip C1, difference clip per unit distance C2, noise multipliers.
+
+    ``clip_grad`` C1 bounds each unit's gradient; ``clip_diff`` C2 scales the difference clip
+    radius r_t = C2·‖x_t − x_{t−1}‖ (a per-unit smoothness bound); z1 = std / C1, z2 = std / r_t.
+    """
 
     rounds: int
     refresh_every: int
@@ -96,11 +115,11 @@ def diff2_mu(noise_grad: float, noise_diff: float, refresh_rounds: int, diff_rou
 
 
 def calibrate_diff2(target_eps: float, delta: float, rounds: int, refresh_every: int,
-                    accountant: str = "prv", grad_share: float = 0.5, rtol: float = 1e-3) -> tuple[float, float]:
+                    accountant: str = "prv", grad_share: float = 0.8, rtol: float = 1e-3) -> tuple[float, float]:
     """(z1, z2) with ε(R rounds) ≤ ``target_eps`` at ``delta``, each phase given its share of μ².
 
     z1 = √(K1/(s·μ²)), z2 = √(K2/((1−s)·μ²)) with s = ``grad_share`` (the paper's σ1 ∝ C1√(R/T),
-    σ2 ∝ C2√R at s = ½); μ is found by bisection on ε from ``accountants.epsilon_of_event``,
+    σ2 ∝ C2√R; s = 0.8 is the authors' code's split); μ is found by bisection on ε from ``accountants.epsilon_of_event``,
     largest μ (least noise) within ``rtol`` whose ε ≤ target. With T = 1 this is DP-GD's σ.
     """
     if not (target_eps > 0 and math.isfinite(target_eps)):
@@ -144,8 +163,9 @@ def _gdp_mu_for(eps: float, delta: float) -> float:
 class Diff2Mechanism:
     """DIFF2's noise and estimator recursion; state: the estimate v, the round, the noise RNG.
 
-    ``noise(sums, t)`` adds round t's Gaussian noise to the clipped sums (done once, by the
-    aggregator); ``update(noised, t, n_units)`` applies the recursion on every replica.
+    ``noise(sums, t, distance)`` adds round t's Gaussian noise to the clipped sums (done once, by
+    the aggregator); ``update(noised, t, n_units)`` applies the recursion on every replica.
+    ``distance`` is ‖x_t − x_{t−1}‖ (public), needed on difference rounds only.
     """
 
     name = "diff2"
@@ -159,16 +179,23 @@ class Diff2Mechanism:
     def is_refresh(self, t: int) -> bool:
         return t % self.config.refresh_every == 0
 
-    def noise_std(self, t: int) -> float:
-        c = self.config
-        return c.noise_grad * c.clip_grad if self.is_refresh(t) else c.noise_diff * c.clip_diff
+    def clip_threshold(self, t: int, distance: float | None = None) -> float:
+        """C1 on refreshes; r_t = C2·‖x_t − x_{t−1}‖ on difference rounds (``distance`` = ‖x_t − x_{t−1}‖)."""
+        if self.is_refresh(t):
+            return self.config.clip_grad
+        if distance is None or not (distance >= 0 and math.isfinite(distance)):
+            raise ValueError(f"Diff2Mechanism: difference round {t} needs distance = ‖x_t − x_(t−1)‖ >= 0 (finite), "
+                             f"got {distance}; the clip radius is C2·distance")
+        return self.config.clip_diff * float(distance)
 
-    def clip_threshold(self, t: int) -> float:
-        return self.config.clip_grad if self.is_refresh(t) else self.config.clip_diff
+    def noise_std(self, t: int, distance: float | None = None) -> float:
+        """z1·C1 on refreshes, z2·r_t on difference rounds."""
+        z = self.config.noise_grad if self.is_refresh(t) else self.config.noise_diff
+        return z * self.clip_threshold(t, distance)
 
-    def noise(self, clipped_sums: Sequence[torch.Tensor], t: int) -> list[torch.Tensor]:
-        """Σ_u clip(·) + ξ_t, ξ_t ~ N(0, noise_std(t)² I)."""
-        std = self.noise_std(t)
+    def noise(self, clipped_sums: Sequence[torch.Tensor], t: int, distance: float | None = None) -> list[torch.Tensor]:
+        """Σ_u clip(·) + ξ_t, ξ_t ~ N(0, noise_std(t, distance)² I)."""
+        std = self.noise_std(t, distance)
         if std == 0:
             return [s.clone() for s in clipped_sums]
         return [s + std * torch.randn(s.shape, generator=self._rng.get(s.device), device=s.device, dtype=s.dtype)

@@ -35,15 +35,16 @@ def reference_run(data, rounds: int, t_refresh: int, c1: float, c2: float, lr: f
     net = model()
     xs = [(x[i], y[i]) for x, y in data for i in range(len(y))]
     theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
-    prev, v = None, None
+    prev, v, theta_prev = None, None, None
     for t in range(rounds):
         torch.nn.utils.vector_to_parameters(theta, net.parameters())
         now = [flat_example_grad(net, x, y) for x, y in xs]
         if t % t_refresh == 0:
             v = sum(clip(g, c1) for g in now) / len(xs)
-        else:
-            v = v + sum(clip(g - gp, c2) for g, gp in zip(now, prev)) / len(xs)
-        prev = now
+        else:  # the difference clip radius follows the last step: C2·‖θ_t − θ_{t−1}‖
+            radius = c2 * float((theta - theta_prev).norm())
+            v = v + sum(clip(g - gp, radius) for g, gp in zip(now, prev)) / len(xs)
+        prev, theta_prev = now, theta
         theta = theta - lr * v
     return theta
 
@@ -54,12 +55,15 @@ def params(net: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 20])  # g_u(x_{t-1}) recomputed, or kept from round t-1
 def test_zero_noise_equals_the_non_private_recursion(cache_bytes):
+    # C2 = 0.05 is far below these examples' smoothness: most differences are clipped at r_t
     data, cfg = clients(), Diff2Config(7, 3, clip_grad=0.5, clip_diff=0.05, noise_grad=0.0, noise_diff=0.0)
     trainer = Diff2Trainer(model(), data, cfg, lr=0.8, cache_bytes=cache_bytes)
     assert trainer.cache_gradients == (cache_bytes > 0)
     trainer.fit()
     torch.testing.assert_close(params(trainer.model), reference_run(data, 7, 3, 0.5, 0.05, 0.8),
                                atol=1e-12, rtol=1e-10)  # float64: equal up to summation order
+    # the radius matters: a fixed (absolute) difference clip at 0.05 gives another trajectory
+    assert (params(trainer.model) - reference_run(data, 7, 3, 0.5, 1e9, 0.8)).abs().max() > 1e-4
 
 
 def test_zero_noise_without_clipping_is_gradient_descent():
@@ -84,6 +88,7 @@ def test_each_unit_contribution_is_clipped(level):
     cfg = Diff2Config(3, 2, clip_grad=0.3, clip_diff=0.02, noise_grad=1.0, noise_diff=1.0)
     trainer = Diff2Trainer(model(), [big] + data[1:], cfg, lr=2.0, level=level, cache_bytes=0)
     for t in range(3):
+        bound = 0.3 if t % 2 == 0 else 0.02 * trainer.step_distance()  # C1, or C2·‖x_t − x_{t−1}‖
         full = trainer.local_clipped_sum(t)
         kept = trainer.clients
         if level == "example":  # remove one example of the outlier client
@@ -93,7 +98,6 @@ def test_each_unit_contribution_is_clipped(level):
         without = trainer.local_clipped_sum(t)
         trainer.clients = kept
         diff = torch.sqrt(sum(((full[k] - without[k]) ** 2).sum() for k in full))
-        bound = 0.3 if t % 2 == 0 else 0.02
         assert diff <= bound * (1 + 1e-9)
         assert diff > 0.5 * bound  # the outlier's contribution is at the bound, not zero
         trainer.step()
@@ -118,3 +122,12 @@ def test_example_level_refuses_batchnorm():
     net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
     with pytest.raises(Exception, match="BatchNorm"):
         Diff2Trainer(net, clients(), Diff2Config(2, 1, 1.0, 1.0, 1.0, 1.0), lr=0.1)
+
+
+def test_no_step_means_a_zero_difference_round():
+    # x_t = x_{t−1}: the radius C2·0 releases exactly zero; the estimate carries over unchanged
+    trainer = Diff2Trainer(model(), clients(), Diff2Config(3, 2, 1.0, 5.0, 1.0, 1.0), lr=0.5, cache_bytes=0)
+    trainer.step()
+    trainer.previous = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+    assert trainer.step_distance() == 0.0
+    assert all(float(s.abs().max()) == 0.0 for s in trainer.local_clipped_sum(1).values())
