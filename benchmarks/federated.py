@@ -6,9 +6,10 @@ on a LoRA-adapted transformer. Prints one JSON object.
 (a) digits (sklearn), train split dealt to 10 clients by label skew (2 labels each,
     dptrain.client_split.label_skew_split); linear model; DP-FedAvg with example-level DP (local
     DP-SGD, ε per example) and with client-level DP (clipped updates, server noise, ε per client),
-    ε ∈ {1, 3, 8}, plus the non-private FedAvg reference. ``--with-diff2`` also runs
-    benchmarks/federated_diff2.py (DIFF2 vs DP-GD on the same split, with its own step-size search,
-    ~20 min on the 2-core machine) and embeds its JSON under "diff2".
+    ε ∈ {1, 3, 8}, plus the non-private FedAvg reference; and DIFF2 vs DP-GD (full-batch rounds,
+    a 64-32-10 MLP, benchmarks/federated_diff2.py) with the hyperparameters that script chose on
+    validation (``TUNED``). ``--with-diff2`` also reruns that script's search (a few minutes) and
+    embeds its JSON under "diff2_search".
 (b) a 1-layer nn.TransformerEncoder classifier pre-trained non-privately on a synthetic "public"
     token task, then fine-tuned with LoRA adapters (rank 4 on the feed-forward layers and the head)
     on a shifted synthetic task split over 10 clients by label skew; example-level DP;
@@ -36,6 +37,9 @@ from dptrain.client_split import label_skew_split  # noqa: E402
 from dptrain.demo import accuracy, digits_split  # noqa: E402
 from dptrain.federated import make_federated  # noqa: E402
 from dptrain.lora import add_lora  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import federated_diff2  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)
 CLIENTS = 10
@@ -186,21 +190,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one seed")
-    ap.add_argument("--part", choices=("all", "digits", "lora"), default="all")
-    ap.add_argument("--with-diff2", action="store_true", help="also run benchmarks/federated_diff2.py")
+    ap.add_argument("--part", choices=("all", "digits", "diff2", "lora"), default="all")
+    ap.add_argument("--with-diff2", action="store_true", help="also rerun the search of benchmarks/federated_diff2.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
     t0 = time.perf_counter()
     result: dict = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+    parts: dict[str, float] = {}
     if args.part in ("all", "digits"):
+        t1 = time.perf_counter()
         d = digits_runs(seeds)
         result["digits_fedavg"] = {**d, "summary": summarise(d["runs"], "dp")}
+        parts["digits_fedavg"] = time.perf_counter() - t1
+    if args.part in ("all", "diff2"):
+        t1 = time.perf_counter()
+        result["digits_diff2"] = federated_diff2.fixed(EPSILONS, tuple(seeds))
+        parts["digits_diff2"] = time.perf_counter() - t1
     if args.part in ("all", "lora"):
+        t1 = time.perf_counter()
         lo = lora_runs(seeds)
         result["lora_transformer"] = {**lo, "summary": summarise(lo["runs"], "algorithm")}
+        parts["lora_transformer"] = time.perf_counter() - t1
+    result["part_wall_s"] = parts
     if args.with_diff2:
-        result["diff2"] = diff2()
+        result["diff2_search"] = diff2()
     result["total_wall_s"] = time.perf_counter() - t0
     print(json.dumps(result))
 

@@ -228,7 +228,7 @@ class Diff2Trainer:
 
 
 def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None = 3.0, delta: float | None = None,
-               rounds: int = 100, refresh_every: int = 10, clip_grad: float = 1.0, clip_diff: float = 10.0,
+               rounds: int = 100, refresh_every: int = 10, clip_grad: float = 1.0, clip_diff: float = 1.0,
                lr: float = 0.5, level: str = "example", noise_grad: float | None = None,
                noise_diff: float | None = None, grad_share: float = 0.8, accountant: str = "prv",
                loss_fn: LossFn | None = None, seed: int | None = None,
