@@ -11,8 +11,8 @@ Norms are computed in float64 so that huge outliers are clipped, not overflowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -90,24 +90,70 @@ def clipped_sum(grads: Mapping[str, torch.Tensor], config: ClippingConfig,
     factors = clip_factors(grads, config) if factors is None else factors
     out = {}
     for k, g in grads.items():
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if not torch.isfinite(g).all() else g
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # always: no host sync to test for it
         out[k] = torch.tensordot(factors[k].to(g.dtype), g, dims=1)
     return out
 
 
-@dataclass
-class ClippedBatch:
-    """Result of clipping one (logical) batch."""
+Count = Union[int, torch.Tensor]
 
-    sums: dict[str, torch.Tensor]
-    batch_size: int
-    loss_sum: float
-    clipped_count: int  # examples whose norm exceeded the threshold (private; diagnostics only)
-    #: per parameter: examples with ‖g_i,p‖ within its threshold (flat: the whole norm) — private,
-    #: to be noised before use (adaptive clipping's count, Andrew et al. 2021)
-    unclipped: dict[str, int] = field(default_factory=dict)
-    #: per-example losses (detached) — private, to be clipped and noised before use
-    example_losses: torch.Tensor | None = None
+
+class ClippedBatch:
+    """Result of clipping one (logical) batch.
+
+    The statistics may be handed in as device tensors (0-dim, or 0-dim per parameter): they are
+    read back to Python numbers only when first asked for, so that the clipping step itself needs
+    no device→host synchronisation for them.
+    """
+
+    def __init__(self, sums: dict[str, torch.Tensor], batch_size: int, loss_sum: float | torch.Tensor,
+                 clipped_count: Count, unclipped: Mapping[str, Count] | None = None,
+                 example_losses: torch.Tensor | None = None) -> None:
+        self.sums = sums
+        self.batch_size = batch_size
+        #: per-example losses (detached) — private, to be clipped and noised before use
+        self.example_losses = example_losses
+        self._loss_sum: float | torch.Tensor = loss_sum
+        self._counts: list[Count] | None = [clipped_count, *(unclipped or {}).values()]
+        self._names = list(unclipped or {})
+        self._clipped, self._unclipped = 0, {}
+
+    @staticmethod
+    def _host(values: list) -> list:
+        """Python numbers of ``values``: one transfer for all the tensors among them."""
+        tensors = [(j, v) for j, v in enumerate(values) if isinstance(v, torch.Tensor)]
+        if tensors:
+            device = tensors[0][1].device
+            host = torch.stack([v.detach().reshape(()).double().to(device) for _, v in tensors]).tolist()
+            values = list(values)
+            for (j, _), h in zip(tensors, host):
+                values[j] = h
+        return values
+
+    @property
+    def loss_sum(self) -> float:
+        if isinstance(self._loss_sum, torch.Tensor):
+            self._loss_sum = float(self._host([self._loss_sum])[0])
+        return self._loss_sum
+
+    def _read_counts(self) -> None:
+        if self._counts is not None:
+            host = self._host(self._counts)
+            self._clipped, self._unclipped = int(host[0]), {k: int(v) for k, v in zip(self._names, host[1:])}
+            self._counts = None
+
+    @property
+    def clipped_count(self) -> int:
+        """Examples whose norm exceeded the threshold (private; diagnostics only)."""
+        self._read_counts()
+        return self._clipped
+
+    @property
+    def unclipped(self) -> dict[str, int]:
+        """Per parameter: examples with ‖g_i,p‖ within its threshold (flat: the whole norm) — private,
+        to be noised before use (adaptive clipping's count, Andrew et al. 2021)."""
+        self._read_counts()
+        return self._unclipped
 
     @property
     def mean_loss(self) -> float:
@@ -149,16 +195,17 @@ def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: tor
         chunk_size = auto_chunk_size(params.values())
     sums = {k: torch.zeros_like(p) for k, p in params.items()}
     n, loss_sum, clipped = 0, 0.0, 0
-    unclipped, losses_all = dict.fromkeys(sums, 0), []
+    unclipped: dict[str, Count] = dict.fromkeys(sums, 0)
+    losses_all = []
     for grads, losses in iter_per_sample_grads(model, loss_fn, inputs, targets, chunk_size, method):
         factors = clip_factors(grads, config)
         part = clipped_sum(grads, config, factors)
-        for k in sums:
+        for k in sums:  # counts stay on the device: read back once, when asked for
             sums[k] += part[k]
-            unclipped[k] += int((factors[k] >= 1).sum())
+            unclipped[k] = unclipped[k] + (factors[k] >= 1).sum()
         losses_all.append(losses.detach().reshape(-1))
         n += int(losses.shape[0])
-        loss_sum += float(losses.detach().sum())
-        clipped += int((torch.stack([f for f in factors.values()]).amin(0) < 1).sum())
+        loss_sum = loss_sum + losses.detach().sum()
+        clipped = clipped + (torch.stack([f for f in factors.values()]).amin(0) < 1).sum()
     example_losses = torch.cat(losses_all) if losses_all else torch.zeros(0)
     return ClippedBatch(sums, n, loss_sum, clipped, unclipped, example_losses)

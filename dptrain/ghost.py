@@ -285,15 +285,33 @@ def _check_thresholds(config: ClippingConfig, names) -> None:
 Sink = Callable[[str, list, torch.Tensor], None]
 
 
-@dataclass
 class ChunkTotals:
-    """What :func:`clip_chunks` adds up over the chunks besides the clipped sums."""
+    """What :func:`clip_chunks` adds up over the chunks besides the clipped sums.
 
-    batch_size: int
-    loss_sum: float
-    clipped_count: int
-    unclipped: dict[str, int]  # per parameter: examples with f_i = 1 (flat: the same for all)
-    example_losses: torch.Tensor
+    The counts stay one device tensor [examples clipped, (per-layer:) per parameter the examples
+    with f_i = 1] until ``clipped_count`` or ``unclipped`` is first read (one transfer then).
+    """
+
+    def __init__(self, batch_size: int, loss_sum: float, counts: torch.Tensor | None, names: list[str],
+                 example_losses: torch.Tensor) -> None:
+        self.batch_size, self.loss_sum, self.example_losses = batch_size, loss_sum, example_losses
+        self._counts, self._names = counts, names
+
+    def count_tensors(self) -> tuple[torch.Tensor | int, dict[str, torch.Tensor | int]]:
+        """(examples clipped, per parameter the examples not clipped) as device tensors (0-dim), no sync."""
+        if self._counts is None:
+            return 0, dict.fromkeys(self._names, 0)
+        clipped, kept = self._counts[0], list(self._counts[1:])
+        return clipped, dict(zip(self._names, kept)) if kept else dict.fromkeys(self._names, self.batch_size - clipped)
+
+    @property
+    def clipped_count(self) -> int:
+        return int(ClippedBatch._host([self.count_tensors()[0]])[0])
+
+    @property
+    def unclipped(self) -> dict[str, int]:
+        kept = self.count_tensors()[1]
+        return {k: int(v) for k, v in zip(kept, ClippedBatch._host(list(kept.values())))}
 
 
 def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
@@ -304,11 +322,11 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
     example with a non-finite gradient zeroed), ``f`` the float32 clip factors f_i (flat or per-layer),
     so that the sink's Σ_i f_i G_i is the chunk's clipped sum. None if the record does not cover
     the model (nothing was handed to the sink for the failing chunk). One host synchronisation per
-    chunk (is every norm finite?) and one at the end (the totals).
+    chunk (is every norm finite? with the chunk's loss sum); the counts stay on the device.
     """
     params = plan.params
     _check_thresholds(config, params)
-    n, losses_all, counts = 0, [], []
+    n, loss_sum, losses_all, counts = 0, 0.0, [], []
     for xs, y in iter_chunks(inputs, targets, chunk_size):
         b = int(y.shape[0])
         if b == 0:
@@ -318,23 +336,22 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
             return None
         merged, losses = res
         with _float32(y.device.type):
-            factors, keep = _clip_factors(merged, params, config, b)
+            factors, keep, chunk_loss = _clip_factors(merged, params, config, b, losses)
             for k, terms in merged.items():
                 sink(k, terms if keep is None else gl.drop_examples(terms, keep[k]), factors[k].float())
         n += b
+        loss_sum += chunk_loss
         losses_all.append(losses.detach().reshape(-1))
-        counts.append(_counts(losses, factors, config))
+        counts.append(_counts(factors, config))
     names = list(params)
-    if not counts:
-        return ChunkTotals(0, 0.0, 0, dict.fromkeys(names, 0), torch.zeros(0))
-    loss_sum, clipped, *kept = torch.stack(counts).sum(0).tolist()
-    unclipped = dict(zip(names, kept)) if kept else dict.fromkeys(names, n - clipped)
-    return ChunkTotals(n, loss_sum, int(clipped), {k: int(v) for k, v in unclipped.items()}, torch.cat(losses_all))
+    total = sum(counts[1:], counts[0]) if counts else None
+    return ChunkTotals(n, loss_sum, total, names, torch.cat(losses_all) if losses_all else torch.zeros(0))
 
 
-def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Clip factors per parameter (float64 [b]), and, only if some gradient is not finite, the examples to keep.
+def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int,
+                  losses: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
+    """Clip factors per parameter (float64 [b]), only if some gradient is not finite the examples to keep,
+    and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
 
     Every squared norm finite means every factor is positive and every term finite: all examples kept.
     """
@@ -342,7 +359,8 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     sq = {k: gl.sq_norms(t) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
     total = sum(sq.values(), zero)
-    finite = bool(torch.isfinite(total).all())
+    flag, loss_sum = torch.stack([torch.isfinite(total).all().double(), losses.detach().sum().double()]).tolist()
+    finite = bool(flag)
     if not finite:  # float32 overflow, or a non-finite gradient
         sq = {k: gl.refine(merged[k], v) for k, v in sq.items()}
         total = sum(sq.values(), zero)
@@ -350,18 +368,17 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
         factors = dict.fromkeys(params, _factor(torch.sqrt(total), config.max_grad_norm))
     else:
         factors = {k: _factor(torch.sqrt(sq.get(k, zero)), config.thresholds[k]) for k in params}
-    return factors, None if finite else {k: f > 0 for k, f in factors.items()}
+    return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
 
 
-def _counts(losses: torch.Tensor, factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.Tensor:
-    """[Σ loss, examples clipped, (per-layer:) per parameter the examples not clipped] of one chunk (float64)."""
-    loss = losses.detach().sum().double().reshape(1)
+def _counts(factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.Tensor:
+    """[examples clipped, (per-layer:) per parameter the examples not clipped] of one chunk (int64, on the device)."""
     if not factors:
-        return torch.cat([loss, loss.new_zeros(1)])
+        return torch.zeros(1, dtype=torch.long)
     if config.thresholds is None:
-        return torch.cat([loss, (next(iter(factors.values())) < 1).sum().double().reshape(1)])
+        return (next(iter(factors.values())) < 1).sum().reshape(1)
     stacked = torch.stack(list(factors.values()))
-    return torch.cat([loss, (stacked.amin(0) < 1).sum().double().reshape(1), (stacked >= 1).sum(1).double()])
+    return torch.cat([(stacked.amin(0) < 1).sum().reshape(1), (stacked >= 1).sum(1)])
 
 
 def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
@@ -387,5 +404,5 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
     if totals is None:
         return None
     out = {k: sums[k].to(p.dtype) if k in sums else torch.zeros_like(p) for k, p in params.items()}
-    return ClippedBatch(out, totals.batch_size, totals.loss_sum, totals.clipped_count, totals.unclipped,
-                        totals.example_losses)
+    clipped, unclipped = totals.count_tensors()  # read back only when asked for
+    return ClippedBatch(out, totals.batch_size, totals.loss_sum, clipped, unclipped, totals.example_losses)

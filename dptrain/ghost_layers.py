@@ -316,8 +316,13 @@ _ROWS_GRAM_MAX_T = 16
 
 
 def _rows_sq(term: Rows) -> torch.Tensor:
-    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for short T, else a segment sum
-    over (example, row) keys."""
+    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for short T, else a segment sum.
+
+    Longer T: each example's indices are sorted; positions with equal neighbours share a segment
+    (ids over the whole batch, at most B·T of them, so no shape depends on the data: no host
+    sync); rows are summed per segment by the embedding backward kernel and the squared segment
+    norms added to their example.
+    """
     b, t, d = term.right.shape
     if t == 1:
         return _sq(term.right)
@@ -330,11 +335,17 @@ def _rows_sq(term: Rows) -> torch.Tensor:
         gram = torch.matmul(right, right.transpose(1, 2))
         same = term.idx.unsqueeze(2) == term.idx.unsqueeze(1)
         return torch.where(same, gram, 0.0).sum((1, 2)).double().clamp_min(0.0)  # rounding: tiny negatives
-    keys = term.idx + term.num_rows * torch.arange(b, device=term.idx.device)[:, None]
-    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-    seg = _segment_sums(term.right.reshape(-1, d), inverse, uniq.numel())
-    out = torch.zeros(b, dtype=torch.float64, device=seg.device)
-    return out.index_add_(0, uniq // term.num_rows, _sq(seg))
+    ordered, order = torch.sort(term.idx, dim=1)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    seg = torch.cumsum(new.reshape(-1), 0) - 1  # segment id of each sorted position
+    base = torch.arange(b, device=order.device).unsqueeze(1) * t
+    where = (order + base).reshape(-1)  # flat position of each sorted entry
+    ids = torch.empty_like(seg).scatter_(0, where, seg)  # segment id of each original position
+    sums = _segment_sums(term.right.reshape(-1, d), ids, b * t)
+    example = torch.zeros_like(seg).scatter_(0, seg, base.expand(b, t).reshape(-1) // t)
+    out = torch.zeros(b, dtype=torch.float64, device=sums.device)
+    return out.index_add_(0, example, _sq(sums))  # unused segment ids: zero rows, added to example 0
 
 
 def _cross(outer: Outer, rows: Rows) -> torch.Tensor:
