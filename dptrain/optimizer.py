@@ -70,9 +70,9 @@ class DPOptimizer(torch.optim.Optimizer):
     def privatize_grads(self) -> None:
         """Replace each ``p.grad`` (clipped sum) by (sum + noise) / (q·N)."""
         sums = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        noised = self.mechanism.privatize(sums, self.steps)
+        noised = self.mechanism.privatize_mean(sums, self.steps, self.expected_batch_size)
         for p, g in zip(self.params, noised):
-            p.grad = g / self.expected_batch_size
+            p.grad = g
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         if closure is not None:

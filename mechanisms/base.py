@@ -25,6 +25,13 @@ class NoiseMechanism(ABC):
     def privatize(self, clipped_sums: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         """Return the privatized version of ``clipped_sums`` for training step ``step`` (0-based)."""
 
+    def privatize_mean(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
+        """``privatize(clipped_sums, step)`` divided by ``divisor`` (the public expected batch size).
+
+        Mechanisms may fuse the division into the noise (fewer passes over the parameters).
+        """
+        return [g / divisor for g in self.privatize(clipped_sums, step)]
+
     @abstractmethod
     def step_event(self, sample_rate: float) -> DpEvent:
         """Privacy event of one step run with Poisson sampling rate ``sample_rate``."""

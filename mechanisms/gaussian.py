@@ -48,11 +48,20 @@ class GaussianMechanism(NoiseMechanism):
         return self._rng.get(device)
 
     def privatize(self, clipped_sums: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
+        return self.privatize_mean(clipped_sums, step, 1.0)
+
+    def privatize_mean(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
+        """(S + σC·Z) / m with Z ~ N(0, I) drawn from this device's generator.
+
+        The same numbers (and stream) as ``(s + std * torch.randn(...)) / m``, computed in place
+        in one buffer per parameter: no temporaries.
+        """
         std = self.noise_std
         out = []
         for s in clipped_sums:
-            noise = torch.randn(s.shape, generator=self.generator(s.device), device=s.device, dtype=s.dtype)
-            out.append(s + std * noise)
+            noised = torch.empty_like(s)
+            noised.normal_(generator=self.generator(s.device)).mul_(std).add_(s)
+            out.append(noised.div_(divisor) if divisor != 1.0 else noised)
         return out
 
     def step_event(self, sample_rate: float) -> DpEvent:
