@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 from . import ghost_layers as gl
+from . import ghost_precision as gp
 from .ghost_attention import attention_terms, is_plain_attention
 from .ghost_bag import embedding_bag_terms
 from .ghost_graph import Call, Recorder, covered
@@ -219,7 +220,10 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
     if not c.args or c.outputs[0] is None:
         return None
     out = c.outputs[0]
-    g = cg[0].float() if cg[0] is not None else torch.zeros(out.shape, device=out.device)
+    g = cg[0] if cg[0] is not None else torch.zeros(out.shape, device=out.device)
+    if kind == "linear" and gp.narrow(g) and c.args[0].dtype == g.dtype:  # bf16 factors, float32 algebra
+        return None if c.args[0].dim() == 0 or c.args[0].shape[0] != b else gl.linear_terms(m, c.args[0], g)
+    g = g.float()
     if kind == "embedding_bag":
         return embedding_bag_terms(m, c.args, c.kwargs, g, b)
     a = c.args[0] if kind == "embedding" else c.args[0].float()
@@ -354,6 +358,7 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
 
     Every squared norm finite means every factor is positive and every term finite: all examples kept.
+    Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_layers.margins`).
     """
     device = next(iter(params.values())).device
     sq = {k: gl.sq_norms(t) for k, t in merged.items()}
@@ -364,10 +369,11 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     if not finite:  # float32 overflow, or a non-finite gradient
         sq = {k: gl.refine(merged[k], v) for k, v in sq.items()}
         total = sum(sq.values(), zero)
+    extra = {k: m for k, m in ((k, gl.margins(t)) for k, t in merged.items()) if m is not None}
     if config.thresholds is None:
-        factors = dict.fromkeys(params, _factor(torch.sqrt(total), config.max_grad_norm))
+        factors = dict.fromkeys(params, _factor(torch.sqrt(total) + sum(extra.values(), zero), config.max_grad_norm))
     else:
-        factors = {k: _factor(torch.sqrt(sq.get(k, zero)), config.thresholds[k]) for k in params}
+        factors = {k: _factor(torch.sqrt(sq.get(k, zero)) + extra.get(k, zero), config.thresholds[k]) for k in params}
     return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
 
 

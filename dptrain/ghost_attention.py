@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ghost_layers import Dense, Outer, Term
+from .ghost_precision import narrow
 
 
 def is_plain_attention(m: nn.Module) -> bool:
@@ -168,9 +169,13 @@ def attention_terms(m: nn.MultiheadAttention, rec: AttentionRecord, outputs: lis
     """
     if rec.query.shape[0] != b:
         return None
-    g = [torch.zeros(t.shape, device=t.device) if d is None else d.float() for t, d in zip(outputs, grads)]
+    g = [torch.zeros(t.shape, device=t.device) if d is None else d for t, d in zip(outputs, grads)]
+    kept = (rec.query, rec.key, rec.value, rec.heads_out)
+    keep_narrow = all(narrow(t) and t.dtype == kept[0].dtype for t in (*g, *kept))  # bf16 factors (CUDA)
+    if not keep_narrow:
+        g = [d.float() for d in g]
     e, src = m.embed_dim, rec.source_len
-    x_q, x_k, x_v, z = (t.float() for t in (rec.query, rec.key, rec.value, rec.heads_out))
+    x_q, x_k, x_v, z = kept if keep_narrow else (t.float() for t in kept)
     terms: dict[str, Term] = {}
     if rec.packed:
         dqkv = g[0]
@@ -188,15 +193,15 @@ def attention_terms(m: nn.MultiheadAttention, rec: AttentionRecord, outputs: lis
             for name, d, x in (("q", dq, x_q), ("k", dk, x_k), ("v", dv, x_v)):
                 terms[f"{name}_proj_weight"] = Outer(d.unsqueeze(1), x.unsqueeze(1))
     if m.in_proj_bias is not None:
-        terms["in_proj_bias"] = Dense(torch.cat([dq.sum(1), dk.sum(1), dv.sum(1)], 1))
+        terms["in_proj_bias"] = Dense(torch.cat([d.sum(1, dtype=torch.float32) for d in (dq, dk, dv)], 1))
     if m.bias_k is not None:
         dk_full, dv_full = rest[0], rest[1]
-        terms["bias_k"] = Dense(dk_full[:, src].reshape(b, 1, 1, e))
-        terms["bias_v"] = Dense(dv_full[:, src].reshape(b, 1, 1, e))
+        terms["bias_k"] = Dense(dk_full[:, src].reshape(b, 1, 1, e).float())
+        terms["bias_v"] = Dense(dv_full[:, src].reshape(b, 1, 1, e).float())
         rest = rest[2:]
     dout = rest[0]
     terms["out_proj.weight"] = Outer(dout.unsqueeze(1), z.unsqueeze(1))
     if m.out_proj.bias is not None:
-        terms["out_proj.bias"] = Dense(dout.sum(1))
+        terms["out_proj.bias"] = Dense(dout.sum(1, dtype=torch.float32))
     return terms
 

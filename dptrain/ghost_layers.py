@@ -35,6 +35,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import ghost_precision as gp
+
 #: element budget for intermediates ([B, T, T] Gram matrices or [B, o, i] explicit gradients)
 _BLOCK_ELEMENTS = 1 << 24
 
@@ -141,7 +143,7 @@ def linear_terms(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, Te
     b = g.shape[0]
     right = a.reshape(b, 1, -1, a.shape[-1])
     left = g.reshape(b, 1, -1, g.shape[-1])
-    bias = left.reshape(b, -1) if left.shape[2] == 1 else left.sum((1, 2))
+    bias = left.reshape(b, -1).float() if left.shape[2] == 1 else left.sum((1, 2), dtype=torch.float32)
     return {"weight": Outer(left, right), "bias": Dense(bias)}
 
 
@@ -234,7 +236,7 @@ def _to_dense(term: Term, shape: torch.Size) -> torch.Tensor:
     if isinstance(term, Dense):
         return term.grads
     if isinstance(term, Outer):
-        per = torch.einsum("bgto,bgti->bgoi", term.left, term.right)
+        per = torch.einsum("bgto,bgti->bgoi", term.left.float(), term.right.float())
         return per.reshape(per.shape[0], *shape)
     if isinstance(term, Conv):
         return term.per_example()
@@ -268,8 +270,9 @@ def merge(terms: Sequence[Term], shape: torch.Size) -> list[Term]:
 
 
 def _sq(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
-    """Σ x² over all but the first ``lead`` dims (float32 arithmetic, float64 result)."""
-    return torch.linalg.vector_norm(x.reshape(*x.shape[:lead], -1), dim=-1).double().square()
+    """Σ x² over all but the first ``lead`` dims (float32 arithmetic or wider, float64 result)."""
+    dtype = torch.float32 if x.dtype in gp.NARROW else None
+    return torch.linalg.vector_norm(x.reshape(*x.shape[:lead], -1), dim=-1, dtype=dtype).double().square()
 
 
 def _slices(batch: int, per_example: int):
@@ -285,15 +288,17 @@ def _outer_sq(term: Outer) -> torch.Tensor:
         return (_sq(left, 2) * _sq(right, 2)).sum(1)
     keep = b * groups * o * i <= _BLOCK_ELEMENTS
     if t * o * i * (1 if keep else 2) < t * t * (o + i):  # explicit L_iᵀR_i beats the T×T Gram trick
-        parts = [torch.matmul(left[s].transpose(2, 3), right[s]) for s in _slices(b, groups * o * i)]
+        parts = [gp.mm32(left[s].transpose(2, 3).reshape(-1, o, t), right[s].reshape(-1, t, i)).reshape(-1, groups, o, i)
+                 for s in _slices(b, groups * o * i)]
         per = torch.cat(parts) if len(parts) > 1 else parts[0]
         if keep:
             term.explicit = per  # reused by the clipped sum
         return _sq(per)
     out = []
     for s in _slices(b, groups * t * t):
-        gl = torch.matmul(left[s], left[s].transpose(2, 3)).reshape(-1, 1, groups * t * t)
-        gr = torch.matmul(right[s], right[s].transpose(2, 3)).reshape(-1, groups * t * t, 1)
+        ls, rs = left[s].reshape(-1, t, o), right[s].reshape(-1, t, i)
+        gl = gp.mm32(ls, ls.transpose(1, 2)).reshape(-1, 1, groups * t * t)
+        gr = gp.mm32(rs, rs.transpose(1, 2)).reshape(-1, groups * t * t, 1)
         out.append(torch.bmm(gl, gr).reshape(-1).double())  # Σ_{g,t,s} gl·gr per example
     return torch.cat(out).clamp_min(0.0)  # rounding can leave a tiny negative value
 
@@ -350,7 +355,7 @@ def _rows_sq(term: Rows) -> torch.Tensor:
 
 def _cross(outer: Outer, rows: Rows) -> torch.Tensor:
     """⟨Σ_t L_t R_tᵀ, Σ_s e_{idx_s} Q_sᵀ⟩ = Σ_{t,s} L_t[idx_s] (R_t·Q_s), per example."""
-    left, right = outer.left[:, 0], outer.right[:, 0]  # [B, T, V], [B, T, d]
+    left, right = outer.left[:, 0].float(), outer.right[:, 0].float()  # [B, T, V], [B, T, d]
     b, t = left.shape[:2]
     out = []
     for s in _slices(b, t * rows.idx.shape[1]):
@@ -387,6 +392,20 @@ def sq_norms(terms: list[Term]) -> torch.Tensor:
     if len(terms) == 2:
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
     assert total is not None
+    return total
+
+
+def margins(terms: list[Term]) -> torch.Tensor | None:
+    """Per example (float64 [B]), the bound over f_i on the rounding error that :func:`clipped_sum` adds
+    with narrow factors (:func:`dptrain.ghost_precision.margin`); None when it adds none.
+
+    Call after :func:`sq_norms` (which may form the float32 per-example gradients instead).
+    """
+    total = None
+    for t in terms:
+        if isinstance(t, Outer) and t.explicit is None and gp.narrow(t.left) and t.left.dtype == t.right.dtype:
+            part = gp.margin(t.left, t.right)
+            total = part if total is None else total + part
     return total
 
 
@@ -435,8 +454,10 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
             part = torch.tensordot(f, t.explicit, dims=1)
         elif isinstance(t, Conv):
             part = t.weighted(f)
+        elif isinstance(t, Outer) and gp.narrow(t.left) and t.left.dtype == t.right.dtype:
+            part = gp.outer_sum(t.left, t.right, f)
         elif isinstance(t, Outer):
-            left, right = t.left, t.right
+            left, right = t.left.float(), t.right.float()
             if left.shape[3] <= right.shape[3]:  # scale the smaller factor
                 left = left * f.view(-1, 1, 1, 1)
             else:
