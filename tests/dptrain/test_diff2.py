@@ -131,3 +131,18 @@ def test_no_step_means_a_zero_difference_round():
     trainer.previous = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
     assert trainer.step_distance() == 0.0
     assert all(float(s.abs().max()) == 0.0 for s in trainer.local_clipped_sum(1).values())
+
+
+def test_difference_round_noise_follows_the_step_just_taken():
+    # the noise of round t is z2·C2·‖x_t − x_{t−1}‖, with the distance of the released iterates
+    trainer = Diff2Trainer(model(), clients(), Diff2Config(4, 4, 1.0, 0.7, 2.0, 3.0), lr=0.5, seed=0)
+    seen = []
+    noise = trainer.mechanism.noise
+    trainer.mechanism.noise = lambda sums, t, distance=None: (seen.append((t, distance)), noise(sums, t, distance))[1]
+    trainer.step()
+    for t in (1, 2, 3):
+        expected = trainer.step_distance()
+        trainer.step()
+        assert seen[t] == (t, expected) and expected > 0
+        assert trainer.mechanism.noise_std(t, expected) == pytest.approx(3.0 * 0.7 * expected, rel=1e-15)
+    assert seen[0] == (0, None)
