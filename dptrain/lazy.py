@@ -197,14 +197,14 @@ class LazyPrivateTraining(PrivateTraining):
             return super().backward(inputs, targets)
         self._require_attached()
         assert self.clipping is not None
-        plan, _ = self._plans.get()
-        device = next(iter(plan.params.values())).device
+        plan = self._plans.get()
+        params = plan[0].params
+        device = next(iter(params.values())).device
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                                                        chunk_size=self.config.chunk_size, plans=self._plans,
-                                                        coalesce=False)
+                                                        chunk_size=self.config.chunk_size, plan=plan, coalesce=False)
         for name, g in batch.dense.items():
-            plan.params[name].grad = g
+            params[name].grad = g
         self._rows = batch.rows
         return batch.mean_loss
 

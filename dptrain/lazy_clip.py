@@ -87,14 +87,15 @@ class LazyPlans:
 
 
 def sparse_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
-                        config: ClippingConfig, chunk_size: int | None = None, plans: LazyPlans | None = None,
-                        coalesce: bool = True) -> SparseClippedBatch:
+                        config: ClippingConfig, chunk_size: int | None = None,
+                        plan: tuple[Plan, dict[str, nn.Module]] | None = None, coalesce: bool = True
+                        ) -> SparseClippedBatch:
     """Clipped per-example gradient sums, tables as touched rows only (see the module docstring).
 
-    ``plans``: a :class:`LazyPlans` of ``model`` kept across calls. ``coalesce=False`` leaves
-    repeated rows repeated (no sort): enough for an update by ``index_add_``.
+    ``plan``: ``LazyPlans(model).get()``, if known. ``coalesce=False`` leaves repeated rows
+    repeated (no sort): enough for an update by ``index_add_``.
     """
-    plan, tables = (plans or LazyPlans(model)).get()
+    plan, tables = plan or LazyPlans(model).get()
     params = plan.params
     dense: dict[str, torch.Tensor] = {}
     parts: dict[str, list] = {k: [] for k in tables}
