@@ -78,7 +78,10 @@ class LazyTables:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             idx = args[0] if args else kwargs.get("input")
             if isinstance(idx, torch.Tensor) and self._dirty:
-                self.noise[name].catch_up(torch.unique(idx).long())
+                if idx.is_cuda:  # no host sync: sorted entries, one draw each (torch.unique would sync)
+                    self.noise[name].catch_up(idx.long(), repeated=True)
+                else:  # fewer draws: one per row read
+                    self.noise[name].catch_up(torch.unique(idx).long())
         return hook
 
     def _flush_hook(self, name: str):

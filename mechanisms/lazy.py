@@ -67,17 +67,26 @@ class LazyNoiseTable:
         self._cumvar[self.step + 1] = value
 
     @torch.no_grad()
-    def catch_up(self, rows: torch.Tensor) -> None:
+    def catch_up(self, rows: torch.Tensor, repeated: bool = False) -> None:
         """Give ``rows`` (unique indices) the noise of every step they skipped.
 
         Row r gets sqrt(v_r)·z_r, z_r ~ N(0, I), v_r = _cumvar[step] − _cumvar[last_step[r]] ≥ 0; a row
         already up to date (v_r = 0) gets 0·z_r, so no row needs to be picked out on the host.
+        ``repeated=True``: ``rows`` may repeat; they are sorted and each row's draw is scaled in at its
+        first entry only (v = 0 at the others) — no host synchronisation, which ``torch.unique`` needs
+        on a GPU, for one draw per entry instead of one per row.
         """
         if rows.numel() == 0:
             return
+        if repeated:
+            rows = torch.sort(rows.reshape(-1)).values
+            var = self._pending_var(rows)
+            var[1:] *= rows[1:] != rows[:-1]
+        else:
+            var = self._pending_var(rows)
         z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
                         device=self.weight.device, dtype=self.weight.dtype)
-        z *= self._pending_var(rows).sqrt_().to(self.weight.dtype).unsqueeze(1)
+        z *= var.sqrt_().to(self.weight.dtype).unsqueeze(1)
         self.weight.index_add_(0, rows, z)
         self.last_step.index_fill_(0, rows, self.step)
 

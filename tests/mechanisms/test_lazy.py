@@ -19,12 +19,15 @@ def grad_for(row: int, step: int) -> float:
     return 0.3 * (row + 1) - 0.1 * step
 
 
-def run_lazy(seed: int) -> torch.Tensor:
+def run_lazy(seed: int, repeated: bool = False) -> torch.Tensor:
     w = torch.zeros(len(TOUCH), D, dtype=torch.float64)
     table = LazyNoiseTable(w, SIGMA_C, B, torch.Generator().manual_seed(seed))
     for t, lr in enumerate(LRS):
         rows = torch.tensor([r for r, steps in TOUCH.items() if t in steps], dtype=torch.long)
-        table.catch_up(rows)  # the forward pass reads the batch's rows
+        if repeated:  # the forward pass reads the batch's rows, some twice, unsorted (the GPU path)
+            table.catch_up(torch.cat([rows, rows[:1], rows.flip(0)]), repeated=True)
+        else:
+            table.catch_up(rows)  # the forward pass reads the batch's rows
         grads = torch.tensor([[grad_for(int(r), t)] * D for r in rows], dtype=torch.float64).reshape(-1, D)
         table.sgd_step(rows, grads, lr)
     table.flush()
@@ -48,7 +51,11 @@ def run_eager(seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("runner", [run_lazy, run_eager])
+def run_lazy_repeated(seed: int) -> torch.Tensor:
+    return run_lazy(seed, repeated=True)
+
+
+@pytest.mark.parametrize("runner", [run_lazy, run_lazy_repeated, run_eager])
 def test_rows_have_eager_mean_and_variance(runner):
     # Each row: D i.i.d. samples of N(mean_r, var). Per row a z-test on the mean and a
     # chi-square test on the variance, Bonferroni over 5 rows × 2 tests: total
