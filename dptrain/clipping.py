@@ -80,8 +80,8 @@ def clip_factors(grads: Mapping[str, torch.Tensor], config: ClippingConfig) -> d
 
 
 def _factor(norm: torch.Tensor, c: float) -> torch.Tensor:
-    f = torch.clamp(c / (norm + _EPS), max=1.0)
-    return torch.where(torch.isfinite(norm), f, torch.zeros_like(f))
+    """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0)."""
+    return (norm + _EPS).reciprocal_().mul_(c).clamp_(max=1.0).nan_to_num_(nan=0.0)
 
 
 def clipped_sum(grads: Mapping[str, torch.Tensor], config: ClippingConfig,

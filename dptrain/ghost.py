@@ -20,8 +20,9 @@ elsewhere, a MultiheadAttention subclass with its own forward) makes the whole m
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 import torch
@@ -97,6 +98,8 @@ class Plan:
     own: dict[str, dict[str, nn.Parameter]]  # module name → its own trainable parameters
     params: dict[str, nn.Parameter]  # trainable_parameters(model)
     supported: bool  # no owner known to defeat the path (see ghost_supported)
+    exact: dict[str, bool] = field(default_factory=dict)  # owner → an exact torch layer (its forward is known)
+    trainable: set[int] = field(default_factory=set)  # ids of the trainable parameters
 
     @staticmethod
     def of(model: nn.Module, lookups: Collection[nn.Module] = ()) -> "Plan":
@@ -108,7 +111,10 @@ class Plan:
         looks = {id(m) for m in lookups}
         kinds = {name: _kind(m, id(m) in looks) for name, m in owners.items()}
         supported = _supported({k: m for k, m in owners.items() if id(m) not in looks})
-        return Plan(owners, kinds, own, trainable_parameters(model), supported)
+        params = trainable_parameters(model)
+        exact = {name: kinds[name] == "attention" or (kinds[name] != "generic" and type(m) in _KNOWN)
+                 for name, m in owners.items()}
+        return Plan(owners, kinds, own, params, supported, exact, {id(p) for p in params.values()})
 
 
 def plan_key(model: nn.Module) -> tuple:
@@ -174,16 +180,13 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
                  copies: bool) -> tuple[dict[int, list], torch.Tensor] | None | str:
     """Terms per trainable parameter (keyed by id) and per-example losses; 'copy' to rerun with copies."""
     owners, kinds = plan.owners, plan.kinds
-    trainable = {id(p) for p in plan.params.values()}
     with Recorder(owners, kinds, copies) as rec:
         output = model(*xs)
     losses = per_example_losses(loss_fn, output, y)
     if rec.modified_in_place():
         return None if copies else "copy"
     total = losses.sum()
-    exact = {name: kinds[name] == "attention" or (kinds[name] != "generic" and type(m) in _KNOWN)
-             for name, m in owners.items()}
-    if total.grad_fn is None or not covered(total, rec, exact, trainable):
+    if total.grad_fn is None or not covered(total, rec, plan.exact, plan.trainable):
         return None
     flat = [t for calls in rec.calls.values() for c in calls for t in c.outputs if t is not None]
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
@@ -341,8 +344,9 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
         merged, losses = res
         with _float32(y.device.type):
             factors, keep, chunk_loss = _clip_factors(merged, params, config, b, losses)
+            f32 = {id(f): f.float() for f in factors.values()}  # flat clipping: one cast for all parameters
             for k, terms in merged.items():
-                sink(k, terms if keep is None else gl.drop_examples(terms, keep[k]), factors[k].float())
+                sink(k, terms if keep is None else gl.drop_examples(terms, keep[k]), f32[id(factors[k])])
         n += b
         loss_sum += chunk_loss
         losses_all.append(losses.detach().reshape(-1))
@@ -363,17 +367,20 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     device = next(iter(params.values())).device
     sq = {k: gl.sq_norms(t) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
-    total = sum(sq.values(), zero)
-    flag, loss_sum = torch.stack([torch.isfinite(total).all().double(), losses.detach().sum().double()]).tolist()
-    finite = bool(flag)
+    total = torch.stack(list(sq.values())).sum(0) if sq else zero
+    # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
+    flag, loss_sum = torch.stack([total.sum(), losses.detach().sum().double()]).tolist()
+    finite = math.isfinite(flag)
     if not finite:  # float32 overflow, or a non-finite gradient
         sq = {k: gl.refine(merged[k], v) for k, v in sq.items()}
         total = sum(sq.values(), zero)
     extra = {k: m for k, m in ((k, gl.margins(t)) for k, t in merged.items()) if m is not None}
     if config.thresholds is None:
-        factors = dict.fromkeys(params, _factor(torch.sqrt(total) + sum(extra.values(), zero), config.max_grad_norm))
+        norm = torch.sqrt(total) + sum(extra.values(), zero) if extra else torch.sqrt(total)
+        factors = dict.fromkeys(params, _factor(norm, config.max_grad_norm))
     else:
-        factors = {k: _factor(torch.sqrt(sq.get(k, zero)) + extra.get(k, zero), config.thresholds[k]) for k in params}
+        factors = {k: _factor(torch.sqrt(sq[k]) + extra[k] if k in extra else torch.sqrt(sq.get(k, zero)),
+                              config.thresholds[k]) for k in params}
     return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
 
 

@@ -275,6 +275,11 @@ def _sq(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(*x.shape[:lead], -1), dim=-1, dtype=dtype).double().square()
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖ per row of a [B, n] tensor (float32 arithmetic or wider)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in gp.NARROW else None)
+
+
 def _slices(batch: int, per_example: int):
     step = max(1, _BLOCK_ELEMENTS // max(per_example, 1))
     return [slice(s, s + step) for s in range(0, batch, step)]
@@ -284,6 +289,8 @@ def _outer_sq(term: Outer) -> torch.Tensor:
     left, right = term.left, term.right
     b, groups, t, o = left.shape
     i = right.shape[3]
+    if t == 1 and groups == 1:  # ‖a_i‖²‖b_i‖² (a float32 overflow of the product is refined like any other)
+        return (_norm(left.reshape(b, o)) * _norm(right.reshape(b, i))).double().square()
     if t == 1:
         return (_sq(left, 2) * _sq(right, 2)).sum(1)
     keep = b * groups * o * i <= _BLOCK_ELEMENTS
@@ -321,7 +328,8 @@ _ROWS_GRAM_MAX_T = 16
 
 
 def _rows_sq(term: Rows) -> torch.Tensor:
-    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for short T, else a segment sum.
+    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: directly for T ≤ 2, Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for T up to
+    _ROWS_GRAM_MAX_T, else a segment sum.
 
     Longer T: each example's indices are sorted; positions with equal neighbours share a segment
     (ids over the whole batch, at most B·T of them, so no shape depends on the data: no host
@@ -331,10 +339,10 @@ def _rows_sq(term: Rows) -> torch.Tensor:
     b, t, d = term.right.shape
     if t == 1:
         return _sq(term.right)
-    if t == 2:  # ‖R_0‖² + ‖R_1‖² + 2 [idx_0 = idx_1] R_0·R_1
-        r0, r1 = term.right[:, 0], term.right[:, 1]
-        dot = torch.where(term.idx[:, 0] == term.idx[:, 1], (r0 * r1).sum(1), 0.0)
-        return (_sq(term.right) + 2 * dot.double()).clamp_min(0.0)
+    if t == 2:  # ‖R_0 + R_1‖² where both entries read one row, else ‖R_0‖² + ‖R_1‖²
+        together = _norm(term.right[:, 0] + term.right[:, 1])
+        apart = _norm(term.right.reshape(b, 2 * d))
+        return torch.where(term.idx[:, 0] == term.idx[:, 1], together, apart).double().square()
     if t <= _ROWS_GRAM_MAX_T:
         right = term.right
         gram = torch.matmul(right, right.transpose(1, 2))
@@ -446,12 +454,17 @@ def drop_examples(terms: list[Term], keep: torch.Tensor) -> list[Term]:
     return out
 
 
+def _weighted_sum(f: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+    """Σ_i f_i per[i] (flattened)."""
+    return torch.mv(per.reshape(per.shape[0], -1).t(), f.to(per.dtype))
+
+
 def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Σ_i f_i G_i without forming G_i (f: float32 [B])."""
     total = None
     for t in terms:
         if isinstance(t, (Outer, Conv)) and t.explicit is not None:
-            part = torch.tensordot(f, t.explicit, dims=1)
+            part = _weighted_sum(f, t.explicit)
         elif isinstance(t, Conv):
             part = t.weighted(f)
         elif isinstance(t, Outer) and gp.narrow(t.left) and t.left.dtype == t.right.dtype:
@@ -470,7 +483,7 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
             d = t.right.shape[2]
             part = _segment_sums((t.right * f.view(-1, 1, 1)).reshape(-1, d), t.idx.reshape(-1), t.num_rows)
         else:
-            part = torch.tensordot(f, t.grads, dims=1)
+            part = _weighted_sum(f, t.grads)
         part = part.reshape(shape)
         total = part if total is None else total + part
     assert total is not None

@@ -41,7 +41,14 @@ class SparseClippedBatch:
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
     batch_size: int
     loss_sum: float
-    clipped_count: int
+    clipped: int | torch.Tensor  # a device tensor until ``clipped_count`` reads it back
+
+    @property
+    def clipped_count(self) -> int:
+        """Examples whose norm exceeded the threshold (private; diagnostics only): a host sync on first read."""
+        if isinstance(self.clipped, torch.Tensor):
+            self.clipped = int(self.clipped)
+        return self.clipped
 
     @property
     def mean_loss(self) -> float:
@@ -119,7 +126,7 @@ def sparse_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targe
     out = {k: dense[k].to(p.dtype) if k in dense else torch.zeros_like(p)
            for k, p in params.items() if k not in tables}
     rows = {k: _table_rows(parts[k], m.weight, coalesce) for k, m in tables.items()}
-    return SparseClippedBatch(out, rows, totals.batch_size, totals.loss_sum, totals.clipped_count)
+    return SparseClippedBatch(out, rows, totals.batch_size, totals.loss_sum, totals.count_tensors()[0])
 
 
 def _table_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, coalesce: bool
