@@ -65,6 +65,8 @@ class LazyTables:
         self.noise = {k: LazyNoiseTable(m.weight.data, noise_std, expected_batch_size, self._rng.get(m.weight.device))
                       for k, m in self.modules.items()}
         self._dirty = False  # some row may lack noise of a past step
+        #: catch-up without a host sync (sorted entries) — None: on a GPU; the CPU default saves draws
+        self.sync_free: bool | None = None
         self._handles = [model.register_forward_pre_hook(_Hook(self, self._before_model_forward))]
         for k, m in self.modules.items():
             self._handles.append(m.register_forward_pre_hook(_Hook(self, self._catch_up_hook(k)), with_kwargs=True))
@@ -78,9 +80,9 @@ class LazyTables:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             idx = args[0] if args else kwargs.get("input")
             if isinstance(idx, torch.Tensor) and self._dirty:
-                if idx.is_cuda:  # no host sync: sorted entries, one draw each (torch.unique would sync)
-                    self.noise[name].catch_up(idx.long(), repeated=True)
-                else:  # fewer draws: one per row read
+                if self.sync_free if self.sync_free is not None else idx.is_cuda:
+                    self.noise[name].catch_up(idx.long(), repeated=True)  # sorted entries, one draw each
+                else:  # torch.unique: one draw per row read, but a host sync on a GPU
                     self.noise[name].catch_up(torch.unique(idx).long())
         return hook
 

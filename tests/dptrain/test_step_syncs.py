@@ -85,3 +85,29 @@ def test_statistics_are_read_back_lazily_and_once():
     assert read_backs == 1 and not ops.get("aten::_local_scalar_dense")
     assert (batch.loss_sum, batch.mean_loss, batch.clipped_count, batch.unclipped) == (2.0, 0.5, 3, {"a": 1, "b": 2})
     assert isinstance(batch.clipped_count, int) and isinstance(batch.loss_sum, float)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_lazy_step_without_host_sync_but_one_read_back_per_chunk(chunk_size):
+    # the lazy path as it runs on a GPU (catch-up by sorting, not torch.unique): nothing waits for
+    # the device but the one read-back per chunk (finiteness flag and loss sum)
+    class Rec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(1000, 8)
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(self.table(x).flatten(1))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 1000, (40, 2), generator=g), torch.randint(0, 2, (40,), generator=g)
+    x[:5, 1] = x[:5, 0]  # a row read twice by one example
+    model = Rec()
+    priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, mechanism="lazy", seed=0,
+                                chunk_size=chunk_size)
+    priv.attach(TensorDataset(x, y), batch_size=8, steps=10, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    priv.tables.sync_free = True
+    priv.step(x[:8], y[:8])
+    ops, read_backs = _counts(lambda: priv.step(x[8:16], y[8:16]))
+    assert ops == {} and read_backs == (1 if chunk_size is None else 2)
