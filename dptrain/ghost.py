@@ -224,8 +224,9 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
         return None
     out = c.outputs[0]
     g = cg[0] if cg[0] is not None else torch.zeros(out.shape, device=out.device)
-    if kind == "linear" and gp.narrow(g) and c.args[0].dtype == g.dtype:  # bf16 factors, float32 algebra
-        return None if c.args[0].dim() == 0 or c.args[0].shape[0] != b else gl.linear_terms(m, c.args[0], g)
+    if kind == "linear" and gp.narrow(g):  # bf16 output: autocast multiplied bf16(a); bf16 factors, float32 algebra
+        a = c.args[0]
+        return None if a.dim() == 0 or a.shape[0] != b else gl.linear_terms(m, a.to(g.dtype), g)
     g = g.float()
     if kind == "embedding_bag":
         return embedding_bag_terms(m, c.args, c.kwargs, g, b)

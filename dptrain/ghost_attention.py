@@ -171,11 +171,12 @@ def attention_terms(m: nn.MultiheadAttention, rec: AttentionRecord, outputs: lis
         return None
     g = [torch.zeros(t.shape, device=t.device) if d is None else d for t, d in zip(outputs, grads)]
     kept = (rec.query, rec.key, rec.value, rec.heads_out)
-    keep_narrow = all(narrow(t) and t.dtype == kept[0].dtype for t in (*g, *kept))  # bf16 factors (CUDA)
+    # bf16 projection outputs: autocast multiplied bf16 inputs; keep bf16 factors (CUDA), else float32
+    keep_narrow = all(narrow(d) and d.dtype == g[0].dtype for d in g)
     if not keep_narrow:
         g = [d.float() for d in g]
     e, src = m.embed_dim, rec.source_len
-    x_q, x_k, x_v, z = kept if keep_narrow else (t.float() for t in kept)
+    x_q, x_k, x_v, z = (t.to(g[0].dtype) for t in kept)
     terms: dict[str, Term] = {}
     if rec.packed:
         dqkv = g[0]
