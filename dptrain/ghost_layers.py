@@ -20,9 +20,10 @@ unless that is the cheap choice:
 Several terms of one parameter (a module run several times, a tied weight) are merged along T;
 an Outer + Rows pair (an embedding tied to an output projection) gets its exact cross term.
 Clipped sums Σ_i f_i G_i are formed from the factors: (f ⊙ L)ᵀ R, index_add of f-scaled rows,
-or Σ_i f_i P_i. All algebra runs in float32 (under autocast too); squared norms are returned in
-float64, and an example whose float32 norm overflows is recomputed in float64, so that an
-exploding example is clipped rather than dropped.
+or Σ_i f_i P_i. All algebra runs in float32 (under autocast too; on CUDA the bf16 factors of an
+Outer term stay bf16 and enter products with float32 results, :mod:`dptrain.ghost_precision`);
+squared norms are returned in float64, and an example whose float32 norm overflows is
+recomputed in float64, so that an exploding example is clipped rather than dropped.
 """
 from __future__ import annotations
 
