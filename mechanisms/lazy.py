@@ -52,6 +52,7 @@ class LazyNoiseTable:
         self.generator = generator
         self.step = 0  # number of optimizer steps taken so far
         self._total = 0.0  # Σ_{u<step} (lr_u σC/B)², the host copy of _cumvar[step]
+        self._flushed_at = 0  # every row is up to date at this step (no step taken since the flush)
         self.last_step = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
         # _cumvar[t] = Σ_{u<t} (lr_u σC/B)², grown by doubling
         self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
@@ -104,12 +105,24 @@ class LazyNoiseTable:
         self._append_cumvar(self._total)
         self.step += 1
 
+    @torch.no_grad()
     def flush(self) -> None:
-        """Bring every row up to date (before evaluation, checkpoint or export)."""
+        """Bring every row up to date (before evaluation, checkpoint or export).
+
+        After a step every row owes at least that step's noise, so the flush draws for every row,
+        block by block, and adds sqrt(v_r)·z_r in place (v_r = 0 for a row already up to date): no
+        scatter, no host sync. Nothing to do when no step was taken since the last flush.
+        """
+        if self._flushed_at == self.step:
+            return
         for start in range(0, self.last_step.numel(), FLUSH_BLOCK_ROWS):
             block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
-            stale = torch.nonzero(block < self.step, as_tuple=False).flatten() + start
-            self.catch_up(stale)
+            z = torch.randn((block.numel(), self.weight.shape[1]), generator=self.generator,
+                            device=self.weight.device, dtype=self.weight.dtype)
+            std = (self._total - self._cumvar.index_select(0, block)).sqrt_().to(self.weight.dtype)
+            self.weight[start:start + block.numel()].addcmul_(z, std.unsqueeze(1))
+            block.fill_(self.step)
+        self._flushed_at = self.step
 
     @property
     def is_flushed(self) -> bool:
@@ -126,6 +139,7 @@ class LazyNoiseTable:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.last_step.fill_(self.step)
+        self._flushed_at = self.step
         self._cumvar = torch.zeros(max(64, 2 * (self.step + 1)), dtype=torch.float64, device=self.weight.device)
         self._total = float(state["cumvar_last"])
         self._cumvar[self.step] = self._total

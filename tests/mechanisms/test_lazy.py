@@ -123,3 +123,16 @@ def test_an_update_before_the_catch_up_keeps_the_owed_noise():
         assert abs(z) < stats.norm.isf(alpha / 2), (r, float(w[r].mean()), mean[r])
         chi = (D - 1) * float(w[r].var()) / var
         assert stats.chi2.ppf(alpha / 2, D - 1) < chi < stats.chi2.isf(alpha / 2, D - 1), (r, float(w[r].var()))
+
+
+def test_a_second_flush_without_a_step_draws_nothing():
+    w = torch.zeros(5, 3)
+    table = LazyNoiseTable(w, 1.0, 2.0, torch.Generator().manual_seed(0))
+    table.sgd_step(torch.tensor([1]), torch.ones(1, 3), 0.1)
+    table.flush()
+    assert table.is_flushed and bool((w != 0).all())  # every row got the step's noise
+    before = w.clone()
+    table.catch_up(torch.tensor([2, 4]))  # a read of up-to-date rows adds 0
+    state = table.generator.get_state()
+    table.flush()
+    assert torch.equal(w, before) and torch.equal(table.generator.get_state(), state)
