@@ -95,3 +95,21 @@ def test_a_table_tied_to_an_output_layer_is_refused():
 
     with pytest.raises(UnsupportedModuleError, match="emb.weight.*outside its own lookups"):
         sparse_clip_and_sum(Tied(), LOSS, torch.tensor([1, 2]), torch.tensor([3, 4]), ClippingConfig(1.0))
+
+
+def test_plan_is_reused_until_the_model_changes():
+    from dptrain.lazy_clip import LazyPlans
+
+    model = Mixed()
+    plans = LazyPlans(model)
+    first, tables = plans.get()
+    assert plans.get()[0] is first and set(tables) == {"user.weight", "items.weight"}
+    model.mlp[0].weight.requires_grad_(False)  # a frozen layer: a new plan without it
+    second, _ = plans.get()
+    assert second is not first and "mlp.0.weight" not in second.params
+    handle = model.mlp[2].register_forward_pre_hook(lambda m, a: None)  # its closed form no longer applies
+    third, _ = plans.get()
+    assert third is not second and third.kinds["mlp.2"] == "generic"
+    handle.remove()
+    model.mlp[0] = nn.Linear(12, 16)  # a replaced module
+    assert plans.get()[0] is not third and "mlp.0.weight" in plans.get()[0].params
