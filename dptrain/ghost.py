@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 from . import ghost_layers as gl
+from . import ghost_rows
 from . import ghost_precision as gp
 from .ghost_attention import attention_terms, is_plain_attention
 from .ghost_bag import embedding_bag_terms
@@ -234,7 +235,7 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
     if a.dim() == 0 or a.shape[0] != b:
         return None
     build = {"linear": gl.linear_terms, "conv": gl.conv_terms,
-             "embedding": gl.embedding_terms, "norm": gl.norm_terms}[kind]
+             "embedding": ghost_rows.embedding_terms, "norm": gl.norm_terms}[kind]
     return build(m, a, g)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ghost_layers import Rows
+from .ghost_rows import Rows
 
 
 def _padded_bags(m: nn.EmbeddingBag, idx: torch.Tensor, offsets: torch.Tensor | None,

@@ -11,9 +11,8 @@ unless that is the cheap choice:
 * :class:`Conv` — a Conv with many output positions: its per-example weight gradients are
   small, formed by one convolution backward with the batch folded into the groups
   (Rochette et al. 2019); the clipped sum is a conv weight-gradient of f-scaled output grads.
-* :class:`Rows` — Σ_t e_{idx_it} R_itᵀ, the sparse rows of an Embedding gradient; norm² by the
-  T×T Gram matrix masked to equal indices (short T), else by a segment sum of rows sharing an
-  index inside one example (duplicates add up).
+* :class:`~dptrain.ghost_rows.Rows` — Σ_t e_{idx_it} R_itᵀ, the sparse rows of an Embedding
+  gradient (its algebra in :mod:`dptrain.ghost_rows`).
 * :class:`Dense` — explicit per-example gradients (biases, LayerNorm/GroupNorm/RMSNorm affine
   parameters, the vmap(vjp) fallback); small.
 
@@ -37,6 +36,11 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ghost_precision as gp
+from .ghost_precision import norm as _norm
+from .ghost_precision import sq as _sq
+from .ghost_rows import Rows
+from .ghost_rows import rows_sq as _rows_sq
+from .ghost_rows import segment_sums as _segment_sums
 
 #: element budget for intermediates ([B, T, T] Gram matrices or [B, o, i] explicit gradients)
 _BLOCK_ELEMENTS = 1 << 24
@@ -98,15 +102,6 @@ class Conv:
 
 
 @dataclass
-class Rows:
-    """Per-example gradient of a [V, d] table: row idx[b, t] receives right[b, t]."""
-
-    idx: torch.Tensor  # [B, T] long
-    right: torch.Tensor  # [B, T, d]
-    num_rows: int
-
-
-@dataclass
 class Dense:
     grads: torch.Tensor  # [B, *shape]
 
@@ -165,15 +160,6 @@ def conv_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Term
         return {"weight": Outer(left, right), "bias": bias}
     term = Conv(a, g, m.weight.shape, tuple(m.stride), padding, tuple(m.dilation), groups)
     return {"weight": term, "bias": bias}
-
-
-def embedding_terms(m: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> dict[str, Term]:
-    b = g.shape[0]
-    idx = idx.reshape(b, -1)
-    right = g.reshape(b, -1, g.shape[-1])
-    if m.padding_idx is not None:  # the padding row never receives a gradient
-        right = right * (idx != m.padding_idx).unsqueeze(-1).to(right.dtype)
-    return {"weight": Rows(idx, right, m.num_embeddings)}
 
 
 def norm_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Term]:
@@ -270,17 +256,6 @@ def merge(terms: Sequence[Term], shape: torch.Size) -> list[Term]:
 # ---------------------------------------------------------------- norms
 
 
-def _sq(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
-    """Σ x² over all but the first ``lead`` dims (float32 arithmetic or wider, float64 result)."""
-    dtype = torch.float32 if x.dtype in gp.NARROW else None
-    return torch.linalg.vector_norm(x.reshape(*x.shape[:lead], -1), dim=-1, dtype=dtype).double().square()
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    """‖x_i‖ per row of a [B, n] tensor (float32 arithmetic or wider)."""
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in gp.NARROW else None)
-
-
 def _slices(batch: int, per_example: int):
     step = max(1, _BLOCK_ELEMENTS // max(per_example, 1))
     return [slice(s, s + step) for s in range(0, batch, step)]
@@ -317,49 +292,6 @@ def _conv_sq(term: Conv) -> torch.Tensor:
     if b * size <= _BLOCK_ELEMENTS:
         term.explicit = torch.cat(parts) if len(parts) > 1 else parts[0]
     return torch.cat([_sq(p) for p in parts])
-
-
-def _segment_sums(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
-    """Σ of the rows sharing a key (keys in [0, count)): the embedding backward kernel, [count, d]."""
-    return torch.ops.aten.embedding_dense_backward(rows, keys, count, -1, False)
-
-
-#: longest T for which an embedding's per-example norm uses the T×T Gram matrix (no sort)
-_ROWS_GRAM_MAX_T = 16
-
-
-def _rows_sq(term: Rows) -> torch.Tensor:
-    """‖Σ_t e_{idx_t} R_tᵀ‖² per example: directly for T ≤ 2, Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for T up to
-    _ROWS_GRAM_MAX_T, else a segment sum.
-
-    Longer T: each example's indices are sorted; positions with equal neighbours share a segment
-    (ids over the whole batch, at most B·T of them, so no shape depends on the data: no host
-    sync); rows are summed per segment by the embedding backward kernel and the squared segment
-    norms added to their example.
-    """
-    b, t, d = term.right.shape
-    if t == 1:
-        return _sq(term.right)
-    if t == 2:  # ‖R_0 + R_1‖² where both entries read one row, else ‖R_0‖² + ‖R_1‖²
-        together = _norm(term.right[:, 0] + term.right[:, 1])
-        apart = _norm(term.right.reshape(b, 2 * d))
-        return torch.where(term.idx[:, 0] == term.idx[:, 1], together, apart).double().square()
-    if t <= _ROWS_GRAM_MAX_T:
-        right = term.right
-        gram = torch.matmul(right, right.transpose(1, 2))
-        same = term.idx.unsqueeze(2) == term.idx.unsqueeze(1)
-        return torch.where(same, gram, 0.0).sum((1, 2)).double().clamp_min(0.0)  # rounding: tiny negatives
-    ordered, order = torch.sort(term.idx, dim=1)
-    new = torch.ones_like(ordered, dtype=torch.bool)
-    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    seg = torch.cumsum(new.reshape(-1), 0) - 1  # segment id of each sorted position
-    base = torch.arange(b, device=order.device).unsqueeze(1) * t
-    where = (order + base).reshape(-1)  # flat position of each sorted entry
-    ids = torch.empty_like(seg).scatter_(0, where, seg)  # segment id of each original position
-    sums = _segment_sums(term.right.reshape(-1, d), ids, b * t)
-    example = torch.zeros_like(seg).scatter_(0, seg, base.expand(b, t).reshape(-1) // t)
-    out = torch.zeros(b, dtype=torch.float64, device=sums.device)
-    return out.index_add_(0, example, _sq(sums))  # unused segment ids: zero rows, added to example 0
 
 
 def _cross(outer: Outer, rows: Rows) -> torch.Tensor:

@@ -83,3 +83,14 @@ def margin(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     a = torch.linalg.vector_norm(left, dim=3, dtype=torch.float32).double()
     r = torch.linalg.vector_norm(right, dim=3, dtype=torch.float32).double()
     return (a * r).sum((1, 2)) * (_U * _U) * (1 + 1e-6)
+
+
+def sq(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+    """Σ x² over all but the first ``lead`` dims (float32 arithmetic or wider, float64 result)."""
+    dtype = torch.float32 if x.dtype in NARROW else None
+    return torch.linalg.vector_norm(x.reshape(*x.shape[:lead], -1), dim=-1, dtype=dtype).double().square()
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖ per row of a [B, n] tensor (float32 arithmetic or wider)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in NARROW else None)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from dptrain import ghost_layers as gl
+from dptrain import ghost_rows as gr
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, gl._ROWS_GRAM_MAX_T, gl._ROWS_GRAM_MAX_T + 1, 40])
+@pytest.mark.parametrize("t", [1, 2, 3, gr.ROWS_GRAM_MAX_T, gr.ROWS_GRAM_MAX_T + 1, 40])
 def test_rows_norms_equal_the_explicit_gradients(t):
     g = torch.Generator().manual_seed(t)
     b, v, d = 7, 5, 3  # few rows: most examples read some row more than once
@@ -15,7 +16,7 @@ def test_rows_norms_equal_the_explicit_gradients(t):
     idx[0] = 2  # one example reads a single row t times
     right = torch.randn(b, t, d, generator=g)
     right[1, 0] = 0  # a padding entry (zero weight)
-    term = gl.Rows(idx, right, v)
+    term = gr.Rows(idx, right, v)
     explicit = torch.zeros(b, v, d, dtype=torch.float64).index_put_(
         (torch.arange(b)[:, None].expand(b, t), idx), right.double(), accumulate=True)
     want = explicit.square().sum((1, 2))
@@ -32,6 +33,6 @@ def test_rows_with_cancelling_duplicates_have_norm_zero_up_to_rounding(t):
     right[:, 1] *= -1
     if t == 3:
         right[:, 2] = 0
-    got = gl.sq_norms([gl.Rows(torch.zeros(4, t, dtype=torch.long), right, 3)])
+    got = gl.sq_norms([gr.Rows(torch.zeros(4, t, dtype=torch.long), right, 3)])
     scale = right.double().square().sum((1, 2))
     assert (got >= 0).all() and (got <= 1e-6 * scale).all()
