@@ -1,14 +1,52 @@
 """Per-device random generators for noise, seeded from one seed and checkpointable.
 
 Noise is drawn on the device of the tensor it is added to; each device gets its own
-``torch.Generator`` seeded with ``seed + Σ ord(device name)``, so a run reproduces its noise
-from (seed, generator states). The seed defaults to 62 bits from the OS's entropy.
+``torch.Generator``, so a run reproduces its noise from (seed, generator states). The seed
+defaults to 62 bits from the OS's entropy.
+
+Seed entropy: torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``, so
+2^32 seeds would cover every CPU noise stream. Here a CPU generator's whole 624-word state is
+expanded from (seed, device name) by numpy's ``SeedSequence`` instead, so every bit of the seed
+counts. CUDA generators (Philox) take a 64-bit seed: ``seed + Σ ord(device name)``.
 """
 from __future__ import annotations
 
 import secrets
+import warnings
 
+import numpy as np
 import torch
+
+#: byte offset and count of the 624 mt19937 words (stored as uint64) in a CPU generator's state
+_MT_OFFSET, _MT_WORDS = 24, 624
+
+
+def _mt_layout_ok() -> bool:
+    """Whether this torch's CPU generator state holds mt19937's words where :func:`cpu_state` writes them."""
+    g = torch.Generator()
+    g.manual_seed(12345)
+    words = g.get_state()[_MT_OFFSET:_MT_OFFSET + 16].numpy().view("<u8")
+    return g.get_state().numel() >= _MT_OFFSET + 8 * _MT_WORDS and words.tolist() == [12345, 2003863422]
+
+
+def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
+    """A CPU generator state whose 624 mt19937 words come from ``SeedSequence([seed, Σ ord(key)])``.
+
+    None if this torch's state layout is not the expected one (the caller then falls back to
+    ``manual_seed``, which uses 32 bits of the seed).
+    """
+    if not _mt_layout_ok():
+        return None
+    g = torch.Generator()
+    g.manual_seed(0)  # a valid state to fill: left = 1 (words are used from the next draw), no cached normal
+    state = g.get_state().clone()
+    words = np.random.SeedSequence([int(seed) % (1 << 64), sum(map(ord, device_key))]).generate_state(
+        _MT_WORDS, np.uint32).astype("<u8")
+    if not words.any():  # the all-zero state never leaves zero (probability 2^-19968)
+        words[0] = 1
+    state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS] = torch.from_numpy(words.view(np.uint8))
+    state[:8] = torch.from_numpy(np.array([int(seed) % (1 << 64)], dtype="<u8").view(np.uint8))
+    return state
 
 
 class DeviceGenerators:
@@ -22,7 +60,14 @@ class DeviceGenerators:
         key = str(device)
         if key not in self._generators:
             g = torch.Generator(device=torch.device(key))
-            g.manual_seed(self.seed + sum(map(ord, key)))
+            state = cpu_state(self.seed, key) if g.device.type == "cpu" else None
+            if state is not None:
+                g.set_state(state)
+            else:
+                if g.device.type == "cpu":
+                    warnings.warn("DeviceGenerators: unexpected torch CPU generator layout; seeding with "
+                                  "manual_seed, which keeps only 32 bits of the seed", RuntimeWarning)
+                g.manual_seed(self.seed + sum(map(ord, key)))
             self._generators[key] = g
         return self._generators[key]
 

@@ -10,7 +10,7 @@ its dense C⁻¹.
 
 Randomness: z_t is drawn for each tensor, in order, with ``torch.randn(shape,
 generator=g, dtype=tensor.dtype, device=tensor.device)`` from one generator per device,
-seeded like :class:`mechanisms.gaussian.GaussianMechanism` (seed + Σ ord(device name)), so
+seeded like :class:`mechanisms.gaussian.GaussianMechanism` (:class:`mechanisms.rng.DeviceGenerators`), so
 C = I reproduces GaussianMechanism's noise bit for bit. The ring buffer has the tensors'
 dtype (float32 models: float32 arithmetic).
 """

@@ -9,14 +9,14 @@ from scipy.linalg import solve_triangular
 from mechanisms.mf.optimize import optimal_banded_toeplitz, optimal_dense
 from mechanisms.mf.strategies import banded_sqrt, fft_sqrt, identity
 from mechanisms.mf.streaming import StreamingCorrelatedNoise
+from mechanisms.rng import DeviceGenerators
 
 SHAPES = [(3, 4), (5,)]
 
 
 def white_noise(seed: int, n: int, dtype=torch.float64) -> list[np.ndarray]:
     """Z as the stream draws it: per step, one randn per tensor, in order, from one CPU generator."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed + sum(map(ord, "cpu")))
+    g = DeviceGenerators(seed).get("cpu")
     per_tensor = [[] for _ in SHAPES]
     for _ in range(n):
         for i, shape in enumerate(SHAPES):
