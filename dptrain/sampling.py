@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from mechanisms.rng import cpu_generator
+
 
 class PoissonSampler:
     """Yields index tensors: each index in ``range(n)`` included independently w.p. ``q``."""
@@ -24,8 +26,7 @@ class PoissonSampler:
         if steps < 1:
             raise ValueError(f"PoissonSampler: steps must be >= 1, got {steps}")
         self.n, self.sample_rate, self.steps = int(n), float(sample_rate), int(steps)
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(seed) if seed is not None else secrets.randbits(62))
+        self.generator = cpu_generator(seed)  # every bit of the seed counts (torch's manual_seed keeps 32)
 
     def __len__(self) -> int:
         return self.steps
@@ -119,7 +120,7 @@ class ScheduleSampler:
         self._restart()
 
     def _restart(self) -> None:
-        self._it = iter(self.schedule(torch.Generator().manual_seed(self.seed)))
+        self._it = iter(self.schedule(cpu_generator(self.seed)))
 
     def __len__(self) -> int:
         return self.steps

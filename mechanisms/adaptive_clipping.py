@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .rng import cpu_generator
+
 #: Andrew et al. recommend η = 0.2 for the geometric update and σ_b = n̄/20
 DEFAULT_CLIP_LEARNING_RATE = 0.2
 DEFAULT_COUNT_NOISE_FRACTION = 1 / 20
@@ -121,8 +123,7 @@ class QuantileClipController:
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)
         self.count_statistic = NoisedStatistic(0.5, float(count_noise_std))
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(seed) if seed is not None else int(torch.seed()) % (2 ** 63))
+        self.generator = cpu_generator(seed)  # the count noise: every bit of the seed counts
 
     @property
     def statistics(self) -> tuple[NoisedStatistic, ...]:

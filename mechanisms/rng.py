@@ -49,6 +49,22 @@ def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
     return state
 
 
+def cpu_generator(seed: int | None = None, device_key: str = "cpu") -> torch.Generator:
+    """A CPU ``torch.Generator`` whose whole mt19937 state comes from ``seed`` (:func:`cpu_state`);
+    ``seed=None``: 62 bits from the OS's entropy. Use it for every stream a guarantee relies on
+    (noise, Poisson sampling)."""
+    seed = int(seed) if seed is not None else secrets.randbits(62)
+    g = torch.Generator()
+    state = cpu_state(seed, device_key)
+    if state is None:
+        warnings.warn("mechanisms.rng: unexpected torch CPU generator layout; seeding with manual_seed, "
+                      "which keeps only 32 bits of the seed", RuntimeWarning)
+        g.manual_seed(seed + sum(map(ord, device_key)))
+    else:
+        g.set_state(state)
+    return g
+
+
 class DeviceGenerators:
     """``get(device)`` returns that device's generator (created on first use)."""
 
@@ -59,14 +75,11 @@ class DeviceGenerators:
     def get(self, device: torch.device | str) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
-            g = torch.Generator(device=torch.device(key))
-            state = cpu_state(self.seed, key) if g.device.type == "cpu" else None
-            if state is not None:
-                g.set_state(state)
+            device = torch.device(key)
+            if device.type == "cpu":
+                g = cpu_generator(self.seed, key)
             else:
-                if g.device.type == "cpu":
-                    warnings.warn("DeviceGenerators: unexpected torch CPU generator layout; seeding with "
-                                  "manual_seed, which keeps only 32 bits of the seed", RuntimeWarning)
+                g = torch.Generator(device=device)
                 g.manual_seed(self.seed + sum(map(ord, key)))
             self._generators[key] = g
         return self._generators[key]

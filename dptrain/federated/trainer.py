@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 import accountants
 from mechanisms import GaussianMechanism
+from mechanisms.rng import cpu_generator
 
 from ..engine import LossFn, trainable_parameters
 from ..errors import BudgetExceededError, PrivacyConfigError
@@ -110,7 +111,7 @@ class FederatedTraining:
                                  if config.dp == "client" else None)
         self.clients = {k: Client(k, ds, config, self._client_sigma(ds)) for k, ds in clients.items()
                         if self.comm.owns(k)}
-        self._participation = torch.Generator().manual_seed(client_seed(config.seed, -1, 0))
+        self._participation = cpu_generator(client_seed(config.seed, -1, 0))
 
     # ------------------------------------------------------------------ calibration
     def _delta(self, clients: Mapping[int, Dataset]) -> float:

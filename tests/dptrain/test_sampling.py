@@ -61,3 +61,13 @@ def test_state_dict_resumes_the_same_batches():
 def test_bad_arguments(n, q, steps):
     with pytest.raises(ValueError):
         PoissonSampler(n, q, steps)
+
+
+def test_sampler_seeds_differing_above_bit_32_draw_different_batches():
+    # torch's manual_seed on the CPU keeps 32 bits; the sampler's whole generator state follows the seed
+    a = PoissonSampler(1000, 0.1, 3, seed=11)
+    b = PoissonSampler(1000, 0.1, 3, seed=11 + (1 << 40))
+    c = PoissonSampler(1000, 0.1, 3, seed=11)
+    first = a.sample()
+    assert torch.equal(first, c.sample())
+    assert not torch.equal(first, b.sample())
