@@ -126,22 +126,23 @@ def epsilon_interval(tp: int, fp: int, tn: int, fn: int, delta: float = 1e-5,
                      method: str = "clopper-pearson", confidence: float = 0.95) -> tuple[float, float, float]:
     """(low, estimate, high) for ε from membership-guess counts.
 
-    tp / fn: members guessed in / out; tn / fp: non-members guessed out / in.
+    tp / fn: members guessed in / out; tn / fp: non-members guessed out / in. The estimate is the
+    plug-in ε(fp/n_out, fn/n_in) for Clopper–Pearson (∞ when a count is 0) and the posterior median
+    for the Bayesian method (always inside its interval).
     """
     _check(tp, fp, tn, fn, delta, confidence)
     n_out, n_in = fp + tn, tp + fn
-    estimate = float(eps_from_rates(fp / n_out, fn / n_in, delta))
     if method == "clopper-pearson":
         per_rate = 1 - (1 - confidence) / 2  # union bound over the two rates
         a_lo, a_hi = clopper_pearson(fp, n_out, per_rate)
         b_lo, b_hi = clopper_pearson(fn, n_in, per_rate)
         corners = eps_from_rates(np.array([a_lo, a_lo, a_hi, a_hi]), np.array([b_lo, b_hi, b_lo, b_hi]), delta)
         low = float(clopper_pearson_lower_bound(tp, fp, tn, fn, delta, confidence))
-        return low, estimate, float(corners.max())
+        return low, float(eps_from_rates(fp / n_out, fn / n_in, delta)), float(corners.max())
     if method == "bayesian":
         tail = (1 - confidence) / 2
         cdf = _posterior_cdf(tp, fp, tn, fn, delta)
-        return _quantile(cdf, tail), estimate, _quantile(cdf, 1 - tail)
+        return _quantile(cdf, tail), _quantile(cdf, 0.5), _quantile(cdf, 1 - tail)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 

@@ -131,3 +131,12 @@ def test_bad_counts():
 def test_bad_inputs_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         epsilon_interval(**kwargs)
+
+
+def test_bayesian_estimate_is_the_posterior_median_inside_its_interval():
+    # fp = 0 makes the plug-in estimate infinite; the posterior median is finite and inside the interval
+    for counts in ((67, 0, 100, 33), (200, 58, 200, 12)):
+        lo, est, hi = epsilon_interval(*counts, delta=1e-5, method="bayesian")
+        assert lo <= est <= hi and np.isfinite(est)
+        assert bayesian_posterior_cdf(est, *counts, delta=1e-5) == pytest.approx(0.5, abs=1e-4)
+    assert epsilon_interval(67, 0, 100, 33, delta=1e-5, method="clopper-pearson")[1] == float("inf")
