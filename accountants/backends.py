@@ -19,7 +19,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
+from .opacus_rdp import rdp as opacus_rdp
 
 from .composition import Flat
 from .gdp import eps_from_gdp

@@ -33,7 +33,7 @@ from functools import cached_property, lru_cache
 from typing import Sequence
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
+from .opacus_rdp import rdp as opacus_rdp
 from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
 from scipy.fft import irfft, next_fast_len, rfft
 

@@ -33,7 +33,7 @@ from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError
 from .private import default_delta
-from .validate import validate
+from .validation import validate
 
 LEVELS = ("example", "client")
 Client = tuple[torch.Tensor, torch.Tensor]

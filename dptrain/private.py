@@ -28,7 +28,7 @@ from .engine import LossFn, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
 from .optimizer import DPOptimizer
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
-from .validate import validate
+from .validation import validate
 
 MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
 MECHANISMS = ("dpsgd", "lazy") + MF_MECHANISMS

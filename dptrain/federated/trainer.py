@@ -31,7 +31,7 @@ from ..engine import LossFn, trainable_parameters
 from ..errors import BudgetExceededError, PrivacyConfigError
 from ..lora import lora_layers
 from ..private import default_delta
-from ..validate import validate
+from ..validation import validate
 from .client import Client, client_seed
 from .comm import LocalComm
 from .config import FederatedConfig
