@@ -294,11 +294,27 @@ def _check_thresholds(config: ClippingConfig, names) -> None:
 Sink = Callable[[str, list, torch.Tensor], None]
 
 
+class DenseSums:
+    """A :data:`Sink` adding each chunk's Σ_i f_i G_i into one dense tensor per parameter."""
+
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
+        self.params, self.sums = params, {}
+
+    def __call__(self, k: str, terms: list, f: torch.Tensor) -> None:
+        part = gl.clipped_sum(terms, f, self.params[k].shape)
+        self.sums[k] = part if k not in self.sums else self.sums[k] + part
+
+    def result(self, names) -> dict[str, torch.Tensor]:
+        """The sums of ``names`` in their parameters' dtype (zeros for a parameter no chunk reached)."""
+        return {k: self.sums[k].to(self.params[k].dtype) if k in self.sums else torch.zeros_like(self.params[k])
+                for k in names}
+
+
 class ChunkTotals:
     """What :func:`clip_chunks` adds up over the chunks besides the clipped sums.
 
     The counts stay one device tensor [examples clipped, (per-layer:) per parameter the examples
-    with f_i = 1] until ``clipped_count`` or ``unclipped`` is first read (one transfer then).
+    with f_i = 1]; :class:`dptrain.clipping.ClippedBatch` reads them back when first asked for.
     """
 
     def __init__(self, batch_size: int, loss_sum: float, counts: torch.Tensor | None, names: list[str],
@@ -312,15 +328,6 @@ class ChunkTotals:
             return 0, dict.fromkeys(self._names, 0)
         clipped, kept = self._counts[0], list(self._counts[1:])
         return clipped, dict(zip(self._names, kept)) if kept else dict.fromkeys(self._names, self.batch_size - clipped)
-
-    @property
-    def clipped_count(self) -> int:
-        return int(ClippedBatch._host([self.count_tensors()[0]])[0])
-
-    @property
-    def unclipped(self) -> dict[str, int]:
-        kept = self.count_tensors()[1]
-        return {k: int(v) for k, v in zip(kept, ClippedBatch._host(list(kept.values())))}
 
 
 def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
@@ -408,16 +415,10 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
     plan = Plan.of(model)
     if not plan.supported:
         return None
-    params = plan.params
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(k: str, terms: list, f: torch.Tensor) -> None:
-        part = gl.clipped_sum(terms, f, params[k].shape)
-        sums[k] = part if k not in sums else sums[k] + part
-
-    totals = clip_chunks(model, plan, loss_fn, inputs, targets, config, add, chunk_size)
+    dense = DenseSums(plan.params)
+    totals = clip_chunks(model, plan, loss_fn, inputs, targets, config, dense, chunk_size)
     if totals is None:
         return None
-    out = {k: sums[k].to(p.dtype) if k in sums else torch.zeros_like(p) for k, p in params.items()}
+    out = dense.result(plan.params)
     clipped, unclipped = totals.count_tensors()  # read back only when asked for
     return ClippedBatch(out, totals.batch_size, totals.loss_sum, clipped, unclipped, totals.example_losses)

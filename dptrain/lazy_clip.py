@@ -26,7 +26,7 @@ from . import ghost_layers as gl
 from .clipping import ClippingConfig
 from .engine import Inputs, LossFn
 from .errors import UnsupportedModuleError
-from .ghost import Plan, clip_chunks, plan_key
+from .ghost import DenseSums, Plan, clip_chunks, plan_key
 
 TABLE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -103,14 +103,12 @@ def sparse_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targe
     repeated (no sort): enough for an update by ``index_add_``.
     """
     plan, tables = plan or LazyPlans(model).get()
-    params = plan.params
-    dense: dict[str, torch.Tensor] = {}
+    dense = DenseSums(plan.params)
     parts: dict[str, list] = {k: [] for k in tables}
 
     def sink(k: str, terms: list, f: torch.Tensor) -> None:
         if k not in parts:
-            part = gl.clipped_sum(terms, f, params[k].shape)
-            dense[k] = part if k not in dense else dense[k] + part
+            dense(k, terms, f)
         elif all(isinstance(t, gl.Rows) for t in terms):
             parts[k] += [(t.idx.reshape(-1), (t.right * f.view(-1, 1, 1)).reshape(-1, t.right.shape[2])) for t in terms]
         else:
@@ -123,8 +121,7 @@ def sparse_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targe
         raise UnsupportedModuleError(
             "the lazy embedding path cannot bound each example's gradient for this model: a parameter is used "
             "outside its own module's forward, or the forward mixes examples; use mechanism='dpsgd'")
-    out = {k: dense[k].to(p.dtype) if k in dense else torch.zeros_like(p)
-           for k, p in params.items() if k not in tables}
+    out = dense.result([k for k in plan.params if k not in tables])
     rows = {k: _table_rows(parts[k], m.weight, coalesce) for k, m in tables.items()}
     return SparseClippedBatch(out, rows, totals.batch_size, totals.loss_sum, totals.count_tensors()[0])
 
