@@ -57,8 +57,12 @@ class LazyNoiseTable:
         # _cumvar[t] = Σ_{u<t} (lr_u σC/B)², grown by doubling
         self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
 
+    def _owed_var(self, last_steps: torch.Tensor) -> torch.Tensor:
+        """Σ of the step variances since each ``last_steps`` entry: _cumvar[step] − _cumvar[last]."""
+        return self._total - self._cumvar.index_select(0, last_steps)
+
     def _pending_var(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._total - self._cumvar.index_select(0, self.last_step.index_select(0, rows))
+        return self._owed_var(self.last_step.index_select(0, rows))
 
     def _append_cumvar(self, value: float) -> None:
         if self.step + 1 >= self._cumvar.numel():
@@ -119,7 +123,7 @@ class LazyNoiseTable:
             block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
             z = torch.randn((block.numel(), self.weight.shape[1]), generator=self.generator,
                             device=self.weight.device, dtype=self.weight.dtype)
-            std = (self._total - self._cumvar.index_select(0, block)).sqrt_().to(self.weight.dtype)
+            std = self._owed_var(block).sqrt_().to(self.weight.dtype)
             self.weight[start:start + block.numel()].addcmul_(z, std.unsqueeze(1))
             block.fill_(self.step)
         self._flushed_at = self.step

@@ -11,6 +11,7 @@ counts. CUDA generators (Philox) take a 64-bit seed: ``seed + Σ ord(device name
 """
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 
@@ -21,12 +22,19 @@ import torch
 _MT_OFFSET, _MT_WORDS = 24, 624
 
 
+def _device_offset(device_key: str) -> int:
+    """Σ ord(device name): what separates one seed's streams on different devices."""
+    return sum(map(ord, device_key))
+
+
+@functools.lru_cache(maxsize=1)
 def _mt_layout_ok() -> bool:
     """Whether this torch's CPU generator state holds mt19937's words where :func:`cpu_state` writes them."""
     g = torch.Generator()
     g.manual_seed(12345)
-    words = g.get_state()[_MT_OFFSET:_MT_OFFSET + 16].numpy().view("<u8")
-    return g.get_state().numel() >= _MT_OFFSET + 8 * _MT_WORDS and words.tolist() == [12345, 2003863422]
+    state = g.get_state()
+    words = state[_MT_OFFSET:_MT_OFFSET + 16].numpy().view("<u8")
+    return state.numel() >= _MT_OFFSET + 8 * _MT_WORDS and words.tolist() == [12345, 2003863422]
 
 
 def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
@@ -40,12 +48,13 @@ def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
     g = torch.Generator()
     g.manual_seed(0)  # a valid state to fill: left = 1 (words are used from the next draw), no cached normal
     state = g.get_state().clone()
-    words = np.random.SeedSequence([int(seed) % (1 << 64), sum(map(ord, device_key))]).generate_state(
+    seed64 = int(seed) % (1 << 64)
+    words = np.random.SeedSequence([seed64, _device_offset(device_key)]).generate_state(
         _MT_WORDS, np.uint32).astype("<u8")
     if not words.any():  # the all-zero state never leaves zero (probability 2^-19968)
         words[0] = 1
     state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS] = torch.from_numpy(words.view(np.uint8))
-    state[:8] = torch.from_numpy(np.array([int(seed) % (1 << 64)], dtype="<u8").view(np.uint8))
+    state[:8] = torch.from_numpy(np.array([seed64], dtype="<u8").view(np.uint8))
     return state
 
 
@@ -59,7 +68,7 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu") -> torch.Gen
     if state is None:
         warnings.warn("mechanisms.rng: unexpected torch CPU generator layout; seeding with manual_seed, "
                       "which keeps only 32 bits of the seed", RuntimeWarning)
-        g.manual_seed(seed + sum(map(ord, device_key)))
+        g.manual_seed(seed + _device_offset(device_key))
     else:
         g.set_state(state)
     return g
@@ -80,7 +89,7 @@ class DeviceGenerators:
                 g = cpu_generator(self.seed, key)
             else:
                 g = torch.Generator(device=device)
-                g.manual_seed(self.seed + sum(map(ord, key)))
+                g.manual_seed(self.seed + _device_offset(key))
             self._generators[key] = g
         return self._generators[key]
 
