@@ -336,6 +336,12 @@ def sq_norms(terms: list[Term]) -> torch.Tensor:
     return total
 
 
+def _split_sum(t: Term) -> bool:
+    """Whether :func:`clipped_sum` forms ``t``'s sum from narrow factors split in two
+    (:func:`dptrain.ghost_precision.outer_sum`) — exactly the terms :func:`margins` covers."""
+    return isinstance(t, Outer) and t.explicit is None and gp.narrow(t.left) and t.left.dtype == t.right.dtype
+
+
 def margins(terms: list[Term]) -> torch.Tensor | None:
     """Per example (float64 [B]), the bound over f_i on the rounding error that :func:`clipped_sum` adds
     with narrow factors (:func:`dptrain.ghost_precision.margin`); None when it adds none.
@@ -344,7 +350,7 @@ def margins(terms: list[Term]) -> torch.Tensor | None:
     """
     total = None
     for t in terms:
-        if isinstance(t, Outer) and t.explicit is None and gp.narrow(t.left) and t.left.dtype == t.right.dtype:
+        if _split_sum(t):
             part = gp.margin(t.left, t.right)
             total = part if total is None else total + part
     return total
@@ -400,7 +406,7 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
             part = _weighted_sum(f, t.explicit)
         elif isinstance(t, Conv):
             part = t.weighted(f)
-        elif isinstance(t, Outer) and gp.narrow(t.left) and t.left.dtype == t.right.dtype:
+        elif _split_sum(t):
             part = gp.outer_sum(t.left, t.right, f)
         elif isinstance(t, Outer):
             left, right = t.left.float(), t.right.float()
