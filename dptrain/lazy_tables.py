@@ -62,7 +62,7 @@ class LazyTables:
                  expected_batch_size: float, seed: int | None) -> None:
         self.model, self.modules = model, dict(tables)
         self._rng = DeviceGenerators(seed)
-        self.noise = {k: LazyNoiseTable(m.weight.data, noise_std, expected_batch_size, self._rng.get(m.weight.device))
+        self.noise = {k: LazyNoiseTable(m.weight.data, noise_std, expected_batch_size, self._rng.streams(m.weight.device))
                       for k, m in self.modules.items()}
         self._dirty = False  # some row may lack noise of a past step
         #: catch-up without a host sync (sorted entries) — None: on a GPU; the CPU default saves draws

@@ -51,18 +51,15 @@ class GaussianMechanism(NoiseMechanism):
         return self.privatize_mean(clipped_sums, step, 1.0)
 
     def privatize_mean(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
-        """(S + σC·Z) / m with Z ~ N(0, I) drawn from this device's generator.
-
-        The same numbers (and stream) as ``(s + std * torch.randn(...)) / m``, computed in place
-        in one buffer per parameter: no temporaries.
+        """(S + σC·Z) / m with Z ~ N(0, I) drawn from the device's noise streams
+        (:class:`mechanisms.normal_streams.NormalStreams`: parallel on the CPU), computed in place in
+        one buffer per parameter: no temporaries.
         """
         std = self.noise_std
-        out = []
-        for s in clipped_sums:
-            noised = torch.empty_like(s)
-            noised.normal_(generator=self.generator(s.device)).mul_(std).add_(s)
-            out.append(noised.div_(divisor) if divisor != 1.0 else noised)
-        return out
+        noised = self._rng.randn_like(clipped_sums)
+        for z, s in zip(noised, clipped_sums):  # σC·Z/m + S/m: two passes over each buffer
+            z.mul_(std / divisor).add_(s, alpha=1.0 / divisor)
+        return noised
 
     def step_event(self, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(self.noise_multiplier))

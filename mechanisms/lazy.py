@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .normal_streams import NormalStreams
+
 #: rows per block of noise drawn by :meth:`LazyNoiseTable.flush`
 FLUSH_BLOCK_ROWS = 1 << 18
 
@@ -40,7 +42,7 @@ class LazyNoiseTable:
     """Pending-noise bookkeeping for one ``[rows, dim]`` table updated by plain SGD."""
 
     def __init__(self, weight: torch.Tensor, noise_std: float, expected_batch_size: float,
-                 generator: torch.Generator) -> None:
+                 noise: NormalStreams | torch.Generator) -> None:
         if weight.dim() != 2:
             raise ValueError(f"LazyNoiseTable: expected a [rows, dim] table, got shape {tuple(weight.shape)}")
         if noise_std < 0 or expected_batch_size <= 0:
@@ -49,7 +51,8 @@ class LazyNoiseTable:
         self.weight = weight
         self.noise_std = float(noise_std)
         self.expected_batch_size = float(expected_batch_size)
-        self.generator = generator
+        #: where the draws come from (a flush's blocks are drawn in parallel on the CPU's streams)
+        self.streams = noise if isinstance(noise, NormalStreams) else NormalStreams([noise])
         self.step = 0  # number of optimizer steps taken so far
         self._total = 0.0  # Σ_{u<step} (lr_u σC/B)², the host copy of _cumvar[step]
         self._flushed_at = 0  # every row is up to date at this step (no step taken since the flush)
@@ -89,8 +92,7 @@ class LazyNoiseTable:
             var[1:] *= rows[1:] != rows[:-1]
         else:
             var = self._pending_var(rows)
-        z = torch.randn((rows.numel(), self.weight.shape[1]), generator=self.generator,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        z = self.streams.randn((rows.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device)
         z *= var.sqrt_().to(self.weight.dtype).unsqueeze(1)
         self.weight.index_add_(0, rows, z)
         self.last_step.index_fill_(0, rows, self.step)
@@ -121,12 +123,15 @@ class LazyNoiseTable:
             return
         for start in range(0, self.last_step.numel(), FLUSH_BLOCK_ROWS):
             block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
-            z = torch.randn((block.numel(), self.weight.shape[1]), generator=self.generator,
-                            device=self.weight.device, dtype=self.weight.dtype)
+            z = self.streams.randn((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device)
             std = self._owed_var(block).sqrt_().to(self.weight.dtype)
             self.weight[start:start + block.numel()].addcmul_(z, std.unsqueeze(1))
             block.fill_(self.step)
         self._flushed_at = self.step
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.streams.generator
 
     @property
     def is_flushed(self) -> bool:
@@ -138,7 +143,7 @@ class LazyNoiseTable:
             raise RuntimeError("LazyNoiseTable: flush() before saving; the per-row table of last updates "
                                "reveals which rows were used and must not leave the process unflushed")
         return {"step": self.step, "cumvar_last": self._total,
-                "generator": self.generator.get_state()}
+                "generator": self.streams.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -147,4 +152,5 @@ class LazyNoiseTable:
         self._cumvar = torch.zeros(max(64, 2 * (self.step + 1)), dtype=torch.float64, device=self.weight.device)
         self._total = float(state["cumvar_last"])
         self._cumvar[self.step] = self._total
-        self.generator.set_state(state["generator"])
+        saved = state["generator"]
+        self.streams.load_state_dict([saved] if isinstance(saved, torch.Tensor) else saved)

@@ -1,8 +1,9 @@
 """Per-device random generators for noise, seeded from one seed and checkpointable.
 
 Noise is drawn on the device of the tensor it is added to; each device gets its own
-``torch.Generator``, so a run reproduces its noise from (seed, generator states). The seed
-defaults to 62 bits from the OS's entropy.
+``torch.Generator`` (a CUDA device) or :data:`~mechanisms.normal_streams.STREAMS` of them drawn in
+parallel (the CPU: :mod:`mechanisms.normal_streams`), so a run reproduces its noise from (seed,
+generator states). The seed defaults to 62 bits from the OS's entropy.
 
 Seed entropy: torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``, so
 2^32 seeds would cover every CPU noise stream. Here a CPU generator's whole 624-word state is
@@ -14,9 +15,12 @@ from __future__ import annotations
 import functools
 import secrets
 import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from .normal_streams import STREAMS, NormalStreams
 
 #: byte offset and count of the 624 mt19937 words (stored as uint64) in a CPU generator's state
 _MT_OFFSET, _MT_WORDS = 24, 624
@@ -37,8 +41,9 @@ def _mt_layout_ok() -> bool:
     return state.numel() >= _MT_OFFSET + 8 * _MT_WORDS and words.tolist() == [12345, 2003863422]
 
 
-def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
-    """A CPU generator state whose 624 mt19937 words come from ``SeedSequence([seed, Σ ord(key)])``.
+def cpu_state(seed: int, device_key: str = "cpu", stream: int = 0) -> torch.Tensor | None:
+    """A CPU generator state whose 624 mt19937 words come from ``SeedSequence([seed, Σ ord(key)])``
+    (stream 0) or from its child ``SeedSequence([seed, Σ ord(key)], spawn_key=(stream,))``.
 
     None if this torch's state layout is not the expected one (the caller then falls back to
     ``manual_seed``, which uses 32 bits of the seed).
@@ -49,7 +54,8 @@ def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
     g.manual_seed(0)  # a valid state to fill: left = 1 (words are used from the next draw), no cached normal
     state = g.get_state().clone()
     seed64 = int(seed) % (1 << 64)
-    words = np.random.SeedSequence([seed64, _device_offset(device_key)]).generate_state(
+    spawn_key = (int(stream),) if stream else ()
+    words = np.random.SeedSequence([seed64, _device_offset(device_key)], spawn_key=spawn_key).generate_state(
         _MT_WORDS, np.uint32).astype("<u8")
     if not words.any():  # the all-zero state never leaves zero (probability 2^-19968)
         words[0] = 1
@@ -58,14 +64,17 @@ def cpu_state(seed: int, device_key: str = "cpu") -> torch.Tensor | None:
     return state
 
 
-def cpu_generator(seed: int | None = None, device_key: str = "cpu") -> torch.Generator:
+def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int = 0) -> torch.Generator:
     """A CPU ``torch.Generator`` whose whole mt19937 state comes from ``seed`` (:func:`cpu_state`);
     ``seed=None``: 62 bits from the OS's entropy. Use it for every stream a guarantee relies on
     (noise, Poisson sampling)."""
     seed = int(seed) if seed is not None else secrets.randbits(62)
     g = torch.Generator()
-    state = cpu_state(seed, device_key)
+    state = cpu_state(seed, device_key, stream)
     if state is None:
+        if stream:
+            raise RuntimeError("mechanisms.rng: unexpected torch CPU generator layout; a child stream "
+                               f"(stream={stream}) needs it — use stream 0")
         warnings.warn("mechanisms.rng: unexpected torch CPU generator layout; seeding with manual_seed, "
                       "which keeps only 32 bits of the seed", RuntimeWarning)
         g.manual_seed(seed + _device_offset(device_key))
@@ -75,30 +84,55 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu") -> torch.Gen
 
 
 class DeviceGenerators:
-    """``get(device)`` returns that device's generator (created on first use)."""
+    """``streams(device)`` returns that device's :class:`NormalStreams` (created on first use),
+    ``get(device)`` its generator (stream 0)."""
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
-        self._generators: dict[str, torch.Generator] = {}
+        self._streams: dict[str, NormalStreams] = {}
+
+    def _new(self, key: str) -> NormalStreams:
+        device = torch.device(key)
+        if device.type == "cpu":
+            n = STREAMS if _mt_layout_ok() else 1  # child streams need the whole-state seeding
+            return NormalStreams([cpu_generator(self.seed, key, k) for k in range(n)])
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed + _device_offset(key))
+        return NormalStreams([g])
+
+    def streams(self, device: torch.device | str) -> NormalStreams:
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = self._new(key)
+        return self._streams[key]
 
     def get(self, device: torch.device | str) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            device = torch.device(key)
-            if device.type == "cpu":
-                g = cpu_generator(self.seed, key)
-            else:
-                g = torch.Generator(device=device)
-                g.manual_seed(self.seed + _device_offset(key))
-            self._generators[key] = g
-        return self._generators[key]
+        return self.streams(device).generator
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: g.get_state() for k, g in self._generators.items()}
+    def randn_like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A new contiguous N(0, I) tensor shaped like each of ``tensors`` (same device and dtype),
+        all of one device's drawn in one :meth:`NormalStreams.normal_` (in order, so the draws do
+        not depend on how the tensors are grouped by device)."""
+        out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        by_device: dict[str, list[torch.Tensor]] = {}
+        for z in out:
+            by_device.setdefault(str(z.device), []).append(z)
+        for key, zs in by_device.items():
+            self.streams(key).normal_(zs)
+        return out
 
-    def load_state_dict(self, seed: int, states: dict[str, torch.Tensor]) -> None:
-        self.seed, self._generators = int(seed), {}
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {k: s.state_dict() for k, s in self._streams.items()}
+
+    def load_state_dict(self, seed: int, states: dict[str, list[torch.Tensor] | torch.Tensor]) -> None:
+        """``states`` from :meth:`state_dict`; a device saved with one state (an older checkpoint)
+        resumes stream 0 and starts its other streams from fresh OS entropy, so no noise repeats."""
+        self.seed, self._streams = int(seed), {}
         for key, st in states.items():
-            g = torch.Generator(device=torch.device(key))
-            g.set_state(st)
-            self._generators[key] = g
+            if isinstance(st, torch.Tensor):  # one state per device: an older checkpoint
+                streams = DeviceGenerators()._new(key)  # streams k >= 1 from fresh entropy
+                streams.generators[0].set_state(st)
+            else:
+                streams = self._new(key)
+                streams.load_state_dict(st)
+            self._streams[key] = streams

@@ -8,10 +8,9 @@ C = I (one band) gives w_t = z_t, DP-SGD's noise; the full Toeplitz square root 
 mechanism", bands = n) keeps every past output, O(t × model size) — that is the price of
 its dense C⁻¹.
 
-Randomness: z_t is drawn for each tensor, in order, with ``torch.randn(shape,
-generator=g, dtype=tensor.dtype, device=tensor.device)`` from one generator per device,
-seeded like :class:`mechanisms.gaussian.GaussianMechanism` (:class:`mechanisms.rng.DeviceGenerators`), so
-C = I reproduces GaussianMechanism's noise bit for bit. The ring buffer has the tensors'
+Randomness: z_t is drawn for all tensors at once by ``DeviceGenerators.randn_like`` (parallel
+streams on the CPU), seeded like :class:`mechanisms.gaussian.GaussianMechanism`, so C = I
+reproduces GaussianMechanism's noise bit for bit. The ring buffer has the tensors'
 dtype (float32 models: float32 arithmetic).
 """
 from __future__ import annotations
@@ -87,8 +86,7 @@ class StreamingCorrelatedNoise:
             weights[(t - torch.arange(1, row.shape[0])) % m] = torch.from_numpy(row[1:].copy())
         cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         out = []
-        for ref, buf in zip(like, self._buffers):
-            z = torch.randn(ref.shape, generator=self.generator(ref.device), device=ref.device, dtype=ref.dtype)
+        for ref, buf, z in zip(like, self._buffers, self._rng.randn_like(like)):
             w = z.reshape(-1)
             if row.shape[0] > 1:
                 key = (buf.device, buf.dtype)

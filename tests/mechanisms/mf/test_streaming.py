@@ -15,12 +15,13 @@ SHAPES = [(3, 4), (5,)]
 
 
 def white_noise(seed: int, n: int, dtype=torch.float64) -> list[np.ndarray]:
-    """Z as the stream draws it: per step, one randn per tensor, in order, from one CPU generator."""
-    g = DeviceGenerators(seed).get("cpu")
+    """Z as the stream draws it: per step, one ``randn_like`` of all tensors from the CPU's noise streams."""
+    gens = DeviceGenerators(seed)
+    like = [torch.zeros(shape, dtype=dtype) for shape in SHAPES]
     per_tensor = [[] for _ in SHAPES]
     for _ in range(n):
-        for i, shape in enumerate(SHAPES):
-            per_tensor[i].append(torch.randn(shape, generator=g, dtype=dtype).reshape(-1).numpy())
+        for i, z in enumerate(gens.randn_like(like)):
+            per_tensor[i].append(z.reshape(-1).numpy())
     return [np.stack(z) for z in per_tensor]  # each [n, numel]
 
 
