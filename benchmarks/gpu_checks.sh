@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go (for a lent CUDA machine): the CUDA tests (pytest -m cuda), then
-# benchmarks/engine.py and benchmarks/lazydp.py on cuda, then the engine under bf16 autocast.
+# benchmarks/engine.py on cuda, profiles of the GPT-2-small-sized step, the engine under bf16 autocast,
+# benchmarks/lazydp.py on cuda, and the CPU noise streams on the GPU machine's cores.
 # Logs and JSON go to $OUT (default ./gpu_out). Each part has its own time limit so that one
 # slow part cannot take the others' time.   Usage: bash benchmarks/gpu_checks.sh
 set -u
@@ -21,7 +22,13 @@ part() {  # part NAME SECONDS COMMAND...: stdout to NAME.json (or .txt), stderr 
 }
 part cuda_tests "${T_TESTS:-120}" $py -m pytest -q -m cuda -p no:cacheprovider tests
 tail -n 15 "$OUT/cuda_tests.out"
-part engine_cuda "${T_ENGINE:-220}" $py benchmarks/engine.py --device cuda --repeats "${REPEATS:-10}"
-part lazydp_cuda "${T_LAZY:-170}" $py benchmarks/lazydp.py --device cuda --repeats "${REPEATS:-10}" --max-gb 100
+part engine_cuda "${T_ENGINE:-220}" $py benchmarks/engine.py --device cuda --repeats "${REPEATS:-10}" \
+  --modes ${ENGINE_MODES:-nonprivate dptrain opacus-hooks opacus-ghost}
+for mode in nonprivate dptrain; do
+  part "profile_gpt2_$mode" "${T_PROFILE:-60}" $py benchmarks/profile_step.py --model gpt2small --mode $mode --device cuda
+done
 part engine_cuda_amp "${T_AMP:-90}" $py benchmarks/engine.py --device cuda --amp --repeats "${REPEATS:-10}" \
   --models transformer gpt2small --modes nonprivate dptrain
+part lazydp_cuda "${T_LAZY:-170}" $py benchmarks/lazydp.py --device cuda --repeats "${REPEATS:-10}" --max-gb 100 \
+  --modes ${LAZY_MODES:-nonprivate eager eager-noise-floor opacus-ghost lazy}
+part noise_streams_cpu "${T_NOISE:-60}" $py benchmarks/noise_streams.py
