@@ -121,9 +121,12 @@ class LazyNoiseTable:
         """
         if self._flushed_at == self.step:
             return
-        for start in range(0, self.last_step.numel(), FLUSH_BLOCK_ROWS):
+        rows, dim = self.weight.shape
+        buf = torch.empty((min(rows, FLUSH_BLOCK_ROWS), dim), dtype=self.weight.dtype, device=self.weight.device)
+        for start in range(0, rows, FLUSH_BLOCK_ROWS):
             block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
-            z = self.streams.randn((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device)
+            z = buf[:block.numel()]  # one buffer for every block: its pages are faulted in once
+            self.streams.normal_([z])
             std = self._owed_var(block).sqrt_().to(self.weight.dtype)
             self.weight[start:start + block.numel()].addcmul_(z, std.unsqueeze(1))
             block.fill_(self.step)
