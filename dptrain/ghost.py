@@ -32,6 +32,7 @@ from torch.func import vmap
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
+from . import ghost_algebra as ga
 from . import ghost_layers as gl
 from . import ghost_rows
 from . import ghost_precision as gp
@@ -242,7 +243,7 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
 def _sums_to(terms: list, want: torch.Tensor | None, p: torch.Tensor, b: int) -> bool:
     """Σ_i of the per-example gradients equals the batch gradient (guards the vmap(vjp) fallback)."""
     want = torch.zeros_like(p, dtype=torch.float32) if want is None else want.float()
-    got = gl.clipped_sum(gl.merge(terms, p.shape), torch.ones(b, device=p.device), p.shape) if terms else 0 * want
+    got = ga.clipped_sum(gl.merge(terms, p.shape), torch.ones(b, device=p.device), p.shape) if terms else 0 * want
     scale = float(want.abs().max()) if want.numel() else 0.0
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-5 * scale + 1e-7))
 
@@ -278,7 +279,7 @@ def ghost_norms(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torc
     if res is None:
         return None
     with _float32(y.device.type):
-        return {k: gl.refine(res[0][k], gl.sq_norms(res[0][k])).sqrt() if k in res[0] else zero
+        return {k: ga.refine(res[0][k], ga.sq_norms(res[0][k])).sqrt() if k in res[0] else zero
                 for k in plan.params}
 
 
@@ -301,7 +302,7 @@ class DenseSums:
         self.params, self.sums = params, {}
 
     def __call__(self, k: str, terms: list, f: torch.Tensor) -> None:
-        part = gl.clipped_sum(terms, f, self.params[k].shape)
+        part = ga.clipped_sum(terms, f, self.params[k].shape)
         self.sums[k] = part if k not in self.sums else self.sums[k] + part
 
     def result(self, names) -> dict[str, torch.Tensor]:
@@ -355,7 +356,7 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
             factors, keep, chunk_loss = _clip_factors(merged, params, config, b, losses)
             f32 = {id(f): f.float() for f in factors.values()}  # flat clipping: one cast for all parameters
             for k, terms in merged.items():
-                sink(k, terms if keep is None else gl.drop_examples(terms, keep[k]), f32[id(factors[k])])
+                sink(k, terms if keep is None else ga.drop_examples(terms, keep[k]), f32[id(factors[k])])
         n += b
         loss_sum += chunk_loss
         losses_all.append(losses.detach().reshape(-1))
@@ -371,19 +372,19 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
 
     Every squared norm finite means every factor is positive and every term finite: all examples kept.
-    Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_layers.margins`).
+    Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_algebra.margins`).
     """
     device = next(iter(params.values())).device
-    sq = {k: gl.sq_norms(t) for k, t in merged.items()}
+    sq = {k: ga.sq_norms(t) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
     total = torch.stack(list(sq.values())).sum(0) if sq else zero
     # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
     flag, loss_sum = torch.stack([total.sum(), losses.detach().sum().double()]).tolist()
     finite = math.isfinite(flag)
     if not finite:  # float32 overflow, or a non-finite gradient
-        sq = {k: gl.refine(merged[k], v) for k, v in sq.items()}
+        sq = {k: ga.refine(merged[k], v) for k, v in sq.items()}
         total = sum(sq.values(), zero)
-    extra = {k: m for k, m in ((k, gl.margins(t)) for k, t in merged.items()) if m is not None}
+    extra = {k: m for k, m in ((k, ga.margins(t)) for k, t in merged.items()) if m is not None}
     if config.thresholds is None:
         norm = torch.sqrt(total) + sum(extra.values(), zero) if extra else torch.sqrt(total)
         factors = dict.fromkeys(params, _factor(norm, config.max_grad_norm))

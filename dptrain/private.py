@@ -352,7 +352,7 @@ class PrivateTraining:
 
     def step(self, inputs: Any, targets: torch.Tensor | None = None) -> float:
         """One private step on a Poisson-sampled batch; returns the batch's mean loss."""
-        plan = self._require_attached()
+        self._require_attached()
         if targets is None:
             inputs, targets = _unpack(inputs)
         if self.adaptive is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dptrain import ghost_layers as gl
+from dptrain import ghost_algebra as ga
 from dptrain import ghost_rows as gr
 
 
@@ -20,7 +20,7 @@ def test_rows_norms_equal_the_explicit_gradients(t):
     explicit = torch.zeros(b, v, d, dtype=torch.float64).index_put_(
         (torch.arange(b)[:, None].expand(b, t), idx), right.double(), accumulate=True)
     want = explicit.square().sum((1, 2))
-    got = gl.sq_norms([term])
+    got = ga.sq_norms([term])
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -33,6 +33,6 @@ def test_rows_with_cancelling_duplicates_have_norm_zero_up_to_rounding(t):
     right[:, 1] *= -1
     if t == 3:
         right[:, 2] = 0
-    got = gl.sq_norms([gr.Rows(torch.zeros(4, t, dtype=torch.long), right, 3)])
+    got = ga.sq_norms([gr.Rows(torch.zeros(4, t, dtype=torch.long), right, 3)])
     scale = right.double().square().sum((1, 2))
     assert (got >= 0).all() and (got <= 1e-6 * scale).all()

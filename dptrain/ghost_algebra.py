@@ -1,0 +1,209 @@
+"""Algebra on the factored per-example gradients of :mod:`dptrain.ghost_layers`: norms, masking, clipped sums.
+
+For the terms of one parameter (merged by :func:`dptrain.ghost_layers.merge`):
+
+* :func:`sq_norms` — ‖G_i‖² per example without forming G_i where a factored form is cheaper:
+  ‖a_i‖²‖b_i‖² for T = 1 (Goodfellow 2015), the T×T Gram trick Σ_{t,s}(L_it·L_is)(R_it·R_is) or the
+  explicit L_iᵀR_i for sequences, whichever is cheaper (Li et al. 2022; Bu et al. 2023), conv
+  per-example gradients by one grouped backward, embedding rows by their segment sums, and the exact
+  cross term of an Outer + Rows pair (a tied embedding). float32 arithmetic, float64 results;
+  :func:`refine` recomputes a float32 overflow in float64, so an exploding example is clipped, not dropped.
+* :func:`margins` — the rounding bound of the bf16 split sums, added to the norm (CUDA autocast).
+* :func:`drop_examples` and :func:`clipped_sum` — Σ_i f_i G_i from the factors: (f ⊙ L)ᵀ R, an
+  index_add of f-scaled rows, a conv weight gradient of f-scaled output grads, or Σ_i f_i P_i.
+
+Privacy assumption: example i's factors depend on example i alone (``make_private`` checks the
+batched pass against per-example runs on a probe batch), so with f_i = min(1, C/‖G_i‖) each
+example's contribution to the sum is at most C.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from . import ghost_precision as gp
+from .ghost_layers import Conv, Dense, Outer, Term
+from .ghost_precision import norm as _norm
+from .ghost_precision import sq as _sq
+from .ghost_rows import Rows
+from .ghost_rows import rows_sq as _rows_sq
+from .ghost_rows import segment_sums as _segment_sums
+
+#: element budget for intermediates ([B, T, T] Gram matrices or [B, o, i] explicit gradients)
+_BLOCK_ELEMENTS = 1 << 24
+
+# ---------------------------------------------------------------- norms
+
+
+def _slices(batch: int, per_example: int):
+    step = max(1, _BLOCK_ELEMENTS // max(per_example, 1))
+    return [slice(s, s + step) for s in range(0, batch, step)]
+
+
+def _outer_sq(term: Outer) -> torch.Tensor:
+    left, right = term.left, term.right
+    b, groups, t, o = left.shape
+    i = right.shape[3]
+    if t == 1 and groups == 1:  # ‖a_i‖²‖b_i‖² (a float32 overflow of the product is refined like any other)
+        return (_norm(left.reshape(b, o)) * _norm(right.reshape(b, i))).double().square()
+    if t == 1:
+        return (_sq(left, 2) * _sq(right, 2)).sum(1)
+    keep = b * groups * o * i <= _BLOCK_ELEMENTS
+    if t * o * i * (1 if keep else 2) < t * t * (o + i):  # explicit L_iᵀR_i beats the T×T Gram trick
+        parts = [gp.mm32(left[s].transpose(2, 3).reshape(-1, o, t), right[s].reshape(-1, t, i)).reshape(-1, groups, o, i)
+                 for s in _slices(b, groups * o * i)]
+        per = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if keep:
+            term.explicit = per  # reused by the clipped sum
+        return _sq(per)
+    out = []
+    for s in _slices(b, groups * t * t):
+        ls, rs = left[s].reshape(-1, t, o), right[s].reshape(-1, t, i)
+        gl = gp.mm32(ls, ls.transpose(1, 2)).reshape(-1, 1, groups * t * t)
+        gr = gp.mm32(rs, rs.transpose(1, 2)).reshape(-1, groups * t * t, 1)
+        out.append(torch.bmm(gl, gr).reshape(-1).double())  # Σ_{g,t,s} gl·gr per example
+    return torch.cat(out).clamp_min(0.0)  # rounding can leave a tiny negative value
+
+
+def _conv_sq(term: Conv) -> torch.Tensor:
+    b, size = term.a.shape[0], term.weight_shape.numel()
+    parts = [term.per_example(s) for s in _slices(b, size)]
+    if b * size <= _BLOCK_ELEMENTS:
+        term.explicit = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.cat([_sq(p) for p in parts])
+
+
+def _cross(outer: Outer, rows: Rows) -> torch.Tensor:
+    """⟨Σ_t L_t R_tᵀ, Σ_s e_{idx_s} Q_sᵀ⟩ = Σ_{t,s} L_t[idx_s] (R_t·Q_s), per example."""
+    left, right = outer.left[:, 0].float(), outer.right[:, 0].float()  # [B, T, V], [B, T, d]
+    b, t = left.shape[:2]
+    out = []
+    for s in _slices(b, t * rows.idx.shape[1]):
+        picked = left[s].gather(2, rows.idx[s].unsqueeze(1).expand(-1, t, -1))
+        dots = torch.matmul(right[s], rows.right[s].transpose(1, 2))
+        out.append((picked.double() * dots.double()).sum((1, 2)))
+    return torch.cat(out)
+
+
+def _select(term: Term, keep: torch.Tensor, dtype: torch.dtype) -> Term:
+    """The examples ``keep`` of a term, cast to ``dtype``."""
+    if isinstance(term, Outer):
+        return Outer(term.left[keep].to(dtype), term.right[keep].to(dtype))
+    if isinstance(term, Conv):
+        return replace(term, a=term.a[keep].to(dtype), g=term.g[keep].to(dtype), explicit=None)
+    if isinstance(term, Rows):
+        return Rows(term.idx[keep], term.right[keep].to(dtype), term.num_rows)
+    return Dense(term.grads[keep].to(dtype))
+
+
+def sq_norms(terms: list[Term]) -> torch.Tensor:
+    """‖Σ_terms G_i‖² per example (float64 result, float32 arithmetic) for merged terms."""
+    total = None
+    for term in terms:
+        if isinstance(term, Outer):
+            part = _outer_sq(term)
+        elif isinstance(term, Conv):
+            part = _conv_sq(term)
+        elif isinstance(term, Rows):
+            part = _rows_sq(term)
+        else:
+            part = _sq(term.grads)
+        total = part if total is None else total + part
+    if len(terms) == 2:
+        total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
+    assert total is not None
+    return total
+
+
+def _split_sum(t: Term) -> bool:
+    """Whether :func:`clipped_sum` forms ``t``'s sum from narrow factors split in two
+    (:func:`dptrain.ghost_precision.outer_sum`) — exactly the terms :func:`margins` covers."""
+    return isinstance(t, Outer) and t.explicit is None and gp.narrow(t.left) and t.left.dtype == t.right.dtype
+
+
+def margins(terms: list[Term]) -> torch.Tensor | None:
+    """Per example (float64 [B]), the bound over f_i on the rounding error that :func:`clipped_sum` adds
+    with narrow factors (:func:`dptrain.ghost_precision.margin`); None when it adds none.
+
+    Call after :func:`sq_norms` (which may form the float32 per-example gradients instead).
+    """
+    total = None
+    for t in terms:
+        if _split_sum(t):
+            part = gp.margin(t.left, t.right)
+            total = part if total is None else total + part
+    return total
+
+
+def refine(terms: list[Term], sq: torch.Tensor) -> torch.Tensor:
+    """Recompute non-finite entries of :func:`sq_norms` from float64 copies of the factors.
+
+    An outlier whose float32 arithmetic overflows gets its true (finite) norm and is clipped;
+    only truly non-finite gradients stay non-finite (and are then dropped).
+    """
+    bad = ~torch.isfinite(sq)
+    if bool(bad.any()):
+        sq = sq.clone()
+        sq[bad] = sq_norms([_select(t, bad, torch.float64) for t in terms])
+    return sq
+
+
+# ---------------------------------------------------------------- masking and clipped sums
+
+
+def _zero(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def drop_examples(terms: list[Term], keep: torch.Tensor) -> list[Term]:
+    """Zero the contribution of examples with ``keep[i] = False`` (non-finite gradients)."""
+    out: list[Term] = []
+    for t in terms:
+        if isinstance(t, Outer):
+            ex = None if t.explicit is None else _zero(t.explicit, keep)
+            out.append(Outer(_zero(t.left, keep), _zero(t.right, keep), ex))
+        elif isinstance(t, Conv):
+            ex = None if t.explicit is None else _zero(t.explicit, keep)
+            out.append(replace(t, a=_zero(t.a, keep), g=_zero(t.g, keep), explicit=ex))
+        elif isinstance(t, Rows):
+            out.append(replace(t, right=_zero(t.right, keep)))
+        else:
+            out.append(Dense(_zero(t.grads, keep)))
+    return out
+
+
+def _weighted_sum(f: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+    """Σ_i f_i per[i] (flattened)."""
+    return torch.mv(per.reshape(per.shape[0], -1).t(), f.to(per.dtype))
+
+
+def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Σ_i f_i G_i without forming G_i (f: float32 [B])."""
+    total = None
+    for t in terms:
+        if isinstance(t, (Outer, Conv)) and t.explicit is not None:
+            part = _weighted_sum(f, t.explicit)
+        elif isinstance(t, Conv):
+            part = t.weighted(f)
+        elif _split_sum(t):
+            part = gp.outer_sum(t.left, t.right, f)
+        elif isinstance(t, Outer):
+            left, right = t.left.float(), t.right.float()
+            if left.shape[3] <= right.shape[3]:  # scale the smaller factor
+                left = left * f.view(-1, 1, 1, 1)
+            else:
+                right = right * f.view(-1, 1, 1, 1)
+            if left.shape[1] == 1:
+                part = left.reshape(-1, left.shape[3]).t() @ right.reshape(-1, right.shape[3])
+            else:
+                part = torch.einsum("bgto,bgti->goi", left, right)
+        elif isinstance(t, Rows):
+            d = t.right.shape[2]
+            part = _segment_sums((t.right * f.view(-1, 1, 1)).reshape(-1, d), t.idx.reshape(-1), t.num_rows)
+        else:
+            part = _weighted_sum(f, t.grads)
+        part = part.reshape(shape)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
