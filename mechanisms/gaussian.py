@@ -43,10 +43,6 @@ class GaussianMechanism(NoiseMechanism):
     def seed(self) -> int:
         return self._rng.seed
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The generator for ``device`` (created on first use, seeded from ``seed``)."""
-        return self._rng.get(device)
-
     def privatize(self, clipped_sums: Sequence[torch.Tensor], step: int) -> list[torch.Tensor]:
         return self.privatize_mean(clipped_sums, step, 1.0)
 

@@ -133,10 +133,6 @@ class LazyNoiseTable:
         self._flushed_at = self.step
 
     @property
-    def generator(self) -> torch.Generator:
-        return self.streams.generator
-
-    @property
     def is_flushed(self) -> bool:
         return bool((self.last_step == self.step).all())
 

@@ -46,9 +46,6 @@ class StreamingCorrelatedNoise:
     def seed(self) -> int:
         return self._rng.seed
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        return self._rng.get(device)
-
     def buffer_bytes(self) -> int:
         """Bytes held by the ring buffers (0 before the first step or for C = I)."""
         return sum(b.numel() * b.element_size() for b in self._buffers) if self._buffers else 0

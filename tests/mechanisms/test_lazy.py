@@ -133,6 +133,6 @@ def test_a_second_flush_without_a_step_draws_nothing():
     assert table.is_flushed and bool((w != 0).all())  # every row got the step's noise
     before = w.clone()
     table.catch_up(torch.tensor([2, 4]))  # a read of up-to-date rows adds 0
-    state = table.generator.get_state()
+    state = table.streams.generator.get_state()
     table.flush()
-    assert torch.equal(w, before) and torch.equal(table.generator.get_state(), state)
+    assert torch.equal(w, before) and torch.equal(table.streams.generator.get_state(), state)
