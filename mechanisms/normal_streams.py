@@ -45,8 +45,8 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _forget_pool_after_fork() -> None:  # a forked child has none of the parent's threads
-    global _pool
-    _pool = None
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
