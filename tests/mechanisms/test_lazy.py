@@ -136,3 +136,31 @@ def test_a_second_flush_without_a_step_draws_nothing():
     state = table.streams.generator.get_state()
     table.flush()
     assert torch.equal(w, before) and torch.equal(table.streams.generator.get_state(), state)
+
+
+def test_flush_across_parallel_noise_streams_gives_every_row_its_variance():
+    # a table of 6 pieces (6 × 65536 coordinates) drawn by the CPU's streams in two threads: every
+    # coordinate ~ N(0, v), v = (lr σC/B)² (χ² of the sum of squares per piece, each two-sided at
+    # 1e-8: false failure < 6e-8), and no two pieces repeat each other's draws
+    from mechanisms.normal_streams import PIECE, STREAMS
+    from mechanisms.rng import DeviceGenerators
+
+    rows = 6 * PIECE // 64
+    w = torch.zeros(rows, 64)
+    table = LazyNoiseTable(w, SIGMA_C, B, DeviceGenerators(17).streams("cpu"))
+    assert len(table.streams.generators) == STREAMS
+    lr = 0.5
+    table.sgd_step(torch.zeros(0, dtype=torch.long), torch.zeros(0, 64), lr)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        table.flush()
+    finally:
+        torch.set_num_threads(before)
+    v = (lr * SIGMA_C / B) ** 2
+    pieces = (w.double() ** 2 / v).reshape(6, PIECE).sum(1)
+    lo, hi = stats.chi2.ppf(0.5e-8, PIECE), stats.chi2.isf(0.5e-8, PIECE)
+    assert bool(((pieces > lo) & (pieces < hi)).all()), pieces
+    flat = w.reshape(6, PIECE)
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(6) for j in range(i))
+    assert table.is_flushed
