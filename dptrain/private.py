@@ -10,9 +10,8 @@ that would pass the budget raises :class:`BudgetExceededError` before anything r
 """
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Iterable
 
 import torch
@@ -22,79 +21,14 @@ from torch.utils.data import Dataset
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
 
-from .adaptive import ADAPTIVE_CLIPPINGS, AdaptiveClipping, adaptive_settings
+from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
 from .optimizer import DPOptimizer
+from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
 from .validation import validate
-
-MF_MECHANISMS = ("banded-mf", "multi-epoch-mf", "fft-mf")
-MECHANISMS = ("dpsgd", "lazy") + MF_MECHANISMS
-ACCOUNTANTS = accountants.ACCOUNTANTS  # ("prv", "pld", "rdp", "gdp")
-CLIPPINGS = ("flat", "per-layer") + ADAPTIVE_CLIPPINGS
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """What the user asked for (``make_private`` arguments)."""
-
-    eps: float | None
-    delta: float | None
-    max_grad_norm: float
-    mechanism: str
-    accountant: str
-    clipping: Any  # a name in CLIPPINGS, or adaptive settings (dptrain.adaptive.QuantileClipping, RLDPSettings)
-    noise_multiplier: float | None
-    chunk_size: int | None
-    seed: int | None
-    bands: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.eps is None and self.noise_multiplier is None:
-            raise PrivacyConfigError("make_private: give a target eps (e.g. eps=3) or a noise_multiplier")
-        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
-            raise PrivacyConfigError(f"make_private: eps must be a positive finite number, got {self.eps}; "
-                                     "typical values are 1 to 10")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise PrivacyConfigError(f"make_private: delta must be in (0, 1), got {self.delta}; "
-                                     "leave it None for the default 1/N^1.1")
-        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise PrivacyConfigError(f"make_private: max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise PrivacyConfigError(f"make_private: noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if self.bands is not None and self.mechanism != "banded-mf":
-            raise PrivacyConfigError(f"make_private: bands={self.bands} applies to mechanism='banded-mf' only, "
-                                     f"not {self.mechanism!r}")
-        adaptive = adaptive_settings(self.clipping) is not None
-        if adaptive and self.mechanism != "dpsgd":
-            raise PrivacyConfigError(f"make_private: clipping={self.clipping!r} works with mechanism='dpsgd' only, "
-                                     f"not {self.mechanism!r} (a correlated-noise stream fixes its noise in advance)")
-        for value, allowed, what in ((self.mechanism, MECHANISMS, "mechanism"),
-                                     (self.accountant, ACCOUNTANTS, "accountant"),
-                                     (self.clipping, CLIPPINGS, "clipping")):
-            if not (what == "clipping" and adaptive) and value not in allowed:
-                raise PrivacyConfigError(f"make_private: unknown {what} {value!r}; choose one of {allowed}")
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """What ``attach`` fixed: data size, sampling rate, steps, δ and the calibrated σ."""
-
-    dataset_size: int
-    sample_rate: float
-    steps_per_epoch: int
-    planned_steps: int
-    delta: float
-    noise_multiplier: float
-    planned_epsilon: float
-
-
-def default_delta(n: int) -> float:
-    """δ = 1/N^1.1: below 1/N, so that releasing one record in the clear is not allowed."""
-    return 1.0 / n ** 1.1
-
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
