@@ -93,10 +93,11 @@ class NormalStreams:
         work = pieces_by_stream(tensors, len(self.generators))
 
         def draw(streams: range) -> None:
-            for k in streams:
-                g = self.generators[k]
-                for p in work[k]:
-                    p.normal_(generator=g)
+            with torch.no_grad():  # grad mode is per thread: the workers need it off too
+                for k in streams:
+                    g = self.generators[k]
+                    for p in work[k]:
+                        p.normal_(generator=g)
 
         n_pieces = sum(map(len, work))
         threads = max(1, min(torch.get_num_threads(), len(self.generators), n_pieces))

@@ -96,6 +96,17 @@ def test_older_single_state_checkpoint_resumes_stream_0_and_repeats_no_other_str
     assert not torch.equal(za[PIECE:], zb[PIECE:])  # stream 1 is fresh, not the seed's
 
 
+def test_fills_a_leaf_that_requires_grad_on_every_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.zeros(4 * PIECE, requires_grad=True)
+        DeviceGenerators(2).streams("cpu").normal_([w])  # pieces on the worker threads too
+    finally:
+        torch.set_num_threads(before)
+    assert bool((w != 0).all()) and w.requires_grad
+
+
 def test_non_contiguous_tensor_is_refused():
     with pytest.raises(ValueError, match="contiguous"):
         DeviceGenerators(0).streams("cpu").normal_([torch.empty(8, 6).t()])
