@@ -92,8 +92,11 @@ class NormalStreams:
             return
         work = pieces_by_stream(tensors, len(self.generators))
 
+        inference = torch.is_inference_mode_enabled()
+
         def draw(streams: range) -> None:
-            with torch.no_grad():  # grad mode is per thread: the workers need it off too
+            # grad and inference modes are per thread: the workers take the caller's
+            with torch.inference_mode(inference), torch.no_grad():
                 for k in streams:
                     g = self.generators[k]
                     for p in work[k]:

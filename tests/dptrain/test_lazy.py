@@ -205,3 +205,22 @@ def test_a_weight_shared_by_two_table_modules_is_refused():
     model.items.num_embeddings = 30
     with pytest.raises(dptrain.PrivacyConfigError, match="shares its weight with"):
         _attach(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_an_inference_mode_evaluation_flushes_a_table_drawn_by_several_streams():
+    # 40,000 × 4 rows: the flush's block spans several noise pieces, drawn on two threads; the
+    # evaluation forward runs under torch.inference_mode, as evaluation loops often do
+    model = Rec(users=40_000)
+    priv = _attach(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    init = model.user.weight.detach().clone()
+    priv.step(*priv.loader.batch(torch.arange(10)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(2, 4, dtype=torch.long))
+    finally:
+        torch.set_num_threads(before)
+    assert priv.tables.is_flushed
+    assert bool((model.user.weight != init).all())  # every row got its noise

@@ -107,6 +107,19 @@ def test_fills_a_leaf_that_requires_grad_on_every_thread():
     assert bool((w != 0).all()) and w.requires_grad
 
 
+def test_fills_under_inference_mode_on_every_thread():
+    # e.g. a lazy table flushed by an evaluation forward run under torch.inference_mode()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            z = torch.empty(4 * PIECE)  # an inference tensor: only inference-mode threads may write it
+            DeviceGenerators(3).streams("cpu").normal_([z])
+    finally:
+        torch.set_num_threads(before)
+    assert bool((z != 0).all())
+
+
 def test_non_contiguous_tensor_is_refused():
     with pytest.raises(ValueError, match="contiguous"):
         DeviceGenerators(0).streams("cpu").normal_([torch.empty(8, 6).t()])
