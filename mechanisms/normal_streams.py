@@ -91,7 +91,6 @@ class NormalStreams:
                 t.normal_(generator=self.generators[0])
             return
         work = pieces_by_stream(tensors, len(self.generators))
-
         inference = torch.is_inference_mode_enabled()
 
         def draw(streams: range) -> None:
@@ -104,7 +103,7 @@ class NormalStreams:
 
         n_pieces = sum(map(len, work))
         threads = max(1, min(torch.get_num_threads(), len(self.generators), n_pieces))
-        if threads == 1 or n_pieces < 2:
+        if threads == 1:
             draw(range(len(self.generators)))
             return
         ranges = [range(w, len(self.generators), threads) for w in range(threads)]
