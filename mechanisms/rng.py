@@ -110,9 +110,8 @@ class DeviceGenerators:
         return self.streams(device).generator
 
     def randn_like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """A new contiguous N(0, I) tensor shaped like each of ``tensors`` (same device and dtype),
-        all of one device's drawn in one :meth:`NormalStreams.normal_` (in order, so the draws do
-        not depend on how the tensors are grouped by device)."""
+        """A new contiguous N(0, I) tensor shaped like each of ``tensors`` (same device and dtype);
+        each device's tensors, in their order, are filled by one :meth:`NormalStreams.normal_`."""
         out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         by_device: dict[str, list[torch.Tensor]] = {}
         for z in out:
