@@ -178,9 +178,10 @@ class AdaptiveClipping:
         assert priv.optimizer is not None
         mechanism = priv.optimizer.mechanism
         priv.optimizer.zero_grad()
-        x, y = priv._to_device(inputs), priv._to_device(targets)
+        params = trainable_parameters(priv.model)
+        x, y = priv._to_device(inputs, targets, params=params)
         batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size)
-        for name, p in trainable_parameters(priv.model).items():
+        for name, p in params.items():
             p.grad = batch.sums[name]
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]
         scale = config.sensitivity / self.reference_sensitivity if self.settings.scale_step else 1.0

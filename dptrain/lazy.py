@@ -33,7 +33,6 @@ from .lazy_clip import TABLE_TYPES, LazyPlans, SparseClippedBatch, sparse_clip_a
 from .lazy_tables import LazyTables
 from .optimizer import DPOptimizer
 from .private import PrivateTraining, _unpack
-from .sampling import to_device
 
 #: under mechanism="dpsgd", a table with at least this many rows switches training to lazy noise
 AUTO_MIN_ROWS = 100_000
@@ -171,7 +170,7 @@ class LazyPrivateTraining(PrivateTraining):
             return super()._probe(dataset)
         assert self.loader is not None and self.clipping is not None
         x, y = _unpack(self.loader.batch(torch.arange(min(4, len(dataset)))))
-        x, y = self._to_device(x), self._to_device(y)
+        x, y = self._to_device(x, y)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -199,8 +198,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert self.clipping is not None
         plan = self._plans.get()
         params = plan[0].params
-        device = next(iter(params.values())).device
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        inputs, targets = self._to_device(inputs, targets, params=params)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                                                         chunk_size=self.config.chunk_size, plan=plan, coalesce=False)
         for name, g in batch.dense.items():

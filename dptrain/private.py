@@ -206,7 +206,7 @@ class PrivateTraining:
         from .ghost import ghost_clip_and_sum
 
         x, y = _unpack(self.loader.batch(torch.arange(min(4, len(dataset)))))  # type: ignore[arg-type]
-        x, y = self._to_device(x), self._to_device(y)
+        x, y = self._to_device(x, y)
         was_training = self.model.training
         self.model.eval()  # same dropout masks (none) on both paths
         try:
@@ -230,8 +230,11 @@ class PrivateTraining:
                         "would not bound each example's influence. Remove batch-level operations "
                         "(batch statistics, normalisation over dim 0) from forward().")
 
-    def _to_device(self, t: Any) -> Any:
-        return to_device(t, next(iter(trainable_parameters(self.model).values())).device)
+    def _to_device(self, *values: Any, params: dict[str, nn.Parameter] | None = None) -> tuple:
+        """``values`` moved to the device of the model's trainable parameters (``params``, if at hand)."""
+        params = trainable_parameters(self.model) if params is None else params
+        device = next(iter(params.values())).device
+        return tuple(to_device(v, device) for v in values)
 
     def _require_attached(self) -> TrainingPlan:
         if self.plan is None or self.optimizer is None:
@@ -276,10 +279,10 @@ class PrivateTraining:
         """Write the clipped per-example gradient sum into each ``p.grad``; return the mean loss."""
         self._require_attached()
         assert self.clipping is not None
-        inputs, targets = self._to_device(inputs), self._to_device(targets)
+        params = trainable_parameters(self.model)
+        inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                              chunk_size=self.config.chunk_size)
-        params = trainable_parameters(self.model)
         for name, p in params.items():
             p.grad = batch.sums[name]
         return batch.mean_loss
