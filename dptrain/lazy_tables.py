@@ -130,6 +130,11 @@ class LazyTables:
         if missing:
             raise ValueError(f"LazyTables.load_state_dict: checkpoint has no lazy-noise state for tables "
                              f"{sorted(missing)}; it was saved from a different model")
+        # the tables of one device share one noise source: resume it once, from the first one's state
+        first = {}
         for k, t in self.noise.items():
-            t.load_state_dict(state[k])
+            first.setdefault(str(t.weight.device), state[k]["generator"])
+        self._rng.load_state_dict(self._rng.seed, first)
+        for k, t in self.noise.items():
+            t.load_state_dict(state[k], source=self._rng.streams(t.weight.device))
         self._dirty = False

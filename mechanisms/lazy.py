@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from .normal_streams import NormalStreams
+from .normal_streams import NormalSource, NormalStreams
+from .rng import source_from_state
 
 #: rows per block of noise drawn by :meth:`LazyNoiseTable.flush`
 FLUSH_BLOCK_ROWS = 1 << 18
@@ -42,7 +43,7 @@ class LazyNoiseTable:
     """Pending-noise bookkeeping for one ``[rows, dim]`` table updated by plain SGD."""
 
     def __init__(self, weight: torch.Tensor, noise_std: float, expected_batch_size: float,
-                 noise: NormalStreams | torch.Generator) -> None:
+                 noise: NormalSource | torch.Generator) -> None:
         if weight.dim() != 2:
             raise ValueError(f"LazyNoiseTable: expected a [rows, dim] table, got shape {tuple(weight.shape)}")
         if noise_std < 0 or expected_batch_size <= 0:
@@ -52,7 +53,7 @@ class LazyNoiseTable:
         self.noise_std = float(noise_std)
         self.expected_batch_size = float(expected_batch_size)
         #: where the draws come from (a flush's blocks are drawn in parallel on the CPU's streams)
-        self.streams = noise if isinstance(noise, NormalStreams) else NormalStreams([noise])
+        self.streams: NormalSource = NormalStreams([noise]) if isinstance(noise, torch.Generator) else noise
         self.step = 0  # number of optimizer steps taken so far
         self._total = 0.0  # Σ_{u<step} (lr_u σC/B)², the host copy of _cumvar[step]
         self._flushed_at = 0  # every row is up to date at this step (no step taken since the flush)
@@ -144,12 +145,15 @@ class LazyNoiseTable:
         return {"step": self.step, "cumvar_last": self._total,
                 "generator": self.streams.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: NormalSource | None = None) -> None:
+        """Counters, and the noise source: ``source`` (already at the saved state: tables that share
+        one source must go on sharing it) or, if None, one made from the saved state."""
         self.step = int(state["step"])
         self.last_step.fill_(self.step)
         self._flushed_at = self.step
         self._cumvar = torch.zeros(max(64, 2 * (self.step + 1)), dtype=torch.float64, device=self.weight.device)
         self._total = float(state["cumvar_last"])
         self._cumvar[self.step] = self._total
-        saved = state["generator"]
-        self.streams.load_state_dict([saved] if isinstance(saved, torch.Tensor) else saved)
+        if source is None:
+            source = source_from_state(state["generator"], str(self.weight.device))
+        self.streams = source

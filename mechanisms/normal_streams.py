@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -68,6 +68,18 @@ def pieces_by_stream(tensors: Sequence[torch.Tensor], streams: int = STREAMS,
             out[j % streams].append(flat[start:start + piece])
             j += 1
     return out
+
+
+class NormalSource(Protocol):
+    """What noise is drawn from: :class:`NormalStreams`, or :class:`mechanisms.philox_normals.PhiloxNormals`."""
+
+    def normal_(self, tensors: Sequence[torch.Tensor]) -> None: ...
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 class NormalStreams:

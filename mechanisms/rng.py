@@ -1,9 +1,11 @@
 """Per-device random generators for noise, seeded from one seed and checkpointable.
 
-Noise is drawn on the device of the tensor it is added to; each device gets its own
-``torch.Generator`` (a CUDA device) or :data:`~mechanisms.normal_streams.STREAMS` of them drawn in
-parallel (the CPU: :mod:`mechanisms.normal_streams`), so a run reproduces its noise from (seed,
-generator states). The seed defaults to 62 bits from the OS's entropy.
+Noise is drawn on the device of the tensor it is added to; each device gets its own source, so a
+run reproduces its noise from (seed, source states). The CPU's is a Philox stream drawn by the
+compiled kernel (:mod:`mechanisms.philox_normals`), or, where that kernel is not installed,
+:data:`~mechanisms.normal_streams.STREAMS` torch generators drawn in parallel
+(:mod:`mechanisms.normal_streams`); a CUDA device's is its ``torch.Generator`` (Philox). The seed
+defaults to 62 bits from the OS's entropy.
 
 Seed entropy: torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``, so
 2^32 seeds would cover every CPU noise stream. Here a CPU generator's whole 624-word state is
@@ -20,7 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .normal_streams import STREAMS, NormalStreams
+from . import philox_normals
+from .normal_streams import STREAMS, NormalSource, NormalStreams
+from .philox_normals import PhiloxNormals
 
 #: byte offset and count of the 624 mt19937 words (stored as uint64) in a CPU generator's state
 _MT_OFFSET, _MT_WORDS = 24, 624
@@ -83,31 +87,36 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int 
     return g
 
 
+def cpu_torch_streams(seed: int, device_key: str = "cpu") -> NormalStreams:
+    """torch's CPU generators as noise streams: :data:`STREAMS` of :func:`cpu_generator` (one if this
+    torch's state layout is not the expected one: child streams need the whole-state seeding)."""
+    n = STREAMS if _mt_layout_ok() else 1
+    return NormalStreams([cpu_generator(seed, device_key, k) for k in range(n)])
+
+
 class DeviceGenerators:
-    """``streams(device)`` returns that device's :class:`NormalStreams` (created on first use),
-    ``get(device)`` its generator (stream 0)."""
+    """``streams(device)`` returns that device's noise source (created on first use): a
+    :class:`PhiloxNormals` on the CPU where the kernel is installed, else a :class:`NormalStreams`."""
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
-        self._streams: dict[str, NormalStreams] = {}
+        self._streams: dict[str, NormalSource] = {}
 
-    def _new(self, key: str) -> NormalStreams:
+    def _new(self, key: str) -> NormalSource:
         device = torch.device(key)
         if device.type == "cpu":
-            n = STREAMS if _mt_layout_ok() else 1  # child streams need the whole-state seeding
-            return NormalStreams([cpu_generator(self.seed, key, k) for k in range(n)])
+            if philox_normals.available():
+                return PhiloxNormals.from_seed(self.seed, key)
+            return cpu_torch_streams(self.seed, key)
         g = torch.Generator(device=device)
         g.manual_seed(self.seed + _device_offset(key))
         return NormalStreams([g])
 
-    def streams(self, device: torch.device | str) -> NormalStreams:
+    def streams(self, device: torch.device | str) -> NormalSource:
         key = str(device)
         if key not in self._streams:
             self._streams[key] = self._new(key)
         return self._streams[key]
-
-    def get(self, device: torch.device | str) -> torch.Generator:
-        return self.streams(device).generator
 
     def randn_like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A new contiguous N(0, I) tensor shaped like each of ``tensors`` (same device and dtype);
@@ -120,18 +129,32 @@ class DeviceGenerators:
             self.streams(key).normal_(zs)
         return out
 
-    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+    def state_dict(self) -> dict[str, list[torch.Tensor] | dict]:
         return {k: s.state_dict() for k, s in self._streams.items()}
 
-    def load_state_dict(self, seed: int, states: dict[str, list[torch.Tensor] | torch.Tensor]) -> None:
-        """``states`` from :meth:`state_dict`; a device saved with one state (an older checkpoint)
-        resumes stream 0 and starts its other streams from fresh OS entropy, so no noise repeats."""
-        self.seed, self._streams = int(seed), {}
-        for key, st in states.items():
-            if isinstance(st, torch.Tensor):  # one state per device: an older checkpoint
-                streams = DeviceGenerators()._new(key)  # streams k >= 1 from fresh entropy
-                streams.generators[0].set_state(st)
-            else:
-                streams = self._new(key)
-                streams.load_state_dict(st)
-            self._streams[key] = streams
+    def load_state_dict(self, seed: int, states: dict[str, list[torch.Tensor] | torch.Tensor | dict]) -> None:
+        """``states`` from :meth:`state_dict`; each device resumes the source its state came from
+        (:func:`source_from_state`)."""
+        self.seed = int(seed)
+        self._streams = {key: source_from_state(st, key) for key, st in states.items()}
+
+
+def source_from_state(state: list[torch.Tensor] | torch.Tensor | dict, device_key: str) -> NormalSource:
+    """The noise source a saved state belongs to, at that state: a Philox state (a dict) resumes
+    its stream, a list of generator states torch's streams; one generator state (an older
+    checkpoint) resumes stream 0 and starts the other streams from fresh OS entropy, so no noise
+    repeats."""
+    source: NormalSource
+    if isinstance(state, dict):
+        source = PhiloxNormals(0, 0)
+        source.load_state_dict(state)
+    elif isinstance(state, torch.Tensor) and torch.device(device_key).type == "cpu":
+        source = cpu_torch_streams(secrets.randbits(62), device_key)  # streams k >= 1 from fresh entropy
+        source.generators[0].set_state(state)
+    elif isinstance(state, torch.Tensor):
+        source = NormalStreams([torch.Generator(device=torch.device(device_key))])
+        source.generators[0].set_state(state)
+    else:
+        source = NormalStreams([torch.Generator(device=torch.device(device_key)) for _ in state])
+        source.load_state_dict(state)
+    return source

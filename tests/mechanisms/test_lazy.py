@@ -138,17 +138,19 @@ def test_a_second_flush_without_a_step_draws_nothing():
     assert torch.equal(w, before) and torch.equal(table.streams.generator.get_state(), state)
 
 
-def test_flush_across_parallel_noise_streams_gives_every_row_its_variance():
-    # a table of 6 pieces (6 × 65536 coordinates) drawn by the CPU's streams in two threads: every
-    # coordinate ~ N(0, v), v = (lr σC/B)² (χ² of the sum of squares per piece, each two-sided at
-    # 1e-8: false failure < 6e-8), and no two pieces repeat each other's draws
-    from mechanisms.normal_streams import PIECE, STREAMS
-    from mechanisms.rng import DeviceGenerators
+@pytest.mark.parametrize("source", ["default", "torch"])
+def test_flush_across_parallel_noise_pieces_gives_every_row_its_variance(source):
+    # a table of 6 pieces (6 × 65536 coordinates) drawn by the CPU's noise source (Philox, or
+    # torch's streams) in two threads: every coordinate ~ N(0, v), v = (lr σC/B)² (χ² of the sum
+    # of squares per piece, each two-sided at 1e-8: false failure < 6e-8), and no two pieces
+    # repeat each other's draws
+    from mechanisms.normal_streams import PIECE
+    from mechanisms.rng import DeviceGenerators, cpu_torch_streams
 
     rows = 6 * PIECE // 64
     w = torch.zeros(rows, 64)
-    table = LazyNoiseTable(w, SIGMA_C, B, DeviceGenerators(17).streams("cpu"))
-    assert len(table.streams.generators) == STREAMS
+    noise = DeviceGenerators(17).streams("cpu") if source == "default" else cpu_torch_streams(17)
+    table = LazyNoiseTable(w, SIGMA_C, B, noise)
     lr = 0.5
     table.sgd_step(torch.zeros(0, dtype=torch.long), torch.zeros(0, 64), lr)
     before = torch.get_num_threads()

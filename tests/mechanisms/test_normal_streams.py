@@ -1,5 +1,6 @@
-"""Parallel CPU noise streams: N(0, 1), independent streams, the same numbers on any number of
-threads, resumable, every bit of the seed counts, usable after a fork."""
+"""torch's generators as parallel CPU noise streams (the CPU's source where the Philox kernel is not
+built): N(0, 1), independent streams, the same numbers on any number of threads, resumable, every
+bit of the seed counts, usable after a fork."""
 from __future__ import annotations
 
 import os
@@ -11,37 +12,37 @@ import torch
 from scipy import stats
 
 from mechanisms.normal_streams import PIECE, STREAMS, NormalStreams, pieces_by_stream
-from mechanisms.rng import DeviceGenerators, cpu_generator
+from mechanisms.rng import DeviceGenerators, cpu_generator, cpu_torch_streams
 
 SHAPES = [(3 * PIECE + 17,), (5, 7), (2 * PIECE,), (1,)]
 
 
-def _fill(gens: DeviceGenerators, threads: int) -> list[torch.Tensor]:
+def _fill(streams: NormalStreams, threads: int) -> list[torch.Tensor]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = [torch.empty(s) for s in SHAPES]
-        gens.streams("cpu").normal_(out)
+        streams.normal_(out)
         return out
     finally:
         torch.set_num_threads(before)
 
 
 def test_cpu_device_has_all_streams():
-    assert len(DeviceGenerators(1).streams("cpu").generators) == STREAMS
+    assert len(cpu_torch_streams(1).generators) == STREAMS
 
 
 @pytest.mark.parametrize("threads", [2, 3, STREAMS])
 def test_same_numbers_whatever_the_thread_count(threads):
-    one = _fill(DeviceGenerators(11), 1)
-    many = _fill(DeviceGenerators(11), threads)
+    one = _fill(cpu_torch_streams(11), 1)
+    many = _fill(cpu_torch_streams(11), threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
 
 def test_piece_j_comes_from_stream_j_mod_streams_in_order():
     # the documented rule, rebuilt with plain generators of the same seed
-    got = _fill(DeviceGenerators(5), 2)
+    got = _fill(cpu_torch_streams(5), 2)
     gens = [cpu_generator(5, "cpu", k) for k in range(STREAMS)]
     want = [torch.empty(s) for s in SHAPES]
     for k, pieces in enumerate(pieces_by_stream(want, STREAMS, PIECE)):
@@ -55,7 +56,7 @@ def test_draws_are_standard_normal_and_streams_uncorrelated():
     # KS and χ² of the variance over 8 pieces of 65536 (false failure < 2e-8), and every pair of
     # streams' first pieces: |r| < 6.5/sqrt(n) (each pair ~ N(0, 1/n): 28 pairs × 8e-11)
     z = torch.empty(STREAMS * PIECE)
-    DeviceGenerators(2 ** 62 - 3).streams("cpu").normal_([z])
+    cpu_torch_streams(2 ** 62 - 3).normal_([z])
     x = z.double().numpy()
     assert stats.kstest(x, "norm").pvalue > 1e-8
     chi = float((x ** 2).sum())
@@ -75,23 +76,24 @@ def test_child_streams_use_every_bit_of_the_seed():
 
 
 def test_state_resumes_every_stream():
-    a = DeviceGenerators(3)
+    a = cpu_torch_streams(3)
     _fill(a, 2)
-    state = a.state_dict()
+    state = {"cpu": a.state_dict()}  # as DeviceGenerators saves it where the Philox kernel is not built
     expected = _fill(a, 2)
     b = DeviceGenerators(999)
     b.load_state_dict(3, state)
-    for x, y in zip(_fill(b, 2), expected):
+    assert isinstance(b.streams("cpu"), NormalStreams)
+    for x, y in zip(_fill(b.streams("cpu"), 2), expected):
         assert torch.equal(x, y)
 
 
 def test_older_single_state_checkpoint_resumes_stream_0_and_repeats_no_other_stream():
-    a = DeviceGenerators(3)
+    a = cpu_torch_streams(3)
     b = DeviceGenerators()
-    b.load_state_dict(3, {"cpu": a.get("cpu").get_state()})
-    assert torch.equal(torch.randn(50, generator=b.get("cpu")), torch.randn(50, generator=a.get("cpu")))
+    b.load_state_dict(3, {"cpu": a.generator.get_state()})
+    assert torch.equal(torch.randn(50, generator=b.streams("cpu").generator), torch.randn(50, generator=a.generator))
     za, zb = torch.empty(2 * PIECE), torch.empty(2 * PIECE)
-    a.streams("cpu").normal_([za])
+    a.normal_([za])
     b.streams("cpu").normal_([zb])
     assert not torch.equal(za[PIECE:], zb[PIECE:])  # stream 1 is fresh, not the seed's
 
@@ -101,7 +103,7 @@ def test_fills_a_leaf_that_requires_grad_on_every_thread():
     torch.set_num_threads(2)
     try:
         w = torch.zeros(4 * PIECE, requires_grad=True)
-        DeviceGenerators(2).streams("cpu").normal_([w])  # pieces on the worker threads too
+        cpu_torch_streams(2).normal_([w])  # pieces on the worker threads too
     finally:
         torch.set_num_threads(before)
     assert bool((w != 0).all()) and w.requires_grad
@@ -114,7 +116,7 @@ def test_fills_under_inference_mode_on_every_thread():
     try:
         with torch.inference_mode():
             z = torch.empty(4 * PIECE)  # an inference tensor: only inference-mode threads may write it
-            DeviceGenerators(3).streams("cpu").normal_([z])
+            cpu_torch_streams(3).normal_([z])
     finally:
         torch.set_num_threads(before)
     assert bool((z != 0).all())
@@ -122,7 +124,7 @@ def test_fills_under_inference_mode_on_every_thread():
 
 def test_non_contiguous_tensor_is_refused():
     with pytest.raises(ValueError, match="contiguous"):
-        DeviceGenerators(0).streams("cpu").normal_([torch.empty(8, 6).t()])
+        cpu_torch_streams(0).normal_([torch.empty(8, 6).t()])
 
 
 def test_single_generator_streams_fill_like_the_generator():
@@ -133,12 +135,11 @@ def test_single_generator_streams_fill_like_the_generator():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_parallel_fill_works_in_a_forked_child():
-    gens = DeviceGenerators(8)
-    _fill(gens, 2)  # the parent's worker threads exist now
+    _fill(cpu_torch_streams(8), 2)  # the parent's worker threads exist now
     pid = os.fork()
     if pid == 0:  # child: the pool's threads were not copied; a fill must still finish
         try:
-            z = _fill(DeviceGenerators(8), 2)
+            z = _fill(cpu_torch_streams(8), 2)
             os._exit(0 if all(np.isfinite(t.numpy()).all() for t in z) else 1)  # no OpenMP op in a fork
         except BaseException:  # noqa: BLE001
             os._exit(2)

@@ -1,4 +1,5 @@
-"""Noise generators: every bit of the seed counts, streams reproduce and resume, draws are N(0, 1)."""
+"""Noise generators: every bit of the seed counts, streams reproduce and resume, draws are N(0, 1)
+(the CPU's default source: Philox where the kernel is built, else torch's streams)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from mechanisms.rng import DeviceGenerators, _mt_layout_ok
 
 
 def _draw(gens: DeviceGenerators, n: int = 1000) -> torch.Tensor:
-    return torch.randn(n, generator=gens.get("cpu"))
+    return gens.streams("cpu").randn((n,), torch.float32, "cpu")
 
 
 def test_this_torch_has_the_expected_cpu_state_layout():

@@ -1,0 +1,134 @@
+/* Philox4x32-10 (Salmon et al., SC'11 "Parallel random numbers: as easy as 1, 2, 3") with the
+ * Box–Muller transform: float32 N(0, 1) fills for CPU noise (see mechanisms/philox_normals.py).
+ *
+ * Block b of a stream (key k, stream words s) is Philox4x32-10 of the counter (b mod 2^32,
+ * b >> 32, s0, s1) under key k: four uniform 32-bit words w0..w3, turned into four normals by
+ * Box–Muller on the pairs (w0, w1) and (w2, w3):
+ *     r = sqrt(-2 ln u),  u = (w_even >> 1 + 1/2) · 2^-31 ∈ (0, 1]   (tails to 6.66σ)
+ *     a = 2π v,           v = (w_odd >> 8) · 2^-24 ∈ [0, 1)
+ *     z = (r cos a, r sin a)
+ * LANES consecutive blocks form a group of 4·LANES outputs, stored as out[k·LANES + l] = normal k
+ * of block l. The rounds and the transform are written lane-wise so that the compiler vectorises
+ * them (glibc's libmvec supplies vector logf / sinf / cosf); target_clones builds an AVX-512, an
+ * AVX2 and a baseline version, chosen at load time for the CPU it runs on.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 32
+#define ROUNDS 10
+#define M0 0xD2511F53u
+#define M1 0xCD9E8D57u
+#define W0 0x9E3779B9u
+#define W1 0xBB67AE85u
+#define MASK32 0xffffffffu
+
+/* Ten rounds on LANES counters at once; words are kept in 64-bit lanes so that each 32×32→64
+ * product is one vector multiply with no widening shuffles. */
+static inline void philox_lanes(uint64_t c0[LANES], uint64_t c1[LANES], uint64_t c2[LANES],
+                                uint64_t c3[LANES], uint64_t k0, uint64_t k1) {
+    for (int r = 0; r < ROUNDS; r++) {
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            uint64_t p0 = (uint64_t)M0 * c0[l], p1 = (uint64_t)M1 * c2[l];
+            uint64_t n0 = (p1 >> 32) ^ c1[l] ^ k0, n2 = (p0 >> 32) ^ c3[l] ^ k1;
+            c1[l] = p1 & MASK32;
+            c3[l] = p0 & MASK32;
+            c0[l] = n0;
+            c2[l] = n2;
+        }
+        k0 = (k0 + W0) & MASK32;
+        k1 = (k1 + W1) & MASK32;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+CLONES static void normal_fill(float *out, int64_t n, uint64_t first_block, uint64_t stream, uint64_t key) {
+    const float two_pi = 6.283185307179586f;
+    const uint64_t k0 = key & MASK32, k1 = key >> 32, s0 = stream & MASK32, s1 = stream >> 32;
+    for (int64_t done = 0; done < n; done += 4 * LANES) {
+        uint64_t c0[LANES], c1[LANES], c2[LANES], c3[LANES];
+        const uint64_t b0 = first_block + (uint64_t)(done / 4);
+        for (int l = 0; l < LANES; l++) {
+            const uint64_t b = b0 + (uint64_t)l;
+            c0[l] = b & MASK32;
+            c1[l] = b >> 32;
+            c2[l] = s0;
+            c3[l] = s1;
+        }
+        philox_lanes(c0, c1, c2, c3, k0, k1);
+        float z[4][LANES];
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            const float u1 = (float)(int32_t)(c0[l] >> 1) * 0x1p-31f + 0x1p-32f;
+            const float v1 = (float)(int32_t)(c1[l] >> 8) * 0x1p-24f;
+            const float u2 = (float)(int32_t)(c2[l] >> 1) * 0x1p-31f + 0x1p-32f;
+            const float v2 = (float)(int32_t)(c3[l] >> 8) * 0x1p-24f;
+            const float r1 = sqrtf(-2.0f * logf(u1)), r2 = sqrtf(-2.0f * logf(u2));
+            z[0][l] = r1 * cosf(two_pi * v1);
+            z[1][l] = r1 * sinf(two_pi * v1);
+            z[2][l] = r2 * cosf(two_pi * v2);
+            z[3][l] = r2 * sinf(two_pi * v2);
+        }
+        const int64_t left = n - done;
+        if (left >= 4 * LANES) {
+            memcpy(out + done, z, sizeof z);
+        } else {
+            memcpy(out + done, z, sizeof(float) * (size_t)left);
+        }
+    }
+}
+
+/* philox4x32_10(c0, c1, c2, c3, k0, k1) -> (w0, w1, w2, w3): one block, for known-answer tests */
+static PyObject *py_philox4x32_10(PyObject *self, PyObject *args) {
+    unsigned int c[4], k[2];
+    if (!PyArg_ParseTuple(args, "IIIIII", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1]))
+        return NULL;
+    uint64_t c0[LANES] = {0}, c1[LANES] = {0}, c2[LANES] = {0}, c3[LANES] = {0};
+    c0[0] = c[0]; c1[0] = c[1]; c2[0] = c[2]; c3[0] = c[3];
+    philox_lanes(c0, c1, c2, c3, k[0], k[1]);
+    return Py_BuildValue("(kkkk)", (unsigned long)c0[0], (unsigned long)c1[0], (unsigned long)c2[0],
+                         (unsigned long)c3[0]);
+}
+
+/* normal_fill(address, n, first_block, stream, key): n float32 normals at address (GIL released) */
+static PyObject *py_normal_fill(PyObject *self, PyObject *args) {
+    unsigned long long address, first_block, stream, key;
+    long long n;
+    if (!PyArg_ParseTuple(args, "KLKKK", &address, &n, &first_block, &stream, &key))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "normal_fill: n must be >= 0");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    normal_fill((float *)(uintptr_t)address, (int64_t)n, first_block, stream, key);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"philox4x32_10", py_philox4x32_10, METH_VARARGS, "One Philox4x32-10 block: (counter[4], key[2]) -> 4 words."},
+    {"normal_fill", py_normal_fill, METH_VARARGS,
+     "normal_fill(address, n, first_block, stream, key): n float32 N(0,1) draws from blocks first_block, ..."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_philox", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__philox(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "LANES", LANES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
