@@ -1,9 +1,11 @@
-"""CPU Gaussian noise: one torch generator vs dptrain's parallel streams, by thread count.
+"""CPU Gaussian noise: one torch generator vs dptrain's two CPU sources, by thread count.
 
 Fills (a) DP-SGD's noise for the 784-512-512-10 MLP (669,706 coordinates, one tensor per
 parameter) and (b) one flush block of a lazy table (2^18 rows × 64) with N(0, 1), as
-``torch.Tensor.normal_`` on one generator and as ``NormalStreams.normal_`` (mechanisms/normal_streams.py)
-with 1, 2, 4, … torch threads. Prints one JSON object: median milliseconds per fill.
+``torch.Tensor.normal_`` on one generator, as torch's parallel streams (``NormalStreams``,
+mechanisms/normal_streams.py) and as the compiled Philox sampler (``PhiloxNormals``,
+mechanisms/philox_normals.py, the CPU default where it is built), with 1, 2, 4, … torch threads.
+Prints one JSON object: median milliseconds per fill.
 
 Usage: python benchmarks/noise_streams.py [--repeats 15] [--threads 1 2 4 8]
 """
@@ -17,7 +19,8 @@ import time
 
 import torch
 
-from mechanisms.rng import DeviceGenerators
+from mechanisms import philox_normals
+from mechanisms.rng import cpu_torch_streams
 
 MLP_SHAPES = [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,)]
 FLUSH_SHAPES = [(1 << 18, 64)]
@@ -47,10 +50,13 @@ def main() -> None:
         row = {"coordinates": sum(b.numel() for b in bufs)}
         torch.set_num_threads(1)
         row["one_generator_ms"] = _median_ms(lambda: [b.normal_(generator=g) for b in bufs], a.repeats)
-        streams = DeviceGenerators(0).streams("cpu")
-        for t in a.threads:
-            torch.set_num_threads(t)
-            row[f"streams_{t}_threads_ms"] = _median_ms(lambda: streams.normal_(bufs), a.repeats)
+        sources = {"streams": cpu_torch_streams(0)}
+        if philox_normals.available():
+            sources["philox"] = philox_normals.PhiloxNormals.from_seed(0)
+        for label, source in sources.items():
+            for t in a.threads:
+                torch.set_num_threads(t)
+                row[f"{label}_{t}_threads_ms"] = _median_ms(lambda: source.normal_(bufs), a.repeats)
         out["results"][name] = row
     print(json.dumps(out, indent=1))
 

@@ -8,7 +8,8 @@
  *     a = 2π v,           v = (w_odd >> 8) · 2^-24 ∈ [0, 1)
  *     z = (r cos a, r sin a)
  * LANES consecutive blocks form a group of 4·LANES outputs, stored as out[k·LANES + l] = normal k
- * of block l. The rounds and the transform are written lane-wise so that the compiler vectorises
+ * of block l. The kernel also scales the normals and adds them to a tensor in the same pass
+ * (out = α·src + s·z, with one s per row if asked), so noise never needs a buffer of its own. The rounds and the transform are written lane-wise so that the compiler vectorises
  * them (glibc's libmvec supplies vector logf / sinf / cosf); target_clones builds an AVX-512, an
  * AVX2 and a baseline version, chosen at load time for the CPU it runs on.
  */
@@ -51,7 +52,11 @@ static inline void philox_lanes(uint64_t c0[LANES], uint64_t c1[LANES], uint64_t
 #define CLONES
 #endif
 
-CLONES static void normal_fill(float *out, int64_t n, uint64_t first_block, uint64_t stream, uint64_t key) {
+/* out[i] = alpha·src[i] + scale_i·z_i for i < n, z_i the i-th normal from first_block on (src NULL:
+ * 0; scales NULL: scale_i = scale, else scale_i = scales[(col0 + i) / row_len], one scale a row) */
+CLONES static void normal_axpy(float *out, const float *src, float alpha, const float *scales, float scale,
+                               int64_t col0, int64_t row_len, int64_t n, uint64_t first_block,
+                               uint64_t stream, uint64_t key) {
     const float two_pi = 6.283185307179586f;
     const uint64_t k0 = key & MASK32, k1 = key >> 32, s0 = stream & MASK32, s1 = stream >> 32;
     for (int64_t done = 0; done < n; done += 4 * LANES) {
@@ -65,7 +70,7 @@ CLONES static void normal_fill(float *out, int64_t n, uint64_t first_block, uint
             c3[l] = s1;
         }
         philox_lanes(c0, c1, c2, c3, k0, k1);
-        float z[4][LANES];
+        float z[4 * LANES];
 #pragma omp simd
         for (int l = 0; l < LANES; l++) {
             const float u1 = (float)(int32_t)(c0[l] >> 1) * 0x1p-31f + 0x1p-32f;
@@ -73,16 +78,31 @@ CLONES static void normal_fill(float *out, int64_t n, uint64_t first_block, uint
             const float u2 = (float)(int32_t)(c2[l] >> 1) * 0x1p-31f + 0x1p-32f;
             const float v2 = (float)(int32_t)(c3[l] >> 8) * 0x1p-24f;
             const float r1 = sqrtf(-2.0f * logf(u1)), r2 = sqrtf(-2.0f * logf(u2));
-            z[0][l] = r1 * cosf(two_pi * v1);
-            z[1][l] = r1 * sinf(two_pi * v1);
-            z[2][l] = r2 * cosf(two_pi * v2);
-            z[3][l] = r2 * sinf(two_pi * v2);
+            z[l] = r1 * cosf(two_pi * v1);
+            z[LANES + l] = r1 * sinf(two_pi * v1);
+            z[2 * LANES + l] = r2 * cosf(two_pi * v2);
+            z[3 * LANES + l] = r2 * sinf(two_pi * v2);
         }
-        const int64_t left = n - done;
-        if (left >= 4 * LANES) {
-            memcpy(out + done, z, sizeof z);
-        } else {
-            memcpy(out + done, z, sizeof(float) * (size_t)left);
+        const int64_t count = n - done < 4 * LANES ? n - done : 4 * LANES;
+        float *o = out + done;
+        const float *in = src ? src + done : NULL;
+        for (int64_t j = 0; j < count;) {  /* segments of one scale: one row of `scales`, or all */
+            int64_t end = count;
+            float sc = scale;
+            if (scales) {
+                const int64_t row = (col0 + done + j) / row_len;
+                const int64_t row_end = (row + 1) * row_len - col0 - done;
+                end = row_end < count ? row_end : count;
+                sc = scales[row];
+            }
+            if (in) {
+#pragma omp simd
+                for (int64_t i = j; i < end; i++) o[i] = alpha * in[i] + sc * z[i];
+            } else {
+#pragma omp simd
+                for (int64_t i = j; i < end; i++) o[i] = sc * z[i];
+            }
+            j = end;
         }
     }
 }
@@ -99,26 +119,32 @@ static PyObject *py_philox4x32_10(PyObject *self, PyObject *args) {
                          (unsigned long)c3[0]);
 }
 
-/* normal_fill(address, n, first_block, stream, key): n float32 normals at address (GIL released) */
-static PyObject *py_normal_fill(PyObject *self, PyObject *args) {
-    unsigned long long address, first_block, stream, key;
-    long long n;
-    if (!PyArg_ParseTuple(args, "KLKKK", &address, &n, &first_block, &stream, &key))
+/* normal_axpy(out, src, alpha, scales, scale, col0, row_len, n, first_block, stream, key): addresses
+ * as integers (0 for no src / no scales); the GIL is released while it runs */
+static PyObject *py_normal_axpy(PyObject *self, PyObject *args) {
+    unsigned long long out, src, scales, first_block, stream, key;
+    double alpha, scale;
+    long long col0, row_len, n;
+    if (!PyArg_ParseTuple(args, "KKdKdLLLKKK", &out, &src, &alpha, &scales, &scale, &col0, &row_len, &n,
+                          &first_block, &stream, &key))
         return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "normal_fill: n must be >= 0");
+    if (n < 0 || col0 < 0 || row_len < 1) {
+        PyErr_SetString(PyExc_ValueError, "normal_axpy: need n >= 0, col0 >= 0, row_len >= 1");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    normal_fill((float *)(uintptr_t)address, (int64_t)n, first_block, stream, key);
+    normal_axpy((float *)(uintptr_t)out, (const float *)(uintptr_t)src, (float)alpha,
+                (const float *)(uintptr_t)scales, (float)scale, (int64_t)col0, (int64_t)row_len, (int64_t)n,
+                first_block, stream, key);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"philox4x32_10", py_philox4x32_10, METH_VARARGS, "One Philox4x32-10 block: (counter[4], key[2]) -> 4 words."},
-    {"normal_fill", py_normal_fill, METH_VARARGS,
-     "normal_fill(address, n, first_block, stream, key): n float32 N(0,1) draws from blocks first_block, ..."},
+    {"normal_axpy", py_normal_axpy, METH_VARARGS,
+     "normal_axpy(out, src, alpha, scales, scale, col0, row_len, n, first_block, stream, key): "
+     "out[i] = alpha*src[i] + scale_i*z_i, z_i float32 N(0,1) from blocks first_block, ..."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -198,7 +198,7 @@ class Diff2Mechanism:
         std = self.noise_std(t, distance)
         if std == 0:
             return [s.clone() for s in clipped_sums]
-        return [z.mul_(std).add_(s) for s, z in zip(clipped_sums, self._rng.randn_like(clipped_sums))]
+        return self._rng.noised(clipped_sums, std)
 
     def update(self, noised_sums: Sequence[torch.Tensor], t: int, n_units: int) -> list[torch.Tensor]:
         """v_t from round t's noised sum (refresh or difference); returns the new estimate."""

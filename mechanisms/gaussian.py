@@ -47,15 +47,10 @@ class GaussianMechanism(NoiseMechanism):
         return self.privatize_mean(clipped_sums, step, 1.0)
 
     def privatize_mean(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
-        """(S + σC·Z) / m with Z ~ N(0, I) drawn from the device's noise streams
-        (:class:`mechanisms.normal_streams.NormalStreams`: parallel on the CPU), computed in place in
-        one buffer per parameter: no temporaries.
+        """(S + σC·Z) / m with Z ~ N(0, I) from the device's noise source (:mod:`mechanisms.rng`): one
+        new buffer per parameter, written in one pass with the draw on the CPU's Philox source.
         """
-        std = self.noise_std
-        noised = self._rng.randn_like(clipped_sums)
-        for z, s in zip(noised, clipped_sums):  # σC·Z/m + S/m: two passes over each buffer
-            z.mul_(std / divisor).add_(s, alpha=1.0 / divisor)
-        return noised
+        return self._rng.noised(clipped_sums, self.noise_std / divisor, 1.0 / divisor)
 
     def step_event(self, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(self.noise_multiplier))

@@ -35,8 +35,9 @@ import torch
 from .normal_streams import NormalSource, NormalStreams
 from .rng import source_from_state
 
-#: rows per block of noise drawn by :meth:`LazyNoiseTable.flush`
-FLUSH_BLOCK_ROWS = 1 << 18
+#: bytes of temporaries per block of :meth:`LazyNoiseTable.flush` (the owed variances, and the
+#: noise itself where the source draws it into a buffer before adding it)
+FLUSH_BLOCK_BYTES = 64 << 20
 
 
 class LazyNoiseTable:
@@ -117,19 +118,19 @@ class LazyNoiseTable:
         """Bring every row up to date (before evaluation, checkpoint or export).
 
         After a step every row owes at least that step's noise, so the flush draws for every row,
-        block by block, and adds sqrt(v_r)·z_r in place (v_r = 0 for a row already up to date): no
-        scatter, no host sync. Nothing to do when no step was taken since the last flush.
+        block by block, and adds sqrt(v_r)·z_r in place (v_r = 0 for a row already up to date; the
+        noise source's ``add_row_scaled_``, one pass and no buffer on the CPU's Philox): no scatter,
+        no host sync. Nothing to do when no step was taken since the last flush.
         """
         if self._flushed_at == self.step:
             return
         rows, dim = self.weight.shape
-        buf = torch.empty((min(rows, FLUSH_BLOCK_ROWS), dim), dtype=self.weight.dtype, device=self.weight.device)
-        for start in range(0, rows, FLUSH_BLOCK_ROWS):
-            block = self.last_step[start:start + FLUSH_BLOCK_ROWS]
-            z = buf[:block.numel()]  # one buffer for every block: its pages are faulted in once
-            self.streams.normal_([z])
-            std = self._owed_var(block).sqrt_().to(self.weight.dtype)
-            self.weight[start:start + block.numel()].addcmul_(z, std.unsqueeze(1))
+        per_row = 24 + (dim * self.weight.element_size() if self.streams.BUFFERS_NOISE else 0)
+        block_rows = max(1, FLUSH_BLOCK_BYTES // per_row)
+        for start in range(0, rows, block_rows):
+            block = self.last_step[start:start + block_rows]
+            std = self._owed_var(block).sqrt_()
+            self.streams.add_row_scaled_(self.weight[start:start + block.numel()], std)
             block.fill_(self.step)
         self._flushed_at = self.step
 

@@ -71,9 +71,22 @@ def pieces_by_stream(tensors: Sequence[torch.Tensor], streams: int = STREAMS,
 
 
 class NormalSource(Protocol):
-    """What noise is drawn from: :class:`NormalStreams`, or :class:`mechanisms.philox_normals.PhiloxNormals`."""
+    """What noise is drawn from: :class:`NormalStreams`, or :class:`mechanisms.philox_normals.PhiloxNormals`.
+
+    ``noised`` and ``add_row_scaled_`` use the normals that ``normal_`` would draw for tensors of
+    those shapes (the same pieces, in the same order), so they equal draw-then-combine in distribution
+    and, up to rounding, in value.
+    """
 
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None: ...
+
+    def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0
+               ) -> list[torch.Tensor]: ...
+
+    def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None: ...
+
+    #: whether ``add_row_scaled_`` needs a buffer of the table's size for the noise
+    BUFFERS_NOISE: bool
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor: ...
 
@@ -85,10 +98,14 @@ class NormalSource(Protocol):
 class NormalStreams:
     """``normal_(tensors)`` fills tensors with i.i.d. N(0, 1) for one device (see the module docstring)."""
 
+    #: ``add_row_scaled_`` draws Z into a buffer before adding it
+    BUFFERS_NOISE = True
+
     def __init__(self, generators: Sequence[torch.Generator]) -> None:
         if not generators:
             raise ValueError("NormalStreams: need at least one generator")
         self.generators = list(generators)
+        self._scratch: torch.Tensor | None = None  # add_row_scaled_'s buffer for Z
 
     @property
     def generator(self) -> torch.Generator:
@@ -129,6 +146,28 @@ class NormalStreams:
         z = torch.empty(tuple(shape), dtype=dtype, device=device)
         self.normal_([z])
         return z
+
+    @torch.no_grad()
+    def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
+        """New tensors ``scale·t + noise_scale·Z``, Z ~ N(0, I) drawn by :meth:`normal_` (in place in Z's buffer)."""
+        zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        self.normal_(zs)
+        return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
+
+    @torch.no_grad()
+    def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None:
+        """``table[r] += row_scales[r]·Z[r]``, Z drawn by :meth:`normal_` into a scratch buffer that is
+        kept for the next call (a fresh one would fault its pages in every time)."""
+        if table.dim() != 2 or row_scales.shape != table.shape[:1]:
+            raise ValueError(f"add_row_scaled_: need a [rows, dim] table and [rows] scales, got "
+                             f"{tuple(table.shape)} and {tuple(row_scales.shape)}")
+        scratch = self._scratch
+        if (scratch is None or scratch.numel() < table.numel() or scratch.dtype != table.dtype
+                or scratch.device != table.device):
+            scratch = self._scratch = torch.empty(table.numel(), dtype=table.dtype, device=table.device)
+        z = scratch[:table.numel()].view(table.shape)
+        self.normal_([z])
+        table.addcmul_(z, row_scales.to(table.dtype).unsqueeze(1))
 
     def state_dict(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.generators]

@@ -62,6 +62,15 @@ def _require() -> None:
                            "installed; reinstall dptrain where a C compiler is available (pip install -e .)")
 
 
+def _check(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"PhiloxNormals draws CPU noise; got a tensor on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"PhiloxNormals: tensors must be contiguous, got strides {t.stride()} for shape "
+                             f"{tuple(t.shape)}; fill a contiguous buffer and copy it")
+
+
 def stream_words(seed: int, device_key: str) -> tuple[int, int]:
     """(key, stream) of a device's stream: 128 bits from ``SeedSequence([seed, Σ ord(device)],
     spawn_key=(KIND's tag,))``, so every bit of the seed counts."""
@@ -75,6 +84,9 @@ class PhiloxNormals:
     """``normal_(tensors)`` fills CPU tensors with i.i.d. N(0, 1) draws from one Philox stream
     (see the module docstring); same interface as :class:`mechanisms.normal_streams.NormalStreams`."""
 
+    #: ``add_row_scaled_`` adds Z as it draws it: no buffer
+    BUFFERS_NOISE = False
+
     def __init__(self, key: int, stream: int, next_block: int = 0) -> None:
         _require()
         self.key, self.stream, self.next_block = int(key) & _U64, int(stream) & _U64, int(next_block)
@@ -83,44 +95,83 @@ class PhiloxNormals:
     def from_seed(cls, seed: int, device_key: str = "cpu") -> "PhiloxNormals":
         return cls(*stream_words(seed, device_key))
 
-    def _fill(self, flat: torch.Tensor, block: int) -> None:
-        _philox.normal_fill(flat.data_ptr(), flat.numel(), block & _U64, self.stream, self.key)
+    def _pieces(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int, int, int]]:
+        """(piece of a float32 tensor's flat view, its first block, its offset in the tensor, the
+        tensor's index) for every piece of the fill, in order; ``next_block`` moves past them all."""
+        out, block = [], self.next_block
+        for i, t in enumerate(tensors):
+            flat = t.view(-1)
+            for start in range(0, flat.numel(), PIECE):
+                out.append((flat[start:start + PIECE], block, start, i))
+                block += PIECE // 4
+        self.next_block = block
+        return out
+
+    def _run(self, jobs: list[tuple]) -> None:
+        """``_philox.normal_axpy(*job)`` for every job, on up to ``torch.get_num_threads()`` threads."""
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, len(jobs)))
+        if threads == 1:
+            for job in jobs:
+                _philox.normal_axpy(*job)
+            return
+
+        def draw(share: list[tuple]) -> None:
+            for job in share:
+                _philox.normal_axpy(*job)
+
+        futures = [_executor().submit(draw, jobs[w::threads]) for w in range(1, threads)]
+        draw(jobs[0::threads])
+        for f in futures:
+            f.result()
+
+    def _job(self, piece: torch.Tensor, block: int, src: torch.Tensor | None = None, alpha: float = 0.0,
+             scales: torch.Tensor | None = None, scale: float = 1.0, col0: int = 0, row_len: int = 1) -> tuple:
+        return (piece.data_ptr(), 0 if src is None else src.data_ptr(), float(alpha),
+                0 if scales is None else scales.data_ptr(), float(scale), int(col0), int(row_len),
+                piece.numel(), block & _U64, self.stream, self.key)
 
     @torch.no_grad()
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Fill every tensor (CPU, contiguous) in place with independent N(0, 1) draws."""
-        jobs: list[tuple[torch.Tensor, int]] = []  # (float32 piece, its first block)
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, float32 buffer) for other dtypes
-        block = self.next_block
-        for t in tensors:
-            if t.device.type != "cpu":
-                raise ValueError(f"PhiloxNormals draws CPU noise; got a tensor on {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"PhiloxNormals.normal_: tensors must be contiguous, got strides {t.stride()} "
-                                 f"for shape {tuple(t.shape)}; fill a contiguous buffer and copy it")
-            buf = t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32)
+        _check(tensors)
+        bufs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32) for t in tensors]
+        self._run([self._job(piece, block) for piece, block, _, _ in self._pieces(bufs)])
+        for t, buf in zip(tensors, bufs):
             if buf is not t:
-                copies.append((t, buf))
-            flat = buf.view(-1)
-            for start in range(0, flat.numel(), PIECE):
-                jobs.append((flat[start:start + PIECE], block))
-                block += PIECE // 4
-        self.next_block = block
-        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, len(jobs)))
-        if threads == 1:
-            for piece, first in jobs:
-                self._fill(piece, first)
-        else:
-            def draw(share: list[tuple[torch.Tensor, int]]) -> None:
-                for piece, first in share:
-                    self._fill(piece, first)
+                t.copy_(buf)
 
-            futures = [_executor().submit(draw, jobs[w::threads]) for w in range(1, threads)]
-            draw(jobs[0::threads])
-            for f in futures:
-                f.result()
-        for t, buf in copies:
-            t.copy_(buf)
+    @torch.no_grad()
+    def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
+        """New tensors ``scale·t + noise_scale·Z`` (Z the normals :meth:`normal_` would draw), in one
+        pass over each tensor; float32 tensors only take the fused path."""
+        _check(tensors)
+        if any(t.dtype != torch.float32 for t in tensors):
+            zs = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+            self.normal_(zs)
+            return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
+        outs = [torch.empty(t.shape, dtype=torch.float32) for t in tensors]
+        pieces = self._pieces(outs)
+        self._run([self._job(piece, block, tensors[i].view(-1)[start:], scale, None, noise_scale)
+                   for piece, block, start, i in pieces])
+        return outs
+
+    @torch.no_grad()
+    def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None:
+        """``table[r] += row_scales[r]·Z[r]`` in place for a 2-D table (Z the normals :meth:`normal_`
+        would draw for it), in one pass and with no buffer for Z when the table is float32."""
+        _check([table])
+        if table.dim() != 2 or row_scales.shape != table.shape[:1]:
+            raise ValueError(f"add_row_scaled_: need a [rows, dim] table and [rows] scales, got "
+                             f"{tuple(table.shape)} and {tuple(row_scales.shape)}")
+        if table.dtype != torch.float32:
+            z = torch.empty(table.shape, dtype=table.dtype)
+            self.normal_([z])
+            table.addcmul_(z, row_scales.to(table.dtype).unsqueeze(1))
+            return
+        scales = row_scales.to(torch.float32).contiguous()
+        dim = table.shape[1]
+        self._run([self._job(piece, block, piece, 1.0, scales[start // dim:], 1.0, start % dim, dim)
+                   for piece, block, start, _ in self._pieces([table])])
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A new ``shape`` tensor of N(0, 1) draws (:meth:`normal_` of an empty one)."""

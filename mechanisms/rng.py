@@ -129,6 +129,19 @@ class DeviceGenerators:
             self.streams(key).normal_(zs)
         return out
 
+    def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
+        """New tensors ``scale·t + noise_scale·Z``, Z ~ N(0, I) from each tensor's device's source
+        (one fused pass per tensor on the CPU's Philox source); the tensors of a device, in their
+        order, draw the normals that one ``normal_`` of them would."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        by_device: dict[str, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(str(t.device), []).append(i)
+        for key, idx in by_device.items():
+            for i, z in zip(idx, self.streams(key).noised([tensors[i].contiguous() for i in idx], noise_scale, scale)):
+                out[i] = z
+        return out  # type: ignore[return-value]
+
     def state_dict(self) -> dict[str, list[torch.Tensor] | dict]:
         return {k: s.state_dict() for k, s in self._streams.items()}
 

@@ -153,3 +153,17 @@ def test_parallel_fill_works_in_a_forked_child():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("a parallel fill in a forked child did not finish in 60 s")
+
+
+def test_fused_helpers_use_the_normals_normal_would_draw():
+    sums = [torch.randn(3, 5), torch.randn(PIECE + 1)]
+    z = [torch.empty(s.shape) for s in sums]
+    cpu_torch_streams(12).normal_(z)
+    for g, s, zz in zip(cpu_torch_streams(12).noised(sums, 0.7, 0.25), sums, z):
+        torch.testing.assert_close(g, 0.25 * s + 0.7 * zz)
+    table, scales = torch.randn(PIECE // 16, 32), torch.rand(PIECE // 16)
+    zt = torch.empty(table.shape)
+    cpu_torch_streams(13).normal_([zt])
+    want = table + scales.unsqueeze(1) * zt
+    cpu_torch_streams(13).add_row_scaled_(table, scales)
+    torch.testing.assert_close(table, want)

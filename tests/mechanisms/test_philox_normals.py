@@ -210,3 +210,31 @@ def test_parallel_fill_works_in_a_forked_child():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("a parallel fill in a forked child did not finish in 60 s")
+
+
+def test_fused_noised_and_row_scaled_add_use_the_normals_normal_would_draw():
+    # the fused passes consume the same pieces as normal_ and combine in float32 (one rounding + fma)
+    shapes = [(3, PIECE // 2 + 5), (7,)]
+    sums = [torch.randn(s) for s in shapes]
+    z = [torch.empty(s) for s in shapes]
+    PhiloxNormals.from_seed(12).normal_(z)
+    got = PhiloxNormals.from_seed(12).noised(sums, 0.7, 0.25)
+    for g, s, zz in zip(got, sums, z):
+        torch.testing.assert_close(g, 0.25 * s + 0.7 * zz, rtol=1e-6, atol=1e-6)
+    table = torch.randn(2 * PIECE // 64 + 3, 64)  # pieces start mid-table; rows cross no piece here
+    scales = torch.rand(table.shape[0], dtype=torch.float64)
+    zt = torch.empty(table.shape)
+    PhiloxNormals.from_seed(13).normal_([zt])
+    want = table + scales.float().unsqueeze(1) * zt
+    PhiloxNormals.from_seed(13).add_row_scaled_(table, scales)
+    torch.testing.assert_close(table, want, rtol=1e-6, atol=1e-6)
+
+
+def test_row_scaled_add_with_rows_that_straddle_pieces():
+    # dim 96 does not divide PIECE: some rows lie in two pieces; each element gets its own row's scale
+    table = torch.zeros(2 * PIECE // 96 + 5, 96)
+    scales = torch.arange(table.shape[0], dtype=torch.float32) + 1
+    zt = torch.empty(table.shape)
+    PhiloxNormals.from_seed(14).normal_([zt])
+    PhiloxNormals.from_seed(14).add_row_scaled_(table, scales)
+    torch.testing.assert_close(table, scales.unsqueeze(1) * zt, rtol=1e-6, atol=1e-6)
