@@ -11,7 +11,9 @@ subprocess so that peak RSS (ru_maxrss) is that mode's alone:
 * ``eager-noise-floor``: only drawing N(0, σ²C²) for every table coordinate and adding it in place —
   a lower bound on any eager dense-noise step, measurable where the full eager step does not fit;
 * ``lazy``: ``make_private(mechanism="lazy")`` — noise of untouched rows deferred; the flush at the
-  end of an epoch of N examples is timed alone and amortised over the N / batch steps of that epoch.
+  end of an epoch of N examples is timed alone and amortised over the N / batch steps of that epoch
+  (the median of ``FLUSHES`` flushes, each after one more step, so that every row owes noise; the
+  first one is reported too, as ``first_flush_s``).
 
 A config whose estimated memory passes ``--max-gb`` is skipped (reported, not run). Prints one JSON object.
 """
@@ -34,6 +36,8 @@ from torch import nn
 
 DIM = 64
 MODES = ("nonprivate", "eager", "eager-noise-floor", "opacus-ghost", "lazy")
+#: lazy flushes timed per configuration (their median is amortised)
+FLUSHES = 3
 #: estimated peak memory per mode, in table sizes (rows × 64 × 4 bytes), from the 1M-row runs + 0.6 GB
 TABLE_COPIES = {"nonprivate": 1.3, "lazy": 1.5, "eager": 5.4, "opacus-ghost": 5.4, "eager-noise-floor": 2.2}
 
@@ -63,6 +67,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _no_extra(*_: object) -> dict:
+    return {}
+
+
 def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cpu"):
     """(step(x, y), after()) for one mode; ``after`` returns extra figures (the lazy flush)."""
     torch.manual_seed(0)
@@ -74,7 +82,7 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
-        return step, dict
+        return step, _no_extra
     if mode == "eager-noise-floor":
         g = torch.Generator(device=device).manual_seed(0)
         w = model.table.weight
@@ -82,7 +90,7 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
         @torch.no_grad()
         def step(x, y):
             w.add_(torch.randn(w.shape, generator=g, device=w.device), alpha=-0.05 / batch)
-        return step, dict
+        return step, _no_extra
     if mode == "eager":
         from dptrain import ClippingConfig, DPOptimizer
         from dptrain.ghost import ghost_clip_and_sum
@@ -97,7 +105,7 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
             for k, p in params.items():
                 p.grad = sums[k]
             dp.step()
-        return step, dict
+        return step, _no_extra
     if mode == "lazy":
         import dptrain
 
@@ -107,14 +115,19 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
                                      accountant="rdp")
         priv.attach(data, batch_size=batch, steps=10_000, optimizer=opt)
 
-        def after():
-            _sync(device)
-            t = time.perf_counter()
-            priv.flush()
-            _sync(device)
-            flush = time.perf_counter() - t
-            return {"flush_s": flush, "steps_per_epoch": examples / batch,
-                    "flush_per_step_s": flush / (examples / batch)}
+        def after(x, y):
+            flushes = []
+            for i in range(FLUSHES):
+                if i:
+                    priv.step(x, y)  # every row owes this step's noise again
+                _sync(device)
+                t = time.perf_counter()
+                priv.flush()
+                _sync(device)
+                flushes.append(time.perf_counter() - t)
+            flush = statistics.median(flushes)
+            return {"flush_s": flush, "first_flush_s": flushes[0], "flushes_s": flushes,
+                    "steps_per_epoch": examples / batch, "flush_per_step_s": flush / (examples / batch)}
         return (lambda x, y: priv.step(x, y)), after
     from opacus import PrivacyEngine
 
@@ -129,7 +142,7 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
         popt.zero_grad()
         crit(pmodel(x), y).backward()
         popt.step()
-    return step, dict
+    return step, _no_extra
 
 
 def run_one(mode: str, rows: int, batch: int, repeats: int, examples: int, device: str = "cpu") -> dict:
@@ -151,13 +164,37 @@ def run_one(mode: str, rows: int, batch: int, repeats: int, examples: int, devic
             step(x, y)
             _sync(device)
             times.append(time.perf_counter() - t)
-        extra = after()
+        extra = after(*batches[-1])
         if device.startswith("cuda"):
             extra["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     except Exception as exc:  # noqa: BLE001 - reported
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return {"median_s": statistics.median(times), "times_s": times, **extra,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0}
+
+
+def run_pair(rows: int, batch: int, steps: int, device: str = "cpu") -> dict:
+    """Non-private and lazy steps interleaved in one process (one of each per round, same batch):
+    their ratio is not at the mercy of how fast one subprocess happened to run against another."""
+    warnings.filterwarnings("ignore")
+    rng = np.random.default_rng(2)
+    batches = [(zipf_ids((batch, 2), rows, rng).to(device), torch.from_numpy(rng.integers(0, 2, batch)).to(device))
+               for _ in range(steps + 2)]
+    try:
+        runs = {m: make_step(m, rows, batch, 1_000_000, device)[0] for m in ("nonprivate", "lazy")}
+        times: dict[str, list[float]] = {m: [] for m in runs}
+        for i, (x, y) in enumerate(batches):
+            for m, step in runs.items():
+                t = time.perf_counter()
+                step(x, y)
+                _sync(device)
+                if i >= 2:  # two warm-up rounds
+                    times[m].append(time.perf_counter() - t)
+    except Exception as exc:  # noqa: BLE001 - reported
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {"steps": steps, "nonprivate_median_s": med["nonprivate"], "lazy_median_s": med["lazy"],
+            "lazy_over_nonprivate": med["lazy"] / med["nonprivate"]}
 
 
 def estimated_gb(mode: str, rows: int) -> float:
@@ -174,12 +211,18 @@ def main() -> None:
     p.add_argument("--max-gb", type=float, default=12.0, help="skip configs estimated above this")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the table, the batches and the noise on it)")
+    p.add_argument("--pair-steps", type=int, default=60,
+                   help="steps of each mode in the interleaved non-private / lazy run (0: none)")
     p.add_argument("--one", nargs=3, metavar=("MODE", "ROWS", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--pair", nargs=2, metavar=("ROWS", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(run_one(a.one[0], int(a.one[1]), int(a.one[2]), a.repeats, a.examples, a.device)))
+        return
+    if a.pair:
+        print(json.dumps(run_pair(int(a.pair[0]), int(a.pair[1]), a.pair_steps, a.device)))
         return
     result: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                 "cpus": os.cpu_count(), "device": a.device,
@@ -201,6 +244,18 @@ def main() -> None:
                     entry[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
                 except (IndexError, json.JSONDecodeError):
                     entry[mode] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+            if a.pair_steps and {"nonprivate", "lazy"} <= set(a.modes) and "median_s" in entry.get("lazy", {}):
+                cmd = [sys.executable, __file__, "--pair", str(rows), str(batch), "--pair-steps", str(a.pair_steps),
+                       "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                try:
+                    pair = json.loads(proc.stdout.strip().splitlines()[-1])
+                except (IndexError, json.JSONDecodeError):
+                    pair = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                if "lazy_median_s" in pair:
+                    per_step = entry["lazy"]["flush_per_step_s"]
+                    pair["amortised_over_nonprivate"] = (pair["lazy_median_s"] + per_step) / pair["nonprivate_median_s"]
+                entry["interleaved"] = pair
             base = entry.get("nonprivate", {}).get("median_s")
             eager = entry.get("eager", {}).get("median_s")
             lazy = entry.get("lazy", {})
@@ -214,7 +269,7 @@ def main() -> None:
                 if floor:
                     lazy["noise_floor_over_amortised"] = floor / lazy["amortised_step_s"]
             for r in entry.values():
-                if base and "median_s" in r:
+                if base and isinstance(r, dict) and "median_s" in r:
                     r["ratio_to_nonprivate"] = r["median_s"] / base
             result["configs"][f"{rows}x{DIM}/batch{batch}"] = entry
             print(json.dumps({f"{rows}/{batch}": {m: r.get("median_s", r.get("skipped", r.get("error")))

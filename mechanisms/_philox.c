@@ -16,6 +16,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -140,11 +143,45 @@ static PyObject *py_normal_axpy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* normal_axpy_jobs(ints, floats, njobs, threads): job j is normal_axpy with
+ * ints[9j..9j+9) = (out, src, scales, col0, row_len, n, first_block, stream, key) and
+ * floats[2j..2j+2) = (alpha, scale); the jobs are independent, and run on `threads` OpenMP
+ * threads (the pool torch's own operators use, so its waiting workers take them at once). */
+static PyObject *py_normal_axpy_jobs(PyObject *self, PyObject *args) {
+    unsigned long long ints_addr, floats_addr;
+    long long njobs;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKLi", &ints_addr, &floats_addr, &njobs, &threads))
+        return NULL;
+    const uint64_t *q = (const uint64_t *)(uintptr_t)ints_addr;
+    const double *f = (const double *)(uintptr_t)floats_addr;
+    for (long long j = 0; j < njobs; j++) {
+        if ((int64_t)q[9 * j + 5] < 0 || (int64_t)q[9 * j + 3] < 0 || (int64_t)q[9 * j + 4] < 1) {
+            PyErr_SetString(PyExc_ValueError, "normal_axpy_jobs: need n >= 0, col0 >= 0, row_len >= 1");
+            return NULL;
+        }
+    }
+    if (threads < 1)
+        threads = 1;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && njobs > 1)
+    for (long long j = 0; j < njobs; j++) {
+        const uint64_t *a = q + 9 * j;
+        normal_axpy((float *)(uintptr_t)a[0], (const float *)(uintptr_t)a[1], (float)f[2 * j],
+                    (const float *)(uintptr_t)a[2], (float)f[2 * j + 1], (int64_t)a[3], (int64_t)a[4],
+                    (int64_t)a[5], a[6], a[7], a[8]);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"philox4x32_10", py_philox4x32_10, METH_VARARGS, "One Philox4x32-10 block: (counter[4], key[2]) -> 4 words."},
     {"normal_axpy", py_normal_axpy, METH_VARARGS,
      "normal_axpy(out, src, alpha, scales, scale, col0, row_len, n, first_block, stream, key): "
      "out[i] = alpha*src[i] + scale_i*z_i, z_i float32 N(0,1) from blocks first_block, ..."},
+    {"normal_axpy_jobs", py_normal_axpy_jobs, METH_VARARGS,
+     "normal_axpy_jobs(ints, floats, njobs, threads): many normal_axpy jobs on OpenMP threads"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,8 +13,8 @@ A stream is (key: 64 bits, stream words: 64 bits), both derived from (seed, devi
 order, into pieces of ``PIECE`` elements (the last of each tensor shorter); piece j starts at
 block ``next_block + j·PIECE/4``, and ``next_block`` then moves past every piece. The numbers
 therefore depend only on (seed, position, sizes), not on the number of threads that draw them;
-pieces are drawn in parallel on up to ``torch.get_num_threads()`` threads (the kernel releases
-the GIL). The vectorised logf / sinf / cosf may round differently on CPUs of different vector width,
+pieces are drawn in parallel on up to ``torch.get_num_threads()`` OpenMP threads — torch's own
+pool, so the draw runs on workers that are already awake instead of competing with them. The vectorised logf / sinf / cosf may round differently on CPUs of different vector width,
 so one seed reproduces its noise to the last bit only on the same kind of CPU.
 
 Privacy assumption: Philox4x32-10's words are indistinguishable from independent uniform words
@@ -24,12 +24,11 @@ the 2^64 blocks of a stream), so every coordinate is an independent N(0, 1) draw
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
-
-from .normal_streams import _executor
 
 try:  # built by `pip install` when a C compiler is present (optional extension, see pyproject.toml)
     from . import _philox
@@ -42,6 +41,18 @@ KIND = "philox4x32-10"
 PIECE = 1 << 16
 #: the most threads one fill uses
 MAX_THREADS = 8
+#: set in a forked child: GNU OpenMP's thread pool does not survive fork (a parallel region there
+#: waits for the parent's workers forever), so a child draws on its own thread
+_in_forked_child = False
+
+
+def _forked() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 _U64 = (1 << 64) - 1
 
 
@@ -108,21 +119,14 @@ class PhiloxNormals:
         return out
 
     def _run(self, jobs: list[tuple]) -> None:
-        """``_philox.normal_axpy(*job)`` for every job, on up to ``torch.get_num_threads()`` threads."""
-        threads = max(1, min(torch.get_num_threads(), MAX_THREADS, len(jobs)))
-        if threads == 1:
-            for job in jobs:
-                _philox.normal_axpy(*job)
+        """Every job (a :meth:`_job` tuple) in one call, on up to ``torch.get_num_threads()`` OpenMP
+        threads: torch's own pool, whose idle workers are spinning right after an operator."""
+        if not jobs:
             return
-
-        def draw(share: list[tuple]) -> None:
-            for job in share:
-                _philox.normal_axpy(*job)
-
-        futures = [_executor().submit(draw, jobs[w::threads]) for w in range(1, threads)]
-        draw(jobs[0::threads])
-        for f in futures:
-            f.result()
+        ints = np.array([(j[0], j[1], j[3], j[5], j[6], j[7], j[8], j[9], j[10]) for j in jobs], dtype=np.uint64)
+        floats = np.array([(j[2], j[4]) for j in jobs], dtype=np.float64)
+        threads = 1 if _in_forked_child else max(1, min(torch.get_num_threads(), MAX_THREADS, len(jobs)))
+        _philox.normal_axpy_jobs(ints.ctypes.data, floats.ctypes.data, len(jobs), threads)
 
     def _job(self, piece: torch.Tensor, block: int, src: torch.Tensor | None = None, alpha: float = 0.0,
              scales: torch.Tensor | None = None, scale: float = 1.0, col0: int = 0, row_len: int = 1) -> tuple:
