@@ -106,40 +106,36 @@ class PhiloxNormals:
     def from_seed(cls, seed: int, device_key: str = "cpu") -> "PhiloxNormals":
         return cls(*stream_words(seed, device_key))
 
-    def _pieces(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int, int, int]]:
-        """(piece of a float32 tensor's flat view, its first block, its offset in the tensor, the
-        tensor's index) for every piece of the fill, in order; ``next_block`` moves past them all."""
+    def _pieces(self, tensors: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int, int]]:
+        """(address, length, offset in its tensor, the tensor's index, first block) of every piece of
+        a fill of float32 tensors, in order; ``next_block`` moves past them all."""
         out, block = [], self.next_block
         for i, t in enumerate(tensors):
-            flat = t.view(-1)
-            for start in range(0, flat.numel(), PIECE):
-                out.append((flat[start:start + PIECE], block, start, i))
+            base, n = t.data_ptr(), t.numel()
+            for start in range(0, n, PIECE):
+                out.append((base + 4 * start, min(PIECE, n - start), start, i, block))
                 block += PIECE // 4
         self.next_block = block
         return out
 
-    def _run(self, jobs: list[tuple]) -> None:
-        """Every job (a :meth:`_job` tuple) in one call, on up to ``torch.get_num_threads()`` OpenMP
-        threads: torch's own pool, whose idle workers are spinning right after an operator."""
-        if not jobs:
+    def _run(self, ints: list[tuple[int, ...]], floats: list[tuple[float, float]]) -> None:
+        """The kernel on every job — ints (out, src, scales, col0, row_len, n, first_block) and floats
+        (alpha, scale) — in one call, on up to ``torch.get_num_threads()`` OpenMP threads: torch's own
+        pool, whose idle workers are spinning right after an operator."""
+        if not ints:
             return
-        ints = np.array([(j[0], j[1], j[3], j[5], j[6], j[7], j[8], j[9], j[10]) for j in jobs], dtype=np.uint64)
-        floats = np.array([(j[2], j[4]) for j in jobs], dtype=np.float64)
-        threads = 1 if _in_forked_child else max(1, min(torch.get_num_threads(), MAX_THREADS, len(jobs)))
-        _philox.normal_axpy_jobs(ints.ctypes.data, floats.ctypes.data, len(jobs), threads)
-
-    def _job(self, piece: torch.Tensor, block: int, src: torch.Tensor | None = None, alpha: float = 0.0,
-             scales: torch.Tensor | None = None, scale: float = 1.0, col0: int = 0, row_len: int = 1) -> tuple:
-        return (piece.data_ptr(), 0 if src is None else src.data_ptr(), float(alpha),
-                0 if scales is None else scales.data_ptr(), float(scale), int(col0), int(row_len),
-                piece.numel(), block & _U64, self.stream, self.key)
+        q = np.array([(*j, self.stream, self.key) for j in ints], dtype=np.uint64)
+        f = np.array(floats, dtype=np.float64)
+        threads = 1 if _in_forked_child else max(1, min(torch.get_num_threads(), MAX_THREADS, len(ints)))
+        _philox.normal_axpy_jobs(q.ctypes.data, f.ctypes.data, len(ints), threads)
 
     @torch.no_grad()
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Fill every tensor (CPU, contiguous) in place with independent N(0, 1) draws."""
         _check(tensors)
         bufs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32) for t in tensors]
-        self._run([self._job(piece, block) for piece, block, _, _ in self._pieces(bufs)])
+        pieces = self._pieces(bufs)
+        self._run([(ptr, 0, 0, 0, 1, n, block & _U64) for ptr, n, _, _, block in pieces], [(0.0, 1.0)] * len(pieces))
         for t, buf in zip(tensors, bufs):
             if buf is not t:
                 t.copy_(buf)
@@ -155,8 +151,9 @@ class PhiloxNormals:
             return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
         outs = [torch.empty(t.shape, dtype=torch.float32) for t in tensors]
         pieces = self._pieces(outs)
-        self._run([self._job(piece, block, tensors[i].view(-1)[start:], scale, None, noise_scale)
-                   for piece, block, start, i in pieces])
+        srcs = [t.data_ptr() for t in tensors]
+        self._run([(ptr, srcs[i] + 4 * start, 0, 0, 1, n, block & _U64) for ptr, n, start, i, block in pieces],
+                  [(float(scale), float(noise_scale))] * len(pieces))
         return outs
 
     @torch.no_grad()
@@ -173,9 +170,10 @@ class PhiloxNormals:
             table.addcmul_(z, row_scales.to(table.dtype).unsqueeze(1))
             return
         scales = row_scales.to(torch.float32).contiguous()
-        dim = table.shape[1]
-        self._run([self._job(piece, block, piece, 1.0, scales[start // dim:], 1.0, start % dim, dim)
-                   for piece, block, start, _ in self._pieces([table])])
+        dim, base = table.shape[1], scales.data_ptr()
+        pieces = self._pieces([table])
+        self._run([(ptr, ptr, base + 4 * (start // dim), start % dim, dim, n, block & _U64)
+                   for ptr, n, start, _, block in pieces], [(1.0, 1.0)] * len(pieces))
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A new ``shape`` tensor of N(0, 1) draws (:meth:`normal_` of an empty one)."""
