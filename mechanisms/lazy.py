@@ -36,8 +36,10 @@ from .normal_streams import NormalSource, NormalStreams
 from .rng import source_from_state
 
 #: bytes of temporaries per block of :meth:`LazyNoiseTable.flush` (the owed variances, and the
-#: noise itself where the source draws it into a buffer before adding it)
-FLUSH_BLOCK_BYTES = 64 << 20
+#: noise itself where the source draws it into a buffer before adding it); 16 MB blocks reuse the
+#: allocator's memory from the second block on, where 64 MB ones faulted fresh pages in every
+#: block of a process's first flush (0.59 s against 0.47 s at 10M rows)
+FLUSH_BLOCK_BYTES = 16 << 20
 
 
 class LazyNoiseTable:
