@@ -238,3 +238,10 @@ def test_row_scaled_add_with_rows_that_straddle_pieces():
     PhiloxNormals.from_seed(14).normal_([zt])
     PhiloxNormals.from_seed(14).add_row_scaled_(table, scales)
     torch.testing.assert_close(table, scales.unsqueeze(1) * zt, rtol=1e-6, atol=1e-6)
+
+
+def test_a_philox_checkpoint_without_the_kernel_is_refused_with_the_fix(monkeypatch):
+    state = {"cpu": PhiloxNormals.from_seed(1).state_dict()}
+    monkeypatch.setattr(philox_normals, "_philox", None)
+    with pytest.raises(RuntimeError, match="C compiler"):
+        DeviceGenerators(0).load_state_dict(1, state)

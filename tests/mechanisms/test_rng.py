@@ -47,3 +47,14 @@ def test_draws_are_standard_normal():
         n = z.numel()
         chi = float((z ** 2).sum())
         assert stats.chi2.ppf(0.5e-8, n) < chi < stats.chi2.isf(0.5e-8, n)
+
+
+def test_without_the_compiled_kernel_cpu_noise_comes_from_torch_streams(monkeypatch):
+    from mechanisms import philox_normals
+    from mechanisms.normal_streams import NormalStreams
+
+    monkeypatch.setattr(philox_normals, "_philox", None)
+    assert not philox_normals.available()
+    assert isinstance(DeviceGenerators(1).streams("cpu"), NormalStreams)
+    z = _draw(DeviceGenerators(1), 10_000).double()
+    assert abs(float(z.mean())) < 0.06 and abs(float(z.std()) - 1) < 0.05  # 6 standard errors
