@@ -25,6 +25,7 @@ the 2^64 blocks of a stream), so every coordinate is an independent N(0, 1) draw
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -101,6 +102,7 @@ class PhiloxNormals:
     def __init__(self, key: int, stream: int, next_block: int = 0) -> None:
         _require()
         self.key, self.stream, self.next_block = int(key) & _U64, int(stream) & _U64, int(next_block)
+        self._lock = threading.Lock()  # fills from several threads reserve disjoint blocks
 
     @classmethod
     def from_seed(cls, seed: int, device_key: str = "cpu") -> "PhiloxNormals":
@@ -109,13 +111,15 @@ class PhiloxNormals:
     def _pieces(self, tensors: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int, int]]:
         """(address, length, offset in its tensor, the tensor's index, first block) of every piece of
         a fill of float32 tensors, in order; ``next_block`` moves past them all."""
-        out, block = [], self.next_block
-        for i, t in enumerate(tensors):
-            base, n = t.data_ptr(), t.numel()
-            for start in range(0, n, PIECE):
-                out.append((base + 4 * start, min(PIECE, n - start), start, i, block))
-                block += PIECE // 4
-        self.next_block = block
+        out = []
+        with self._lock:
+            block = self.next_block
+            for i, t in enumerate(tensors):
+                base, n = t.data_ptr(), t.numel()
+                for start in range(0, n, PIECE):
+                    out.append((base + 4 * start, min(PIECE, n - start), start, i, block))
+                    block += PIECE // 4
+            self.next_block = block
         return out
 
     def _run(self, ints: list[tuple[int, ...]], floats: list[tuple[float, float]]) -> None:
@@ -180,6 +184,13 @@ class PhiloxNormals:
         z = torch.empty(tuple(shape), dtype=dtype, device=device)
         self.normal_([z])
         return z
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: everything but the lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def state_dict(self) -> dict[str, object]:
         return {"kind": KIND, "key": self.key, "stream": self.stream, "next_block": self.next_block}

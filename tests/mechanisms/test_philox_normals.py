@@ -245,3 +245,18 @@ def test_a_philox_checkpoint_without_the_kernel_is_refused_with_the_fix(monkeypa
     monkeypatch.setattr(philox_normals, "_philox", None)
     with pytest.raises(RuntimeError, match="C compiler"):
         DeviceGenerators(0).load_state_dict(1, state)
+
+
+def test_fills_from_several_threads_get_disjoint_blocks_and_copies_carry_the_position():
+    import copy
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = PhiloxNormals.from_seed(15)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: src.randn((PIECE,), torch.float32, "cpu"), range(8)))
+    assert src.next_block == 8 * (PIECE // 4)
+    firsts = {float(o[0]) for o in outs}
+    assert len(firsts) == 8  # no two fills drew the same blocks
+    for clone in (copy.deepcopy(src), pickle.loads(pickle.dumps(src))):
+        assert torch.equal(clone.randn((10,), torch.float32, "cpu"), copy.deepcopy(src).randn((10,), torch.float32, "cpu"))
