@@ -52,6 +52,11 @@ class GaussianMechanism(NoiseMechanism):
         """
         return self._rng.noised(clipped_sums, self.noise_std / divisor, 1.0 / divisor)
 
+    def privatize_mean_(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> None:
+        """:meth:`privatize_mean` in place (contiguous sums): each sum becomes (S + σC·Z) / m, the
+        same numbers, without a new buffer (what :class:`dptrain.DPOptimizer` uses on ``p.grad``)."""
+        self._rng.noised_(clipped_sums, self.noise_std / divisor, 1.0 / divisor)
+
     def step_event(self, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(self.noise_multiplier))
 

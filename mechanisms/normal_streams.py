@@ -83,6 +83,8 @@ class NormalSource(Protocol):
     def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0
                ) -> list[torch.Tensor]: ...
 
+    def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None: ...
+
     def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None: ...
 
     #: whether ``add_row_scaled_`` needs a buffer of the table's size for the noise
@@ -153,6 +155,14 @@ class NormalStreams:
         zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         self.normal_(zs)
         return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
+
+    @torch.no_grad()
+    def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
+        """:meth:`noised` in place: ``t ← scale·t + noise_scale·Z`` (the same Z)."""
+        zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        self.normal_(zs)
+        for t, z in zip(tensors, zs):
+            t.mul_(scale).add_(z, alpha=noise_scale)
 
     @torch.no_grad()
     def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None:

@@ -149,16 +149,28 @@ class PhiloxNormals:
         """New tensors ``scale·t + noise_scale·Z`` (Z the normals :meth:`normal_` would draw), in one
         pass over each tensor; float32 tensors only take the fused path."""
         _check(tensors)
-        if any(t.dtype != torch.float32 for t in tensors):
-            zs = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
-            self.normal_(zs)
-            return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
-        outs = [torch.empty(t.shape, dtype=torch.float32) for t in tensors]
-        pieces = self._pieces(outs)
-        srcs = [t.data_ptr() for t in tensors]
-        self._run([(ptr, srcs[i] + 4 * start, 0, 0, 1, n, block & _U64) for ptr, n, start, i, block in pieces],
-                  [(float(scale), float(noise_scale))] * len(pieces))
+        outs = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+        self._noised_into(outs, tensors, noise_scale, scale)
         return outs
+
+    @torch.no_grad()
+    def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
+        """:meth:`noised` in place: ``t ← scale·t + noise_scale·Z``, the same numbers, no new buffer."""
+        _check(tensors)
+        self._noised_into(tensors, tensors, noise_scale, scale)
+
+    def _noised_into(self, outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], noise_scale: float,
+                     scale: float) -> None:
+        if any(t.dtype != torch.float32 for t in srcs):
+            zs = [torch.empty(t.shape, dtype=t.dtype) for t in srcs]
+            self.normal_(zs)
+            for o, z, t in zip(outs, zs, srcs):
+                o.copy_(z.mul_(noise_scale).add_(t, alpha=scale))
+            return
+        pieces = self._pieces(outs)
+        src = [t.data_ptr() for t in srcs]
+        self._run([(ptr, src[i] + 4 * start, 0, 0, 1, n, block & _U64) for ptr, n, start, i, block in pieces],
+                  [(float(scale), float(noise_scale))] * len(pieces))
 
     @torch.no_grad()
     def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None:

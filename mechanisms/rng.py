@@ -87,6 +87,14 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int 
     return g
 
 
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[str, list[int]]:
+    """Indices of ``tensors`` per device, in order."""
+    out: dict[str, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(str(t.device), []).append(i)
+    return out
+
+
 def cpu_torch_streams(seed: int, device_key: str = "cpu") -> NormalStreams:
     """torch's CPU generators as noise streams: :data:`STREAMS` of :func:`cpu_generator` (one if this
     torch's state layout is not the expected one: child streams need the whole-state seeding)."""
@@ -134,13 +142,15 @@ class DeviceGenerators:
         (one fused pass per tensor on the CPU's Philox source); the tensors of a device, in their
         order, draw the normals that one ``normal_`` of them would."""
         out: list[torch.Tensor | None] = [None] * len(tensors)
-        by_device: dict[str, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_device.setdefault(str(t.device), []).append(i)
-        for key, idx in by_device.items():
+        for key, idx in _by_device(tensors).items():
             for i, z in zip(idx, self.streams(key).noised([tensors[i].contiguous() for i in idx], noise_scale, scale)):
                 out[i] = z
         return out  # type: ignore[return-value]
+
+    def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
+        """:meth:`noised` in place (contiguous tensors; the same numbers)."""
+        for key, idx in _by_device(tensors).items():
+            self.streams(key).noised_([tensors[i] for i in idx], noise_scale, scale)
 
     def state_dict(self) -> dict[str, list[torch.Tensor] | dict]:
         return {k: s.state_dict() for k, s in self._streams.items()}

@@ -167,3 +167,12 @@ def test_fused_helpers_use_the_normals_normal_would_draw():
     want = table + scales.unsqueeze(1) * zt
     cpu_torch_streams(13).add_row_scaled_(table, scales)
     torch.testing.assert_close(table, want)
+
+
+def test_in_place_noised_matches_noised():
+    sums = [torch.randn(3, 5), torch.randn(PIECE + 1)]
+    want = cpu_torch_streams(21).noised(sums, 0.7, 0.25)
+    got = [s.clone() for s in sums]
+    cpu_torch_streams(21).noised_(got, 0.7, 0.25)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

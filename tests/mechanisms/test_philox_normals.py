@@ -260,3 +260,14 @@ def test_fills_from_several_threads_get_disjoint_blocks_and_copies_carry_the_pos
     assert len(firsts) == 8  # no two fills drew the same blocks
     for clone in (copy.deepcopy(src), pickle.loads(pickle.dumps(src))):
         assert torch.equal(clone.randn((10,), torch.float32, "cpu"), copy.deepcopy(src).randn((10,), torch.float32, "cpu"))
+
+
+def test_in_place_noised_gives_the_same_numbers():
+    sums = [torch.randn(3, PIECE // 2 + 5), torch.randn(7, dtype=torch.float64)]
+    want = PhiloxNormals.from_seed(16).noised(sums, 0.7, 0.25)
+    got = [s.clone() for s in sums]
+    ptrs = [g.data_ptr() for g in got]
+    PhiloxNormals.from_seed(16).noised_(got, 0.7, 0.25)
+    assert [g.data_ptr() for g in got] == ptrs
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
