@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain import ClippingConfig, clip_and_sum, per_sample_grads, trainable_parameters
+from dptrain import ClippingConfig, clip_and_sum, per_sample_grads
 from dptrain import ghost
 from dptrain import ghost_layers as gl
 from dptrain.ghost import ghost_clip_and_sum, ghost_norms, ghost_supported

@@ -1,8 +1,6 @@
 """make_private end to end: calibration, budget enforcement, noise scale, resume, errors."""
 from __future__ import annotations
 
-import math
-import warnings
 
 import pytest
 import torch
