@@ -3,8 +3,6 @@ built): N(0, 1), independent streams, the same numbers on any number of threads,
 bit of the seed counts, usable after a fork."""
 from __future__ import annotations
 
-import os
-import time
 
 import numpy as np
 import pytest
@@ -131,28 +129,6 @@ def test_single_generator_streams_fill_like_the_generator():
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     z = NormalStreams([g1]).randn((3, PIECE), torch.float32, "cpu")
     assert torch.equal(z, torch.randn((3, PIECE), generator=g2))
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_parallel_fill_works_in_a_forked_child():
-    _fill(cpu_torch_streams(8), 2)  # the parent's worker threads exist now
-    pid = os.fork()
-    if pid == 0:  # child: the pool's threads were not copied; a fill must still finish
-        try:
-            z = _fill(cpu_torch_streams(8), 2)
-            os._exit(0 if all(np.isfinite(t.numpy()).all() for t in z) else 1)  # no OpenMP op in a fork
-        except BaseException:  # noqa: BLE001
-            os._exit(2)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("a parallel fill in a forked child did not finish in 60 s")
 
 
 def test_fused_helpers_use_the_normals_normal_would_draw():

@@ -4,8 +4,6 @@ resumable, every bit of the seed counts, usable after a fork."""
 from __future__ import annotations
 
 import math
-import os
-import time
 
 import numpy as np
 import pytest
@@ -187,29 +185,6 @@ def test_fills_a_leaf_that_requires_grad_and_under_inference_mode_on_every_threa
             z = torch.empty(4 * PIECE)
             PhiloxNormals.from_seed(3).normal_([z])
     assert bool((w != 0).all()) and w.requires_grad and bool((z != 0).all())
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_parallel_fill_works_in_a_forked_child():
-    with _threads(2):
-        PhiloxNormals.from_seed(8).randn((4 * PIECE,), torch.float32, "cpu")  # the pool's threads exist
-        pid = os.fork()
-        if pid == 0:  # child: the pool's threads were not copied; a fill must still finish
-            try:
-                z = PhiloxNormals.from_seed(8).randn((4 * PIECE,), torch.float32, "cpu")
-                os._exit(0 if np.isfinite(z.numpy()).all() else 1)
-            except BaseException:  # noqa: BLE001
-                os._exit(2)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("a parallel fill in a forked child did not finish in 60 s")
 
 
 def test_fused_noised_and_row_scaled_add_use_the_normals_normal_would_draw():

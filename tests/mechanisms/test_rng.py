@@ -2,6 +2,11 @@
 (the CPU's default source: Philox where the kernel is built, else torch's streams)."""
 from __future__ import annotations
 
+import os
+import time
+
+import numpy as np
+import pytest
 import torch
 from scipy import stats
 
@@ -58,3 +63,39 @@ def test_without_the_compiled_kernel_cpu_noise_comes_from_torch_streams(monkeypa
     assert isinstance(DeviceGenerators(1).streams("cpu"), NormalStreams)
     z = _draw(DeviceGenerators(1), 10_000).double()
     assert abs(float(z.mean())) < 0.06 and abs(float(z.std()) - 1) < 0.05  # 6 standard errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("source", ["default", "torch"])
+def test_parallel_fill_works_in_a_forked_child(source):
+    # the parent's worker threads (torch's OpenMP pool for Philox, the noise pool for torch's
+    # streams) are not copied into a child; a fill there must still finish
+    from mechanisms.normal_streams import PIECE
+    from mechanisms.rng import cpu_torch_streams
+
+    def fill() -> torch.Tensor:
+        src = DeviceGenerators(8).streams("cpu") if source == "default" else cpu_torch_streams(8)
+        return src.randn((4 * PIECE,), torch.float32, "cpu")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fill()  # the parent's workers exist now
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if np.isfinite(fill().numpy()).all() else 1)  # no other OpenMP op in the child
+            except BaseException:  # noqa: BLE001
+                os._exit(2)
+    finally:
+        torch.set_num_threads(before)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a parallel fill in a forked child did not finish in 60 s")
