@@ -122,27 +122,6 @@ static PyObject *py_philox4x32_10(PyObject *self, PyObject *args) {
                          (unsigned long)c3[0]);
 }
 
-/* normal_axpy(out, src, alpha, scales, scale, col0, row_len, n, first_block, stream, key): addresses
- * as integers (0 for no src / no scales); the GIL is released while it runs */
-static PyObject *py_normal_axpy(PyObject *self, PyObject *args) {
-    unsigned long long out, src, scales, first_block, stream, key;
-    double alpha, scale;
-    long long col0, row_len, n;
-    if (!PyArg_ParseTuple(args, "KKdKdLLLKKK", &out, &src, &alpha, &scales, &scale, &col0, &row_len, &n,
-                          &first_block, &stream, &key))
-        return NULL;
-    if (n < 0 || col0 < 0 || row_len < 1) {
-        PyErr_SetString(PyExc_ValueError, "normal_axpy: need n >= 0, col0 >= 0, row_len >= 1");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    normal_axpy((float *)(uintptr_t)out, (const float *)(uintptr_t)src, (float)alpha,
-                (const float *)(uintptr_t)scales, (float)scale, (int64_t)col0, (int64_t)row_len, (int64_t)n,
-                first_block, stream, key);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 /* normal_axpy_jobs(ints, floats, njobs, threads): job j is normal_axpy with
  * ints[9j..9j+9) = (out, src, scales, col0, row_len, n, first_block, stream, key) and
  * floats[2j..2j+2) = (alpha, scale); the jobs are independent, and run on `threads` OpenMP
@@ -177,9 +156,6 @@ static PyObject *py_normal_axpy_jobs(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"philox4x32_10", py_philox4x32_10, METH_VARARGS, "One Philox4x32-10 block: (counter[4], key[2]) -> 4 words."},
-    {"normal_axpy", py_normal_axpy, METH_VARARGS,
-     "normal_axpy(out, src, alpha, scales, scale, col0, row_len, n, first_block, stream, key): "
-     "out[i] = alpha*src[i] + scale_i*z_i, z_i float32 N(0,1) from blocks first_block, ..."},
     {"normal_axpy_jobs", py_normal_axpy_jobs, METH_VARARGS,
      "normal_axpy_jobs(ints, floats, njobs, threads): many normal_axpy jobs on OpenMP threads"},
     {NULL, NULL, 0, NULL},

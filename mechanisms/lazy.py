@@ -55,7 +55,7 @@ class LazyNoiseTable:
         self.weight = weight
         self.noise_std = float(noise_std)
         self.expected_batch_size = float(expected_batch_size)
-        #: where the draws come from (a flush's blocks are drawn in parallel on the CPU's streams)
+        #: where the draws come from (the device's noise source; a flush's blocks are drawn in parallel on the CPU)
         self.streams: NormalSource = NormalStreams([noise]) if isinstance(noise, torch.Generator) else noise
         self.step = 0  # number of optimizer steps taken so far
         self._total = 0.0  # Σ_{u<step} (lr_u σC/B)², the host copy of _cumvar[step]

@@ -14,8 +14,12 @@ order, into pieces of ``PIECE`` elements (the last of each tensor shorter); piec
 block ``next_block + j·PIECE/4``, and ``next_block`` then moves past every piece. The numbers
 therefore depend only on (seed, position, sizes), not on the number of threads that draw them;
 pieces are drawn in parallel on up to ``torch.get_num_threads()`` OpenMP threads — torch's own
-pool, so the draw runs on workers that are already awake instead of competing with them. The vectorised logf / sinf / cosf may round differently on CPUs of different vector width,
-so one seed reproduces its noise to the last bit only on the same kind of CPU.
+pool, so the draw runs on workers that are already awake instead of competing with them. The
+vectorised logf / sinf / cosf may round differently on CPUs of different vector width, so one seed
+reproduces its noise to the last bit only on the same kind of CPU.
+
+The kernel is compiled with -ffast-math but linked without it, so loading it leaves the process's
+floating-point mode (denormals) as it was.
 
 Privacy assumption: Philox4x32-10's words are indistinguishable from independent uniform words
 for the purpose at hand (it passes TestU01's BigCrush, and distinct counters never repeat within
@@ -54,6 +58,7 @@ def _forked() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
+
 _U64 = (1 << 64) - 1
 
 

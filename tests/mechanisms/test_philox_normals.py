@@ -246,3 +246,9 @@ def test_in_place_noised_gives_the_same_numbers():
     assert [g.data_ptr() for g in got] == ptrs
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_loading_the_kernel_leaves_denormals_alone():
+    # a shared object linked with -ffast-math would switch flush-to-zero on for the whole process
+    tiny = np.float32(1e-40)
+    assert tiny * np.float32(1.0) != 0 and float(torch.tensor([1e-40]) * 1.0) != 0
