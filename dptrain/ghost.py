@@ -375,7 +375,8 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_algebra.margins`).
     """
     device = next(iter(params.values())).device
-    sq = {k: ga.sq_norms(t) for k, t in merged.items()}
+    norms = ga.RowNorms()
+    sq = {k: ga.sq_norms(t, norms) for k, t in merged.items()}
     zero = torch.zeros(b, dtype=torch.float64, device=device)
     total = torch.stack(list(sq.values())).sum(0) if sq else zero
     # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)

@@ -41,12 +41,26 @@ def _slices(batch: int, per_example: int):
     return [slice(s, s + step) for s in range(0, batch, step)]
 
 
-def _outer_sq(term: Outer) -> torch.Tensor:
+class RowNorms:
+    """‖x_i‖ per row of [B, n] tensors, each tensor's once per clipping pass: a Linear's bias
+    gradient is its weight's left factor (the output gradient), so their norms are one computation."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)  # the tensors stay alive for the pass
+        if key not in self._done:
+            self._done[key] = _norm(x)
+        return self._done[key]
+
+
+def _outer_sq(term: Outer, norms: RowNorms) -> torch.Tensor:
     left, right = term.left, term.right
     b, groups, t, o = left.shape
     i = right.shape[3]
     if t == 1 and groups == 1:  # ‖a_i‖²‖b_i‖² (a float32 overflow of the product is refined like any other)
-        return (_norm(left.reshape(b, o)) * _norm(right.reshape(b, i))).double().square()
+        return (norms(left.reshape(b, o)) * norms(right.reshape(b, i))).double().square()
     if t == 1:
         return (_sq(left, 2) * _sq(right, 2)).sum(1)
     keep = b * groups * o * i <= _BLOCK_ELEMENTS
@@ -97,18 +111,20 @@ def _select(term: Term, keep: torch.Tensor, dtype: torch.dtype) -> Term:
     return Dense(term.grads[keep].to(dtype))
 
 
-def sq_norms(terms: list[Term]) -> torch.Tensor:
-    """‖Σ_terms G_i‖² per example (float64 result, float32 arithmetic) for merged terms."""
+def sq_norms(terms: list[Term], norms: RowNorms | None = None) -> torch.Tensor:
+    """‖Σ_terms G_i‖² per example (float64 result, float32 arithmetic) for merged terms; ``norms``
+    shares row norms between the calls of one clipping pass."""
+    norms = norms if norms is not None else RowNorms()
     total = None
     for term in terms:
         if isinstance(term, Outer):
-            part = _outer_sq(term)
+            part = _outer_sq(term, norms)
         elif isinstance(term, Conv):
             part = _conv_sq(term)
         elif isinstance(term, Rows):
             part = _rows_sq(term)
         else:
-            part = _sq(term.grads)
+            part = norms(term.grads.reshape(term.grads.shape[0], -1)).double().square()
         total = part if total is None else total + part
     if len(terms) == 2:
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]

@@ -403,3 +403,24 @@ def test_bf16_autocast_attention_and_conv_within_the_clip_norm():
     for one in singles:
         norm = torch.sqrt(sum(v.double().pow(2).sum() for v in one.sums.values()))
         assert float(norm) <= c * (1 + 1e-5)
+
+
+def test_a_linears_weight_and_bias_share_one_output_gradient_norm():
+    # ‖G_i‖² = ‖g_i‖²‖a_i‖² for the weight and ‖g_i‖² for the bias: two row norms per layer, not three
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        norms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.linalg_vector_norm:
+                Count.norms += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with Count():
+        got = ghost_clip_and_sum(model, LOSS, x, y, 0.5)
+    assert Count.norms == 4
+    assert_same(got, clip_and_sum(model, LOSS, x, y, 0.5, method="vmap"))
