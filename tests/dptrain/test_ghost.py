@@ -424,3 +424,18 @@ def test_a_linears_weight_and_bias_share_one_output_gradient_norm():
         got = ghost_clip_and_sum(model, LOSS, x, y, 0.5)
     assert Count.norms == 4
     assert_same(got, clip_and_sum(model, LOSS, x, y, 0.5, method="vmap"))
+
+
+def test_the_cached_plan_is_reused_and_follows_changes_to_the_model():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+    x, y = torch.randint(0, 10, (6, 2)), torch.randint(0, 3, (6,))
+    assert ghost.current_plan(model) is ghost.current_plan(model)
+    assert ghost_clip_and_sum(model, LOSS, x, y, 1.0) is not None
+    model[0].max_norm = 1.0  # the lookup now renormalizes rows in place: not on the fast path
+    assert ghost_clip_and_sum(model, LOSS, x, y, 1.0) is None
+    model[0].max_norm = None
+    model[2].bias.requires_grad_(False)
+    got = ghost_clip_and_sum(model, LOSS, x, y, 1.0)
+    assert got is not None and set(got.sums) == {"0.weight", "2.weight"}
+    model[2] = nn.Linear(8, 3)  # a new module
+    assert set(ghost_clip_and_sum(model, LOSS, x, y, 1.0).sums) == {"0.weight", "2.weight", "2.bias"}
