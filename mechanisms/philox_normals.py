@@ -59,6 +59,21 @@ def _forked() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
+
+def _openmp_runtimes() -> int:
+    """How many GNU OpenMP runtimes this process has loaded (Linux; 1 if it cannot tell). The kernel
+    links ``libgomp.so.1``, which resolves to the copy torch already loaded unless torch's copy was
+    renamed (some wheels bundle ``libgomp-<hash>.so.1``): then two thread pools would compete for
+    the cores, so the kernel draws on one thread."""
+    try:
+        with open("/proc/self/maps") as f:
+            return max(1, len({line.split()[-1] for line in f if "libgomp" in line}))
+    except OSError:
+        return 1
+
+
+_SHARED_POOL = _philox is not None and _openmp_runtimes() == 1
+
 _U64 = (1 << 64) - 1
 
 
@@ -135,7 +150,8 @@ class PhiloxNormals:
             return
         q = np.array([(*j, self.stream, self.key) for j in ints], dtype=np.uint64)
         f = np.array(floats, dtype=np.float64)
-        threads = 1 if _in_forked_child else max(1, min(torch.get_num_threads(), MAX_THREADS, len(ints)))
+        threads = 1 if _in_forked_child or not _SHARED_POOL else max(1, min(torch.get_num_threads(), MAX_THREADS,
+                                                                            len(ints)))
         _philox.normal_axpy_jobs(q.ctypes.data, f.ctypes.data, len(ints), threads)
 
     @torch.no_grad()
