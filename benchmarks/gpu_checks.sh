@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks in one go (for a lent CUDA machine): the CUDA tests (pytest -m cuda), then
 # benchmarks/engine.py on cuda, profiles of the GPT-2-small-sized step, the engine under bf16 autocast,
-# benchmarks/lazydp.py on cuda, and the CPU noise streams on the GPU machine's cores.
+# benchmarks/lazydp.py on cuda, and the CPU noise sources on the GPU machine's cores (the Philox
+# kernel is built in place first, from pyproject.toml's ext-modules; without it CPU noise falls back
+# to torch's streams and the log says so).
 # Logs and JSON go to $OUT (default ./gpu_out). Each part has its own time limit so that one
 # slow part cannot take the others' time. On an H200 the whole run takes about 7 minutes
 # (2026-11-26; opacus hooks and the eager noise floor are left out by default: add them with
@@ -15,6 +17,8 @@ LOG="$OUT/log.txt"  # machine, then every part's stderr (the device tool returns
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc; date -u
   $py -c "import torch, opacus; print('torch', torch.__version__, 'opacus', opacus.__version__, torch.cuda.get_device_name(0))"
 } > "$LOG" 2>&1
+$py -c "from setuptools import setup; setup()" build_ext --inplace -q >> "$LOG" 2>&1
+$py -c "from mechanisms import philox_normals as p; print('Philox kernel built:', p.available())" >> "$LOG" 2>&1
 cat "$LOG"
 part() {  # part NAME SECONDS COMMAND...: stdout to NAME.out, stderr appended to log.txt
   local name=$1 limit=$2; shift 2
@@ -35,5 +39,5 @@ part profile_gpt2 "${T_PROFILE:-60}" bash -c "for mode in nonprivate dptrain; do
 part engine_cuda_amp "${T_AMP:-90}" $py benchmarks/engine.py --device cuda --amp --repeats "${REPEATS:-7}" \
   --models transformer gpt2small --modes nonprivate dptrain
 part lazydp_cuda "${T_LAZY:-200}" $py benchmarks/lazydp.py --device cuda --repeats "${REPEATS:-7}" --max-gb 100 \
-  --modes ${LAZY_MODES:-nonprivate eager lazy}
+  --pair-steps "${PAIR_STEPS:-30}" --modes ${LAZY_MODES:-nonprivate eager lazy}
 part noise_streams_cpu "${T_NOISE:-60}" $py benchmarks/noise_streams.py
