@@ -129,7 +129,7 @@ class LazyNoiseTable:
             return
         rows, dim = self.weight.shape
         per_row = 24 + (dim * self.weight.element_size() if self.streams.BUFFERS_NOISE else 0)
-        block_rows = max(1, FLUSH_BLOCK_BYTES.get(self.weight.device.type, 16 << 20) // per_row)
+        block_rows = max(1, FLUSH_BLOCK_BYTES.get(self.weight.device.type, FLUSH_BLOCK_BYTES["cpu"]) // per_row)
         for start in range(0, rows, block_rows):
             block = self.last_step[start:start + block_rows]
             std = self._owed_var(block).sqrt_()
