@@ -1,10 +1,9 @@
-"""Standard normal draws for one device, from parallel independent streams on the CPU.
+"""Standard normal draws for one device from torch's generators: a CUDA device's noise source, and
+the CPU's where the compiled Philox kernel (:mod:`mechanisms.philox_normals`, the faster default)
+is not installed. Also the :class:`NormalSource` interface both implement.
 
-torch's CPU generator fills a tensor on one thread (≈ 3.4 ns per float32 normal here), so
-DP-SGD's noise for a 670k-parameter MLP costs ≈ 2.3 ms of a 6.6 ms step, and a lazy table's
-flush of 640M coordinates 3.4 s, however many cores the machine has.
-
-Here a CPU device gets ``STREAMS`` generators. Stream 0 is the device's generator of
+torch's CPU generator fills a tensor on one thread (≈ 3.4 ns per float32 normal here), so a CPU
+device gets ``STREAMS`` generators drawn in parallel. Stream 0 is the device's generator of
 :func:`mechanisms.rng.cpu_generator`; stream k ≥ 1 has its whole mt19937 state from
 ``SeedSequence([seed, device], spawn_key=(k,))`` — numpy's documented way to derive independent
 child streams from one seed. A fill cuts the tensors, in order, into pieces of ``PIECE``
