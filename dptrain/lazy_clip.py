@@ -26,7 +26,8 @@ from . import ghost_layers as gl
 from .clipping import ClippingConfig
 from .engine import Inputs, LossFn
 from .errors import UnsupportedModuleError
-from .ghost import DenseSums, Plan, clip_chunks, plan_key
+from .ghost import DenseSums, clip_chunks
+from .ghost_plan import Plan, plan_key
 
 TABLE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -78,7 +79,7 @@ def lazy_plan(model: nn.Module, tables: dict[str, nn.Module] | None = None) -> P
 
 
 class LazyPlans:
-    """:func:`lazy_plan` of one model and its tables, made again only when :func:`dptrain.ghost.plan_key` changes."""
+    """:func:`lazy_plan` of one model and its tables, made again only when `dptrain.ghost_plan.plan_key` changes."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model, self._key = model, None

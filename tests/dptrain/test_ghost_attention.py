@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dptrain import ClippingConfig, clip_and_sum
-from dptrain.ghost import ghost_clip_and_sum, ghost_norms, ghost_supported
+from dptrain.ghost import ghost_clip_and_sum, ghost_norms
+from dptrain.ghost_plan import ghost_supported
 from dptrain.ghost_attention import is_plain_attention
 
 LOSS = nn.CrossEntropyLoss()

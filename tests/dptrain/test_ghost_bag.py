@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dptrain import ClippingConfig, clip_and_sum
-from dptrain.ghost import _kind, ghost_clip_and_sum
+from dptrain.ghost import ghost_clip_and_sum
+from dptrain.ghost_plan import _kind
 
 LOSS = nn.CrossEntropyLoss()
 

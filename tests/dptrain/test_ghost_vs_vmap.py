@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from dptrain import ClippingConfig, clip_and_sum
-from dptrain.ghost import ghost_clip_and_sum as fast_clip_and_sum, ghost_supported as fast_path_supported
+from dptrain.ghost import ghost_clip_and_sum as fast_clip_and_sum
+from dptrain.ghost_plan import ghost_supported as fast_path_supported
 
 _spec = importlib.util.spec_from_file_location("dp_test_models", pathlib.Path(__file__).with_name("models.py"))
 models = importlib.util.module_from_spec(_spec)
