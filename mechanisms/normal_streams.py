@@ -96,6 +96,13 @@ class NormalSource(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+def normals_like(source: NormalSource, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors shaped like ``tensors`` (same dtype and device), filled in order by one ``source.normal_``."""
+    zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+    source.normal_(zs)
+    return zs
+
+
 class NormalStreams:
     """``normal_(tensors)`` fills tensors with i.i.d. N(0, 1) for one device (see the module docstring)."""
 
@@ -151,16 +158,12 @@ class NormalStreams:
     @torch.no_grad()
     def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
         """New tensors ``scale·t + noise_scale·Z``, Z ~ N(0, I) drawn by :meth:`normal_` (in place in Z's buffer)."""
-        zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        self.normal_(zs)
-        return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(zs, tensors)]
+        return [z.mul_(noise_scale).add_(t, alpha=scale) for z, t in zip(normals_like(self, tensors), tensors)]
 
     @torch.no_grad()
     def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
         """:meth:`noised` in place: ``t ← scale·t + noise_scale·Z`` (the same Z)."""
-        zs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        self.normal_(zs)
-        for t, z in zip(tensors, zs):
+        for t, z in zip(tensors, normals_like(self, tensors)):
             t.mul_(scale).add_(z, alpha=noise_scale)
 
     @torch.no_grad()

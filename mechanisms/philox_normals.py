@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .normal_streams import normals_like
+
 try:  # built by `pip install` when a C compiler is present (optional extension, see pyproject.toml)
     from . import _philox
 except ImportError:  # pragma: no cover - exercised only on machines without the compiled kernel
@@ -183,9 +185,7 @@ class PhiloxNormals:
     def _noised_into(self, outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], noise_scale: float,
                      scale: float) -> None:
         if any(t.dtype != torch.float32 for t in srcs):
-            zs = [torch.empty(t.shape, dtype=t.dtype) for t in srcs]
-            self.normal_(zs)
-            for o, z, t in zip(outs, zs, srcs):
+            for o, z, t in zip(outs, normals_like(self, srcs), srcs):
                 o.copy_(z.mul_(noise_scale).add_(t, alpha=scale))
             return
         pieces = self._pieces(outs)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import secrets
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import philox_normals
-from .normal_streams import STREAMS, NormalSource, NormalStreams
+from .normal_streams import STREAMS, NormalSource, NormalStreams, normals_like
 from .philox_normals import PhiloxNormals
 
 #: byte offset and count of the 624 mt19937 words (stored as uint64) in a CPU generator's state
@@ -126,26 +126,25 @@ class DeviceGenerators:
             self._streams[key] = self._new(key)
         return self._streams[key]
 
+    def _per_device(self, tensors: Sequence[torch.Tensor],
+                    draw: Callable[[NormalSource, list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``draw(source, that device's tensors in order)`` once per device; its results back in the order of ``tensors``."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        for key, idx in _by_device(tensors).items():
+            for i, z in zip(idx, draw(self.streams(key), [tensors[i] for i in idx])):
+                out[i] = z
+        return out  # type: ignore[return-value]
+
     def randn_like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A new contiguous N(0, I) tensor shaped like each of ``tensors`` (same device and dtype);
-        each device's tensors, in their order, are filled by one :meth:`NormalStreams.normal_`."""
-        out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        by_device: dict[str, list[torch.Tensor]] = {}
-        for z in out:
-            by_device.setdefault(str(z.device), []).append(z)
-        for key, zs in by_device.items():
-            self.streams(key).normal_(zs)
-        return out
+        each device's tensors, in their order, are filled by one ``normal_`` of its source."""
+        return self._per_device(tensors, normals_like)
 
     def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
         """New tensors ``scale·t + noise_scale·Z``, Z ~ N(0, I) from each tensor's device's source
         (one fused pass per tensor on the CPU's Philox source); the tensors of a device, in their
         order, draw the normals that one ``normal_`` of them would."""
-        out: list[torch.Tensor | None] = [None] * len(tensors)
-        for key, idx in _by_device(tensors).items():
-            for i, z in zip(idx, self.streams(key).noised([tensors[i].contiguous() for i in idx], noise_scale, scale)):
-                out[i] = z
-        return out  # type: ignore[return-value]
+        return self._per_device(tensors, lambda src, ts: src.noised([t.contiguous() for t in ts], noise_scale, scale))
 
     def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
         """:meth:`noised` in place (contiguous tensors; the same numbers)."""
