@@ -68,15 +68,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
 
     def privatize_grads(self) -> None:
-        """Replace each ``p.grad`` (clipped sum) by (sum + noise) / (q·N) — in place in ``p.grad`` when
-        the mechanism can (``privatize_mean_``) and the gradient is a contiguous tensor of its own."""
+        """Replace each ``p.grad`` (clipped sum) by (sum + noise) / (q·N); the sums are given up, so the
+        mechanism may write into them (``privatize_mean_``)."""
         sums = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        in_place = getattr(self.mechanism, "privatize_mean_", None)
-        if in_place is not None and all(g.is_contiguous() and g._base is None for g in sums):
-            in_place(sums, self.steps, self.expected_batch_size)
-            noised = sums
-        else:
-            noised = self.mechanism.privatize_mean(sums, self.steps, self.expected_batch_size)
+        noised = self.mechanism.privatize_mean_(sums, self.steps, self.expected_batch_size)
         for p, g in zip(self.params, noised):
             p.grad = g
 

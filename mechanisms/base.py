@@ -32,6 +32,11 @@ class NoiseMechanism(ABC):
         """
         return [g / divisor for g in self.privatize(clipped_sums, step)]
 
+    def privatize_mean_(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
+        """:meth:`privatize_mean` for a caller that gives the sums up: a mechanism may write the result
+        into them (no new buffers) and return them. Here: :meth:`privatize_mean`, sums untouched."""
+        return self.privatize_mean(clipped_sums, step, divisor)
+
     @abstractmethod
     def step_event(self, sample_rate: float) -> DpEvent:
         """Privacy event of one step run with Poisson sampling rate ``sample_rate``."""

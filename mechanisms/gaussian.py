@@ -52,10 +52,13 @@ class GaussianMechanism(NoiseMechanism):
         """
         return self._rng.noised(clipped_sums, self.noise_std / divisor, 1.0 / divisor)
 
-    def privatize_mean_(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> None:
-        """:meth:`privatize_mean` in place (contiguous sums): each sum becomes (S + σC·Z) / m, the
-        same numbers, without a new buffer (what :class:`dptrain.DPOptimizer` uses on ``p.grad``)."""
+    def privatize_mean_(self, clipped_sums: Sequence[torch.Tensor], step: int, divisor: float) -> list[torch.Tensor]:
+        """:meth:`privatize_mean` written into the sums themselves when each is a contiguous tensor of
+        its own (a view's storage is left alone): the same numbers, no new buffer."""
+        if not all(s.is_contiguous() and s._base is None for s in clipped_sums):
+            return self.privatize_mean(clipped_sums, step, divisor)
         self._rng.noised_(clipped_sums, self.noise_std / divisor, 1.0 / divisor)
+        return list(clipped_sums)
 
     def step_event(self, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(self.noise_multiplier))
