@@ -62,6 +62,13 @@ def zipf_ids(shape: tuple[int, ...], rows: int, rng: np.random.Generator) -> tor
     return torch.from_numpy(np.searchsorted(cdf, rng.random(shape) * cdf[-1]).astype(np.int64))
 
 
+def make_batches(rows: int, batch: int, n: int, rng: np.random.Generator, device: str
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of Zipf ids [batch, 2] and random 0/1 labels."""
+    return [(zipf_ids((batch, 2), rows, rng).to(device), torch.from_numpy(rng.integers(0, 2, batch)).to(device))
+            for _ in range(n)]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -148,8 +155,7 @@ def make_step(mode: str, rows: int, batch: int, examples: int, device: str = "cp
 def run_one(mode: str, rows: int, batch: int, repeats: int, examples: int, device: str = "cpu") -> dict:
     warnings.filterwarnings("ignore")
     rng = np.random.default_rng(1)
-    batches = [(zipf_ids((batch, 2), rows, rng).to(device), torch.from_numpy(rng.integers(0, 2, batch)).to(device))
-               for _ in range(repeats + 2)]
+    batches = make_batches(rows, batch, repeats + 2, rng, device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
         step, after = make_step(mode, rows, batch, examples, device)
@@ -178,8 +184,7 @@ def run_pair(rows: int, batch: int, steps: int, device: str = "cpu") -> dict:
     their ratio is not at the mercy of how fast one subprocess happened to run against another."""
     warnings.filterwarnings("ignore")
     rng = np.random.default_rng(2)
-    batches = [(zipf_ids((batch, 2), rows, rng).to(device), torch.from_numpy(rng.integers(0, 2, batch)).to(device))
-               for _ in range(steps + 2)]
+    batches = make_batches(rows, batch, steps + 2, rng, device)
     try:
         runs = {m: make_step(m, rows, batch, 1_000_000, device)[0] for m in ("nonprivate", "lazy")}
         times: dict[str, list[float]] = {m: [] for m in runs}
@@ -195,6 +200,15 @@ def run_pair(rows: int, batch: int, steps: int, device: str = "cpu") -> dict:
     med = {m: statistics.median(v) for m, v in times.items()}
     return {"steps": steps, "nonprivate_median_s": med["nonprivate"], "lazy_median_s": med["lazy"],
             "lazy_over_nonprivate": med["lazy"] / med["nonprivate"]}
+
+
+def _run_json(cmd: list[str]) -> dict:
+    """The JSON object a subprocess printed last, or its last error line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
 def estimated_gb(mode: str, rows: int) -> float:
@@ -239,19 +253,11 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--one", mode, str(rows), str(batch), "--repeats", str(a.repeats),
                        "--examples", str(a.examples), "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                try:
-                    entry[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-                except (IndexError, json.JSONDecodeError):
-                    entry[mode] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                entry[mode] = _run_json(cmd)
             if a.pair_steps and {"nonprivate", "lazy"} <= set(a.modes) and "median_s" in entry.get("lazy", {}):
                 cmd = [sys.executable, __file__, "--pair", str(rows), str(batch), "--pair-steps", str(a.pair_steps),
                        "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                try:
-                    pair = json.loads(proc.stdout.strip().splitlines()[-1])
-                except (IndexError, json.JSONDecodeError):
-                    pair = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                pair = _run_json(cmd)
                 if "lazy_median_s" in pair:
                     per_step = entry["lazy"]["flush_per_step_s"]
                     pair["amortised_over_nonprivate"] = (pair["lazy_median_s"] + per_step) / pair["nonprivate_median_s"]
