@@ -79,9 +79,11 @@ def clip_factors(grads: Mapping[str, torch.Tensor], config: ClippingConfig) -> d
     return {k: _factor(torch.sqrt(sq[k]), config.thresholds[k]) for k in grads}
 
 
-def _factor(norm: torch.Tensor, c: float) -> torch.Tensor:
-    """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0)."""
-    return (norm + _EPS).reciprocal_().mul_(c).clamp_(max=1.0).nan_to_num_(nan=0.0)
+def _factor(norm: torch.Tensor, c: float, finite: bool = False) -> torch.Tensor:
+    """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0).
+    ``finite``: the caller knows every norm is finite (no NaN to replace)."""
+    f = (norm + _EPS).reciprocal_().mul_(c).clamp_(max=1.0)
+    return f if finite else f.nan_to_num_(nan=0.0)
 
 
 def clipped_sum(grads: Mapping[str, torch.Tensor], config: ClippingConfig,

@@ -54,6 +54,10 @@ def iter_chunks(inputs: Inputs, targets: torch.Tensor, chunk_size: int | None
     xs = _as_tuple(inputs)
     n = int(targets.shape[0])
     step = n if not chunk_size or chunk_size >= n else chunk_size
+    if step == n:  # one chunk: the batch as it is (no slicing)
+        if n:
+            yield xs, targets
+        return
     for start in range(0, n, max(step, 1)):
         yield tuple(x[start:start + step] for x in xs), targets[start:start + step]
 

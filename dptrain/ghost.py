@@ -57,14 +57,15 @@ def per_example_losses(loss_fn: LossFn, output: Any, y: torch.Tensor) -> torch.T
 
     nn.CrossEntropyLoss without class weights on [B, C] logits and class indices is evaluated
     directly with reduction='none' (the same numbers, without vmap's overhead): a batch of one
-    has mean = sum = its own loss, except that 'mean' over an ignored target is 0/0 = NaN.
+    has mean = sum = its own loss, except that 'mean' over an ignored target is 0/0 = NaN
+    (its gradient is 0 either way).
     """
     if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction in ("mean", "sum")
             and isinstance(output, torch.Tensor) and output.dim() == 2 and y.dim() == 1 and not y.is_floating_point()):
         losses = F.cross_entropy(output, y, reduction="none", ignore_index=loss_fn.ignore_index,
                                  label_smoothing=loss_fn.label_smoothing)
-        if loss_fn.reduction == "mean":  # value and gradient NaN for ignored targets, as 0/0 gives
-            losses = losses * torch.where(y == loss_fn.ignore_index, float("nan"), 1.0).to(losses.dtype)
+        if loss_fn.reduction == "mean":  # an ignored target: value 0/0 = NaN, gradient 0 (as the batch of one's)
+            losses = torch.where(y == loss_fn.ignore_index, float("nan"), losses)
         return losses
     return vmap(lambda o, t: loss_fn(tree_map(lambda v: v.unsqueeze(0), o), t.unsqueeze(0)))(output, y)
 
@@ -120,15 +121,18 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
     if kind == "linear" and gp.narrow(g):  # bf16 output: autocast multiplied bf16(a); bf16 factors, float32 algebra
         a = c.args[0]
         return None if a.dim() == 0 or a.shape[0] != b else gl.linear_terms(m, a.to(g.dtype), g)
-    g = g.float()
+    g = g if g.dtype == torch.float32 else g.float()
     if kind == "embedding_bag":
         return embedding_bag_terms(m, c.args, c.kwargs, g, b)
-    a = c.args[0] if kind == "embedding" else c.args[0].float()
+    a = c.args[0]
+    a = a if kind == "embedding" or a.dtype == torch.float32 else a.float()
     if a.dim() == 0 or a.shape[0] != b:
         return None
-    build = {"linear": gl.linear_terms, "conv": gl.conv_terms,
-             "embedding": ghost_rows.embedding_terms, "norm": gl.norm_terms}[kind]
-    return build(m, a, g)
+    return _BUILDERS[kind](m, a, g)
+
+
+_BUILDERS = {"linear": gl.linear_terms, "conv": gl.conv_terms, "embedding": ghost_rows.embedding_terms,
+             "norm": gl.norm_terms}
 
 
 def _sums_to(terms: list, want: torch.Tensor | None, p: torch.Tensor, b: int) -> bool:
@@ -198,8 +202,11 @@ class DenseSums:
 
     def result(self, names) -> dict[str, torch.Tensor]:
         """The sums of ``names`` in their parameters' dtype (zeros for a parameter no chunk reached)."""
-        return {k: self.sums[k].to(self.params[k].dtype) if k in self.sums else torch.zeros_like(self.params[k])
-                for k in names}
+        out = {}
+        for k in names:
+            s, p = self.sums.get(k), self.params[k]
+            out[k] = torch.zeros_like(p) if s is None else s if s.dtype == p.dtype else s.to(p.dtype)
+        return out
 
 
 class ChunkTotals:
@@ -218,8 +225,9 @@ class ChunkTotals:
         """(examples clipped, per parameter the examples not clipped) as device tensors (0-dim), no sync."""
         if self._counts is None:
             return 0, dict.fromkeys(self._names, 0)
-        clipped, kept = self._counts[0], list(self._counts[1:])
-        return clipped, dict(zip(self._names, kept)) if kept else dict.fromkeys(self._names, self.batch_size - clipped)
+        if self._counts.dim() == 0:  # flat clipping: an example not clipped is not clipped in any parameter
+            return self._counts, dict.fromkeys(self._names, self.batch_size - self._counts)
+        return self._counts[0], dict(zip(self._names, self._counts[1:].unbind()))
 
 
 def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
@@ -245,9 +253,8 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
         merged, losses = res
         with _float32(y.device.type):
             factors, keep, chunk_loss = _clip_factors(merged, params, config, b, losses)
-            f32 = {id(f): f.float() for f in factors.values()}  # flat clipping: one cast for all parameters
             for k, terms in merged.items():
-                sink(k, terms if keep is None else ga.drop_examples(terms, keep[k]), f32[id(factors[k])])
+                sink(k, terms if keep is None else ga.drop_examples(terms, keep[k]), factors[k])
         n += b
         loss_sum += chunk_loss
         losses_all.append(losses.detach().reshape(-1))
@@ -259,39 +266,47 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
 
 def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int,
                   losses: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
-    """Clip factors per parameter (float64 [b]), only if some gradient is not finite the examples to keep,
-    and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
+    """Clip factors per parameter (float32 [b], computed in float64), only if some gradient is not finite
+    the examples to keep, and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
 
     Every squared norm finite means every factor is positive and every term finite: all examples kept.
     Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_algebra.margins`).
     """
-    device = next(iter(params.values())).device
-    norms = ga.RowNorms()
-    sq = {k: ga.sq_norms(t, norms) for k, t in merged.items()}
-    zero = torch.zeros(b, dtype=torch.float64, device=device)
-    total = torch.stack(list(sq.values())).sum(0) if sq else zero
+    device = losses.device
+    flat = config.thresholds is None
+    if flat:  # only the total is needed
+        total = ga.total_sq_norms(list(merged.values()), b, device)
+    else:
+        norms = ga.RowNorms()
+        sq = {k: ga.sq_norms(t, norms) for k, t in merged.items()}
+        total = torch.stack(list(sq.values())).sum(0) if sq else torch.zeros(b, dtype=torch.float64, device=device)
     # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
-    flag, loss_sum = torch.stack([total.sum(), losses.detach().sum().double()]).tolist()
+    flag, loss_sum = torch.stack([total.sum(), losses.sum(dtype=torch.float64)]).tolist()
     finite = math.isfinite(flag)
     if not finite:  # float32 overflow, or a non-finite gradient
-        sq = {k: ga.refine(merged[k], v) for k, v in sq.items()}
-        total = sum(sq.values(), zero)
+        sq = {k: ga.refine(t, ga.sq_norms(t)) for k, t in merged.items()}
+        total = sum(sq.values(), torch.zeros(b, dtype=torch.float64, device=device))
     extra = {k: m for k, m in ((k, ga.margins(t)) for k, t in merged.items()) if m is not None}
-    if config.thresholds is None:
-        norm = torch.sqrt(total) + sum(extra.values(), zero) if extra else torch.sqrt(total)
-        factors = dict.fromkeys(params, _factor(norm, config.max_grad_norm))
+    if flat:
+        norm = torch.sqrt(total)
+        for m in extra.values():
+            norm = norm + m
+        f = _factor(norm, config.max_grad_norm, finite).float()
+        factors = dict.fromkeys(params, f)
     else:
-        factors = {k: _factor(torch.sqrt(sq[k]) + extra[k] if k in extra else torch.sqrt(sq.get(k, zero)),
-                              config.thresholds[k]) for k in params}
+        factors = {k: _factor(torch.sqrt(sq[k]) + extra[k] if k in extra else
+                              torch.sqrt(sq[k]) if k in sq else torch.zeros(b, dtype=torch.float64, device=device),
+                              config.thresholds[k], finite).float() for k in params}
     return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
 
 
 def _counts(factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.Tensor:
-    """[examples clipped, (per-layer:) per parameter the examples not clipped] of one chunk (int64, on the device)."""
+    """Flat clipping: the examples clipped (0-dim); per-layer: [examples clipped, per parameter the examples
+    not clipped] (int64, on the device)."""
     if not factors:
-        return torch.zeros(1, dtype=torch.long)
+        return torch.zeros((), dtype=torch.long)
     if config.thresholds is None:
-        return (next(iter(factors.values())) < 1).sum().reshape(1)
+        return (next(iter(factors.values())) < 1).sum()
     stacked = torch.stack(list(factors.values()))
     return torch.cat([(stacked.amin(0) < 1).sum().reshape(1), (stacked >= 1).sum(1)])
 

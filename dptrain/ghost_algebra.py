@@ -132,6 +132,39 @@ def sq_norms(terms: list[Term], norms: RowNorms | None = None) -> torch.Tensor:
     return total
 
 
+def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
+    """‖G_i‖ (float32 [B]) when one product of row norms gives it: a single Outer with T = 1 and one
+    group (‖a_i‖‖b_i‖), or a single Dense; else None."""
+    if len(terms) != 1:
+        return None
+    t = terms[0]
+    if isinstance(t, Outer) and t.left.shape[1] == 1 and t.left.shape[2] == 1:
+        b = t.left.shape[0]
+        return norms(t.left.reshape(b, -1)) * norms(t.right.reshape(b, -1))
+    if isinstance(t, Dense):
+        g = t.grads
+        return norms(g if g.dim() == 2 else g.reshape(g.shape[0], -1))
+    return None
+
+
+def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.device) -> torch.Tensor:
+    """Σ_p ‖G_i,p‖² per example (float64 [B]) over several parameters' merged terms: the single-factor
+    ones (:func:`_row_norm`) stacked, widened and squared together, the others by :func:`sq_norms`."""
+    norms = RowNorms()
+    single, parts = [], []
+    for terms in params_terms:
+        n = _row_norm(terms, norms)
+        if n is None:
+            parts.append(sq_norms(terms, norms))
+        else:
+            single.append(n)
+    if single:
+        parts.append(torch.stack(single).double().square().sum(0) if len(single) > 1 else single[0].double().square())
+    if not parts:
+        return torch.zeros(batch, dtype=torch.float64, device=device)
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
 def _split_sum(t: Term) -> bool:
     """Whether :func:`clipped_sum` forms ``t``'s sum from narrow factors split in two
     (:func:`dptrain.ghost_precision.outer_sum`) — exactly the terms :func:`margins` covers."""
@@ -191,7 +224,12 @@ def drop_examples(terms: list[Term], keep: torch.Tensor) -> list[Term]:
 
 def _weighted_sum(f: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
     """Σ_i f_i per[i] (flattened)."""
-    return torch.mv(per.reshape(per.shape[0], -1).t(), f.to(per.dtype))
+    per = per if per.dim() == 2 else per.reshape(per.shape[0], -1)
+    return torch.mv(per.t(), f if f.dtype == per.dtype else f.to(per.dtype))
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -205,21 +243,30 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
         elif _split_sum(t):
             part = gp.outer_sum(t.left, t.right, f)
         elif isinstance(t, Outer):
-            left, right = t.left.float(), t.right.float()
-            if left.shape[3] <= right.shape[3]:  # scale the smaller factor
-                left = left * f.view(-1, 1, 1, 1)
+            left, right = _float(t.left), _float(t.right)
+            b, groups, steps, o = left.shape
+            i = right.shape[3]
+            fs = f.unsqueeze(1) if steps == 1 else f.view(-1, 1, 1)  # scales [B, o] or [B, T, o]
+            if groups == 1:  # [B·T, o]ᵀ [B·T, i], the smaller factor scaled
+                left = left.reshape(b, o) if steps == 1 else left.reshape(b, steps, o)
+                right = right.reshape(b, i) if steps == 1 else right.reshape(b, steps, i)
+                if o <= i:
+                    left = left * fs
+                else:
+                    right = right * fs
+                part = torch.mm(left.reshape(-1, o).t(), right.reshape(-1, i))
             else:
-                right = right * f.view(-1, 1, 1, 1)
-            if left.shape[1] == 1:
-                part = left.reshape(-1, left.shape[3]).t() @ right.reshape(-1, right.shape[3])
-            else:
+                if o <= i:  # scale the smaller factor
+                    left = left * f.view(-1, 1, 1, 1)
+                else:
+                    right = right * f.view(-1, 1, 1, 1)
                 part = torch.einsum("bgto,bgti->goi", left, right)
         elif isinstance(t, Rows):
             d = t.right.shape[2]
             part = _segment_sums((t.right * f.view(-1, 1, 1)).reshape(-1, d), t.idx.reshape(-1), t.num_rows)
         else:
             part = _weighted_sum(f, t.grads)
-        part = part.reshape(shape)
+        part = part if part.shape == shape else part.reshape(shape)
         total = part if total is None else total + part
     assert total is not None
     return total

@@ -70,7 +70,19 @@ class Recorder:
         return sink
 
     def _hook(self, name: str):
+        calls = self.calls[name]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if (not self.copies and not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor
+                    and type(output) is torch.Tensor):  # the common call: one tensor in, one out
+                if not output.requires_grad:
+                    return None
+                a = args[0]
+                kept = a.detach()
+                call = Call((kept,), {}, [output], set() if a.grad_fn is None else {a.grad_fn})
+                call.versions = [(kept, kept._version), (output, output._version)]
+                calls.append(call)
+                return None
             single = isinstance(output, torch.Tensor)
             leaves, spec = ([output], None) if single else tree_flatten(output)
             outs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]

@@ -147,13 +147,15 @@ class PhiloxNormals:
     def _run(self, ints: list[tuple[int, ...]], floats: list[tuple[float, float]]) -> None:
         """The kernel on every job — ints (out, src, scales, col0, row_len, n, first_block) and floats
         (alpha, scale) — in one call, on up to ``torch.get_num_threads()`` OpenMP threads: torch's own
-        pool, whose idle workers are spinning right after an operator."""
+        pool, whose idle workers are spinning right after an operator; one thread per ``PIECE`` elements
+        at most (a fill of a few thousand normals is over before a parallel region would start)."""
         if not ints:
             return
         q = np.array([(*j, self.stream, self.key) for j in ints], dtype=np.uint64)
         f = np.array(floats, dtype=np.float64)
+        work = -(-sum(j[5] for j in ints) // PIECE)
         threads = 1 if _in_forked_child or not _SHARED_POOL else max(1, min(torch.get_num_threads(), MAX_THREADS,
-                                                                            len(ints)))
+                                                                            work))
         _philox.normal_axpy_jobs(q.ctypes.data, f.ctypes.data, len(ints), threads)
 
     @torch.no_grad()
