@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import TYPE_CHECKING, Mapping, Union
 
 import torch
 from torch import nn
 
 from .engine import Inputs, LossFn, iter_per_sample_grads, trainable_parameters
+
+if TYPE_CHECKING:
+    from .ghost_plan import Plan
 
 _EPS = 1e-6
 #: default memory for one chunk of per-example gradients (virtual-step size is derived from it)
@@ -170,21 +173,22 @@ def auto_chunk_size(params, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
 
 def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
                  config: ClippingConfig | float, chunk_size: int | None = None,
-                 method: str = "auto") -> ClippedBatch:
+                 method: str = "auto", plan: "Plan | None" = None) -> ClippedBatch:
     """Clipped sum of per-example gradients over a batch, chunk by chunk.
 
     Memory is bounded by ``chunk_size`` examples' gradients at a time, so a large logical
     batch runs as several physical chunks ("virtual steps") with the same result.
     ``method``: ``"auto"`` uses the book-keeping fast path (:mod:`dptrain.ghost`) when it
     covers the model and the torch.func engine otherwise; ``"fast"``, ``"vmap"``, ``"loop"``
-    force one.
+    force one. ``plan``: the model's :func:`dptrain.ghost_plan.current_plan`, when the caller has
+    just made it (saves a second look at the model's structure).
     """
     if not isinstance(config, ClippingConfig):
         config = ClippingConfig(float(config))
     if method in ("auto", "fast"):
         from .ghost import ghost_clip_and_sum
 
-        fast = ghost_clip_and_sum(model, loss_fn, inputs, targets, config, chunk_size)
+        fast = ghost_clip_and_sum(model, loss_fn, inputs, targets, config, chunk_size, plan)
         if fast is not None:
             return fast
         if method == "fast":
@@ -192,7 +196,7 @@ def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: tor
                              "(a parameter used outside its own module's forward, e.g. nn.LSTM or a raw "
                              "nn.Parameter in a container's forward); use method='auto'")
         method = "auto"
-    params = trainable_parameters(model)
+    params = trainable_parameters(model) if plan is None else plan.params
     if chunk_size is None:
         chunk_size = auto_chunk_size(params.values())
     sums = {k: torch.zeros_like(p) for k, p in params.items()}

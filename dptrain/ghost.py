@@ -312,15 +312,17 @@ def _counts(factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.T
 
 
 def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
-                       config: ClippingConfig | float, chunk_size: int | None = None) -> ClippedBatch | None:
+                       config: ClippingConfig | float, chunk_size: int | None = None, plan: Plan | None = None
+                       ) -> ClippedBatch | None:
     """Σ_i clip(∇ℓ_i) as :func:`dptrain.clipping.clip_and_sum` returns it, or None if not covered.
 
     Same clip factors (flat or per-layer ``config.thresholds``), same sums; memory is that of
-    a non-private step on ``chunk_size`` examples (the batch runs chunk by chunk).
+    a non-private step on ``chunk_size`` examples (the batch runs chunk by chunk). ``plan``: the
+    model's :func:`~dptrain.ghost_plan.current_plan` if the caller has just made it.
     """
     if not isinstance(config, ClippingConfig):
         config = ClippingConfig(float(config))
-    plan = current_plan(model)
+    plan = current_plan(model) if plan is None else plan
     if not plan.supported:
         return None
     dense = DenseSums(plan.params)

@@ -254,7 +254,9 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
                     left = left * fs
                 else:
                     right = right * fs
-                part = torch.mm(left.reshape(-1, o).t(), right.reshape(-1, i))
+                if steps > 1:
+                    left, right = left.reshape(-1, o), right.reshape(-1, i)
+                part = torch.mm(left.t(), right)
             else:
                 if o <= i:  # scale the smaller factor
                     left = left * f.view(-1, 1, 1, 1)

@@ -73,7 +73,8 @@ class DPOptimizer(torch.optim.Optimizer):
         sums = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         noised = self.mechanism.privatize_mean_(sums, self.steps, self.expected_batch_size)
         for p, g in zip(self.params, noised):
-            p.grad = g
+            if g is not p.grad:
+                p.grad = g
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         if closure is not None:

@@ -25,6 +25,7 @@ from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
+from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
@@ -279,10 +280,11 @@ class PrivateTraining:
         """Write the clipped per-example gradient sum into each ``p.grad``; return the mean loss."""
         self._require_attached()
         assert self.clipping is not None
-        params = trainable_parameters(self.model)
+        plan = current_plan(self.model)  # one look at the model's structure for the whole step
+        params = plan.params
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                             chunk_size=self.config.chunk_size)
+                             chunk_size=self.config.chunk_size, plan=plan)
         for name, p in params.items():
             p.grad = batch.sums[name]
         return batch.mean_loss
