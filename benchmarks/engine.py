@@ -5,7 +5,9 @@ interleaved (round r times each mode once, after one untimed step), so that load
 processes hits every mode alike; times are medians over ``--repeats`` rounds and ratios are to
 the non-private step of the same run. Wall-clock and process CPU time (all threads) are both
 kept: on a machine shared with other jobs the CPU time is the steadier measure of work. Peak memory (ru_maxrss on CPU, max_memory_allocated on
-CUDA) comes from a second, fresh subprocess per (model, mode). ``--amp`` runs every step
+CUDA) comes from a second, fresh subprocess per (model, mode); on Linux ``steps_peak_rss_mb`` is the peak
+RSS of the timed steps alone (the window restarted after the warm-up step), without the imports and the
+one-off setup (Opacus' and dptrain's imports, dptrain's accountant at attach) that ``peak_rss_mb`` includes. ``--amp`` runs every step
 under bf16 autocast, ``--compile`` with the model torch.compile'd (not Opacus). On CUDA the default models add a GPT-2-small-sized transformer (12
 layers, d 768, 12 heads, vocabulary 50257, random weights) at batch 32 × sequence 256.
 
@@ -128,6 +130,26 @@ def _amp(step, device: str, amp: bool):
     return wrapped
 
 
+def _reset_rss_peak() -> bool:
+    """Start a new peak-RSS window (Linux: VmHWM restarts at the current RSS); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MB: VmHWM (the peak RSS since start or since
+    :func:`_reset_rss_peak`), VmRSS (now)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -145,6 +167,8 @@ def run_one(name: str, mode: str, batch: int, repeats: int, device: str, chunk: 
         _sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        windowed = _reset_rss_peak()  # the training steps' own peak, without imports and setup
+        rss_steps0 = _status_mb("VmRSS") if windowed else None
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -155,6 +179,9 @@ def run_one(name: str, mode: str, batch: int, repeats: int, device: str, chunk: 
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     out = {"alone_median_s": statistics.median(times),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0}
+    if windowed:  # the peak while stepping, and how far it rose above the RSS the steps started from
+        out["steps_peak_rss_mb"] = _status_mb("VmHWM")
+        out["steps_rss_rise_mb"] = out["steps_peak_rss_mb"] - rss_steps0
     if device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
