@@ -83,6 +83,19 @@ def test_fast_path_equals_vmap(name, clip, batch):
         torch.testing.assert_close(fast.sums[k], ref.sums[k], atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
 
 
+def test_conv_patches_drawn_in_blocks_match_vmap(monkeypatch):
+    """Small-C_in convs copy their patches a block of examples at a time: blocks of 5 and 2 (Conv1d,
+    192 bytes an example) and of 1 (Conv2d, 576 bytes) give the vmap engine's sums."""
+    from dptrain import ghost_layers
+
+    monkeypatch.setattr(ghost_layers, "PATCH_BLOCK_BYTES", 1000)
+    model, x, y = cases()["conv1d+conv2d+groupnorm"]
+    fast = fast_clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5))
+    ref = clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5), method="vmap")
+    for k in ref.sums:
+        torch.testing.assert_close(fast.sums[k], ref.sums[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_per_layer_thresholds_and_chunks():
     model, x, y = cases()["conv1d+conv2d+groupnorm"]
     config = ClippingConfig.per_layer(model, 0.3)
