@@ -44,8 +44,18 @@ class Outer:
     explicit: torch.Tensor | None = None  # [B, G, o, i] when the norm pass formed it
 
 
-#: CPU bytes of one block of conv patches in :meth:`Conv._windows_matmul`
-PATCH_BLOCK_BYTES = 2 << 20
+#: CPU bytes of one block's im2col-sized temporaries in :meth:`Conv.per_example`
+PATCH_BLOCK_BYTES = 4 << 20
+
+
+def _block(device: torch.device, n: int, per_example_bytes: int) -> int:
+    """Examples per block of a conv's per-example weight gradients: on the CPU so that the block's patches
+    (its im2col) take ≈ ``PATCH_BLOCK_BYTES``. A whole batch's are tens of MB (a CIFAR batch's second conv:
+    38 MB), which glibc maps afresh, page by page, at every step (11,000 page faults a step, 14 ms of 57, on
+    the benchmark CNN); a block's stay in the allocator's heap and the cache. Elsewhere, the whole batch."""
+    if device.type != "cpu":
+        return max(n, 1)
+    return max(1, PATCH_BLOCK_BYTES // max(per_example_bytes, 1))
 
 
 @dataclass
@@ -70,16 +80,21 @@ class Conv:
         n, spatial = a.shape[0], a.dim() - 2
         if self.groups == 1 and self.weight_shape[1:].numel() <= 32:
             return self._windows_matmul(a, g)
-        shape = (n * self.weight_shape[0], *self.weight_shape[1:])
         wgrad = torch.nn.grad.conv1d_weight if spatial == 1 else torch.nn.grad.conv2d_weight
-        out = wgrad(a.reshape(1, -1, *a.shape[2:]), shape, g.reshape(1, -1, *g.shape[2:]),
-                    self.stride, self.padding, self.dilation, self.groups * n)
-        return out.reshape(n, *self.weight_shape)
+        per = torch.empty((n, *self.weight_shape), dtype=torch.promote_types(g.dtype, a.dtype), device=g.device)
+        im2col = self.weight_shape[1:].numel() * self.groups * g.shape[2:].numel() * a.element_size()  # an example's
+        block = _block(a.device, n, im2col)
+        for j in range(0, n, block):
+            aj, gj = a[j:j + block], g[j:j + block]
+            m = aj.shape[0]
+            per[j:j + m] = wgrad(aj.reshape(1, -1, *a.shape[2:]), (m * self.weight_shape[0], *self.weight_shape[1:]),
+                                 gj.reshape(1, -1, *g.shape[2:]), self.stride, self.padding, self.dilation,
+                                 self.groups * m).reshape(m, *self.weight_shape)
+        return per
 
     def _windows_matmul(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The patches [n, C_in·k, T] are copied out of the window view a block of examples at a time
-        (on the CPU, ≈ ``PATCH_BLOCK_BYTES`` each): a CIFAR-sized first conv's patches are 28 MB for 256
-        examples, which glibc maps afresh, page by page, at every step; a block stays in the cache."""
+        (:func:`_block`): a CIFAR-sized first conv's patches are 28 MB for 256 examples."""
         n, c, spatial = a.shape[0], a.shape[1], a.dim() - 2
         if any(self.padding):
             a = F.pad(a, [p for p in reversed(self.padding) for _ in range(2)])
@@ -90,7 +105,7 @@ class Conv:
         ck, t = c * k.numel(), out.numel()
         gg = g.reshape(n, g.shape[1], t)
         per = torch.empty((n, ck, g.shape[1]), dtype=torch.promote_types(g.dtype, a.dtype), device=g.device)
-        block = n if a.device.type != "cpu" else max(1, PATCH_BLOCK_BYTES // (ck * t * a.element_size()))
+        block = _block(a.device, n, ck * t * a.element_size())
         for s in range(0, n, block):
             patches = view[s:s + block].reshape(-1, ck, t)  # a copy: [block, C_in·k, T]
             # P_i G_iᵀ, [C_in·k, C_out] (a third faster than G_i P_iᵀ on the CPU for these shapes)
