@@ -36,7 +36,7 @@ from . import ghost_rows
 from . import ghost_precision as gp
 from .ghost_attention import attention_terms
 from .ghost_bag import embedding_bag_terms
-from .ghost_graph import Call, Recorder, covered
+from .ghost_graph import Call, Output, Recorder, covered
 from .ghost_plan import Plan, current_plan
 from .clipping import ClippedBatch, ClippingConfig, _factor
 from .engine import Inputs, LossFn, iter_chunks
@@ -85,7 +85,9 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     flat = [t for calls in rec.calls.values() for c in calls for t in c.outputs if t is not None]
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
                for p in plan.own[name].values()}
-    grads = torch.autograd.grad(total, flat + list(generic.values()), allow_unused=True)
+    wrt = [t.edge if isinstance(t, Output) else t for t in flat]
+    grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
+    del wrt
     gmap = {id(t): g for t, g in zip(flat, grads)}
     b = int(y.shape[0])
     terms: dict[int, list] = {}

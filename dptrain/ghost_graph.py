@@ -15,16 +15,40 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .ghost_attention import AttentionRecord, recording_forward
+
+
+@dataclass(frozen=True)
+class Output:
+    """A recorded module output without its storage: the autograd edge that produced it and its metadata.
+
+    The gradient with respect to the edge is the gradient with respect to the output as the module
+    returned it, even if a later in-place operation (``ReLU(inplace=True)``) rewrote the tensor; and
+    an output that nothing downstream saves (a Linear or conv output followed by a ReLU) is freed
+    after the forward, as in a non-private step, instead of living until the clipped sums are formed.
+    """
+
+    edge: GradientEdge
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def grad_fn(self) -> Any:
+        return self.edge.node
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 @dataclass
 class Call:
     args: tuple
     kwargs: dict
-    outputs: list[torch.Tensor | None]  # output leaves that require grad, as recorded (not detached)
+    outputs: list[torch.Tensor | Output | None]  # output leaves that require grad (not detached), or their edges
     in_nodes: set  # autograd nodes of the tensor arguments
     versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     attention: AttentionRecord | None = None  # set for a recorded nn.MultiheadAttention call
@@ -79,8 +103,13 @@ class Recorder:
                     return None
                 a = args[0]
                 kept = a.detach()
-                call = Call((kept,), {}, [output], set() if a.grad_fn is None else {a.grad_fn})
-                call.versions = [(kept, kept._version), (output, output._version)]
+                if output.grad_fn is None:
+                    out, versions = output, [(kept, kept._version), (output, output._version)]
+                else:
+                    out, versions = Output(get_gradient_edge(output), output.shape, output.dtype, output.device), \
+                        [(kept, kept._version)]
+                call = Call((kept,), {}, [out], set() if a.grad_fn is None else {a.grad_fn})
+                call.versions = versions
                 calls.append(call)
                 return None
             single = isinstance(output, torch.Tensor)

@@ -209,7 +209,8 @@ def generic_grads(m: nn.Module, names: list[str], args: tuple, kwargs: dict, out
     live = [j for j, t in enumerate(outputs) if t is not None]
     if any(outputs[j].dim() == 0 or outputs[j].shape[0] != b for j in live):
         return None
-    cots = [torch.zeros_like(outputs[j]) if grads[j] is None else grads[j] for j in live]
+    cots = [torch.zeros(outputs[j].shape, dtype=outputs[j].dtype, device=outputs[j].device) if grads[j] is None
+            else grads[j] for j in live]
     params = {k: getattr(m, k).detach() for k in names}
 
     def one(cot: list[torch.Tensor], *xs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -429,3 +429,34 @@ def test_a_linears_weight_and_bias_share_one_output_gradient_norm():
         got = ghost_clip_and_sum(model, LOSS, x, y, 0.5)
     assert Count.norms == 4
     assert_same(got, clip_and_sum(model, LOSS, x, y, 0.5, method="vmap"))
+
+
+def test_outputs_are_recorded_as_edges_and_freed_and_in_place_activations_need_no_copies():
+    """A plain one-tensor call keeps the autograd edge of its output, not the tensor: a Linear's output
+    that nothing downstream saves is freed after the forward, and ReLU(inplace=True) rewriting it
+    leaves the gradient with respect to the output as the Linear returned it (no copy-mode rerun)."""
+    from dptrain.ghost_graph import Output, Recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    plan = ghost_plan.current_plan(model)
+    with Recorder(plan.owners, plan.kinds, copies=False) as rec:
+        out = model(x)
+    recorded = [c.outputs[0] for calls in rec.calls.values() for c in calls]
+    assert len(recorded) == 3 and all(isinstance(o, Output) for o in recorded)
+    assert not rec.modified_in_place()  # the in-place ReLU rewrote an output, not a recorded input
+    del out
+    ghost._NEEDS_COPIES.pop(model, None)
+    got = ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5))
+    assert model not in ghost._NEEDS_COPIES
+    assert_same(got, clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5), method="vmap"))
+
+    probe = nn.Linear(5, 8)
+    seen = []
+    probe.register_forward_hook(lambda m, a, o: seen.append(weakref.ref(o)))
+    net = nn.Sequential(probe, nn.ReLU(), nn.Linear(8, 3))  # ReLU saves its result, not the Linear's output
+    with Recorder(ghost_plan.current_plan(net).owners, ghost_plan.current_plan(net).kinds, copies=False) as rec:
+        loss = LOSS(net(x), y)
+    assert seen[0]() is None  # freed although recorded
+    assert isinstance(rec.calls["0"][0].outputs[0], Output) and loss.grad_fn is not None
