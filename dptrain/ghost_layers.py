@@ -44,18 +44,20 @@ class Outer:
     explicit: torch.Tensor | None = None  # [B, G, o, i] when the norm pass formed it
 
 
-#: CPU bytes of one block's im2col-sized temporaries in :meth:`Conv.per_example`
-PATCH_BLOCK_BYTES = 4 << 20
+#: CPU bytes of one block's patches in :meth:`Conv._windows_matmul` (copy and product stay in the cache)
+PATCH_BLOCK_BYTES = 2 << 20
+#: CPU bytes of one block's im2col workspace on the grouped-conv path (fewer, larger kernel calls)
+GROUPED_BLOCK_BYTES = 8 << 20
 
 
-def _block(device: torch.device, n: int, per_example_bytes: int) -> int:
+def _block(device: torch.device, n: int, per_example_bytes: int, budget: int) -> int:
     """Examples per block of a conv's per-example weight gradients: on the CPU so that the block's patches
-    (its im2col) take ≈ ``PATCH_BLOCK_BYTES``. A whole batch's are tens of MB (a CIFAR batch's second conv:
-    38 MB), which glibc maps afresh, page by page, at every step (11,000 page faults a step, 14 ms of 57, on
-    the benchmark CNN); a block's stay in the allocator's heap and the cache. Elsewhere, the whole batch."""
+    (its im2col) take ≈ ``budget`` bytes. A whole batch's are tens of MB (a CIFAR batch's second conv: 38 MB),
+    and glibc maps anything over 32 MB afresh, page by page, at every step (11,000 page faults a step, 14 ms
+    of 57, on the benchmark CNN); a block's stay in the allocator's heap. Elsewhere, the whole batch."""
     if device.type != "cpu":
         return max(n, 1)
-    return max(1, PATCH_BLOCK_BYTES // max(per_example_bytes, 1))
+    return max(1, budget // max(per_example_bytes, 1))
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Conv:
         wgrad = torch.nn.grad.conv1d_weight if spatial == 1 else torch.nn.grad.conv2d_weight
         per = torch.empty((n, *self.weight_shape), dtype=torch.promote_types(g.dtype, a.dtype), device=g.device)
         im2col = self.weight_shape[1:].numel() * self.groups * g.shape[2:].numel() * a.element_size()  # an example's
-        block = _block(a.device, n, im2col)
+        block = _block(a.device, n, im2col, GROUPED_BLOCK_BYTES)
         for j in range(0, n, block):
             aj, gj = a[j:j + block], g[j:j + block]
             m = aj.shape[0]
@@ -105,7 +107,7 @@ class Conv:
         ck, t = c * k.numel(), out.numel()
         gg = g.reshape(n, g.shape[1], t)
         per = torch.empty((n, ck, g.shape[1]), dtype=torch.promote_types(g.dtype, a.dtype), device=g.device)
-        block = _block(a.device, n, ck * t * a.element_size())
+        block = _block(a.device, n, ck * t * a.element_size(), PATCH_BLOCK_BYTES)
         for s in range(0, n, block):
             patches = view[s:s + block].reshape(-1, ck, t)  # a copy: [block, C_in·k, T]
             # P_i G_iᵀ, [C_in·k, C_out] (a third faster than G_i P_iᵀ on the CPU for these shapes)

@@ -83,17 +83,24 @@ def test_fast_path_equals_vmap(name, clip, batch):
         torch.testing.assert_close(fast.sums[k], ref.sums[k], atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
 
 
-def test_conv_patches_drawn_in_blocks_match_vmap(monkeypatch):
-    """Small-C_in convs copy their patches a block of examples at a time: blocks of 5 and 2 (Conv1d,
-    192 bytes an example) and of 1 (Conv2d, 576 bytes) give the vmap engine's sums."""
+def test_conv_per_example_gradients_in_blocks_match_vmap(monkeypatch):
+    """On the CPU a conv's per-example gradients are formed a block of examples at a time. Small-C_in
+    convs (patches): blocks of 5 and 2 (Conv1d, 192 bytes an example) and of 1 (Conv2d, 576 bytes); the
+    grouped-conv path (Conv2d 8 → 4, 3×3: C_in·k = 72): blocks of 3, 3 and 1 (10,368 bytes an example).
+    Each gives the vmap engine's sums."""
     from dptrain import ghost_layers
 
     monkeypatch.setattr(ghost_layers, "PATCH_BLOCK_BYTES", 1000)
-    model, x, y = cases()["conv1d+conv2d+groupnorm"]
-    fast = fast_clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5))
-    ref = clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5), method="vmap")
-    for k in ref.sums:
-        torch.testing.assert_close(fast.sums[k], ref.sums[k], atol=1e-5, rtol=1e-4, msg=k)
+    monkeypatch.setattr(ghost_layers, "GROUPED_BLOCK_BYTES", 32000)
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    g = torch.Generator().manual_seed(1)
+    for model, x, y in (cases()["conv1d+conv2d+groupnorm"],
+                        (wide, torch.randn(7, 8, 6, 6, generator=g), torch.randint(0, 3, (7,), generator=g))):
+        fast = fast_clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5))
+        ref = clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5), method="vmap")
+        for k in ref.sums:
+            torch.testing.assert_close(fast.sums[k], ref.sums[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_per_layer_thresholds_and_chunks():
