@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
 from typing import Sequence
 
 import numpy as np
@@ -151,12 +152,16 @@ class PhiloxNormals:
         at most (a fill of a few thousand normals is over before a parallel region would start)."""
         if not ints:
             return
-        q = np.array([(*j, self.stream, self.key) for j in ints], dtype=np.uint64)
-        f = np.array(floats, dtype=np.float64)
-        work = -(-sum(j[5] for j in ints) // PIECE)
+        q, f, tail, work = array("Q"), array("d"), (self.stream, self.key), 0
+        for j, pair in zip(ints, floats):  # flat uint64 / float64 rows, 9 and 2 a job (array: no numpy overhead)
+            q.extend(j)
+            q.extend(tail)
+            f.extend(pair)
+            work += j[5]
+        work = -(-work // PIECE)
         threads = 1 if _in_forked_child or not _SHARED_POOL else max(1, min(torch.get_num_threads(), MAX_THREADS,
                                                                             work))
-        _philox.normal_axpy_jobs(q.ctypes.data, f.ctypes.data, len(ints), threads)
+        _philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], len(ints), threads)
 
     @torch.no_grad()
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -169,7 +174,6 @@ class PhiloxNormals:
             if buf is not t:
                 t.copy_(buf)
 
-    @torch.no_grad()
     def noised(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> list[torch.Tensor]:
         """New tensors ``scale·t + noise_scale·Z`` (Z the normals :meth:`normal_` would draw), in one
         pass over each tensor; float32 tensors only take the fused path."""
@@ -178,7 +182,6 @@ class PhiloxNormals:
         self._noised_into(outs, tensors, noise_scale, scale)
         return outs
 
-    @torch.no_grad()
     def noised_(self, tensors: Sequence[torch.Tensor], noise_scale: float, scale: float = 1.0) -> None:
         """:meth:`noised` in place: ``t ← scale·t + noise_scale·Z``, the same numbers, no new buffer."""
         _check(tensors)
@@ -187,10 +190,11 @@ class PhiloxNormals:
     def _noised_into(self, outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], noise_scale: float,
                      scale: float) -> None:
         if any(t.dtype != torch.float32 for t in srcs):
-            for o, z, t in zip(outs, normals_like(self, srcs), srcs):
-                o.copy_(z.mul_(noise_scale).add_(t, alpha=scale))
+            with torch.no_grad():
+                for o, z, t in zip(outs, normals_like(self, srcs), srcs):
+                    o.copy_(z.mul_(noise_scale).add_(t, alpha=scale))
             return
-        pieces = self._pieces(outs)
+        pieces = self._pieces(outs)  # float32: the kernel writes through the data pointers (no autograd)
         src = [t.data_ptr() for t in srcs]
         self._run([(ptr, src[i] + 4 * start, 0, 0, 1, n, block & _U64) for ptr, n, start, i, block in pieces],
                   [(float(scale), float(noise_scale))] * len(pieces))

@@ -89,10 +89,10 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[str, list[int]]:
     """Indices of ``tensors`` per device, in order."""
-    out: dict[str, list[int]] = {}
+    out: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        out.setdefault(str(t.device), []).append(i)
-    return out
+        out.setdefault(t.device, []).append(i)
+    return {str(d): idx for d, idx in out.items()}
 
 
 def cpu_torch_streams(seed: int, device_key: str = "cpu") -> NormalStreams:
