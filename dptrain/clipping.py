@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 import torch
 from torch import nn
@@ -108,17 +108,20 @@ class ClippedBatch:
 
     The statistics may be handed in as device tensors (0-dim, or 0-dim per parameter): they are
     read back to Python numbers only when first asked for, so that the clipping step itself needs
-    no device→host synchronisation for them.
+    no device→host synchronisation for them. ``count_fn`` instead of the counts: a function giving
+    (clipped, unclipped) that is called only then (a DP-SGD step that never reads them skips the work).
     """
 
     def __init__(self, sums: dict[str, torch.Tensor], batch_size: int, loss_sum: float | torch.Tensor,
-                 clipped_count: Count, unclipped: Mapping[str, Count] | None = None,
-                 example_losses: torch.Tensor | None = None) -> None:
+                 clipped_count: Count = 0, unclipped: Mapping[str, Count] | None = None,
+                 example_losses: torch.Tensor | None = None,
+                 count_fn: Callable[[], tuple[Count, Mapping[str, Count]]] | None = None) -> None:
         self.sums = sums
         self.batch_size = batch_size
         #: per-example losses (detached) — private, to be clipped and noised before use
         self.example_losses = example_losses
         self._loss_sum: float | torch.Tensor = loss_sum
+        self._count_fn = count_fn
         self._counts: list[Count] | None = [clipped_count, *(unclipped or {}).values()]
         self._names = list(unclipped or {})
         self._clipped, self._unclipped = 0, {}
@@ -142,6 +145,9 @@ class ClippedBatch:
         return self._loss_sum
 
     def _read_counts(self) -> None:
+        if self._count_fn is not None:
+            clipped, unclipped = self._count_fn()
+            self._count_fn, self._counts, self._names = None, [clipped, *unclipped.values()], list(unclipped)
         if self._counts is not None:
             host = self._host(self._counts)
             self._clipped, self._unclipped = int(host[0]), {k: int(v) for k, v in zip(self._names, host[1:])}

@@ -214,22 +214,24 @@ class DenseSums:
 class ChunkTotals:
     """What :func:`clip_chunks` adds up over the chunks besides the clipped sums.
 
-    The counts stay one device tensor [examples clipped, (per-layer:) per parameter the examples
-    with f_i = 1]; :class:`dptrain.clipping.ClippedBatch` reads them back when first asked for.
+    The clip counts are formed from the chunks' factors only when :meth:`count_tensors` is called,
+    as device tensors that :class:`dptrain.clipping.ClippedBatch` reads back when first asked for.
     """
 
-    def __init__(self, batch_size: int, loss_sum: float, counts: torch.Tensor | None, names: list[str],
-                 example_losses: torch.Tensor) -> None:
+    def __init__(self, batch_size: int, loss_sum: float, factors: list[dict[str, torch.Tensor]],
+                 config: ClippingConfig, names: list[str], example_losses: torch.Tensor) -> None:
         self.batch_size, self.loss_sum, self.example_losses = batch_size, loss_sum, example_losses
-        self._counts, self._names = counts, names
+        self._factors, self._config, self._names = factors, config, names
 
     def count_tensors(self) -> tuple[torch.Tensor | int, dict[str, torch.Tensor | int]]:
         """(examples clipped, per parameter the examples not clipped) as device tensors (0-dim), no sync."""
-        if self._counts is None:
+        if not self._factors:
             return 0, dict.fromkeys(self._names, 0)
-        if self._counts.dim() == 0:  # flat clipping: an example not clipped is not clipped in any parameter
-            return self._counts, dict.fromkeys(self._names, self.batch_size - self._counts)
-        return self._counts[0], dict(zip(self._names, self._counts[1:].unbind()))
+        per_chunk = [_counts(f, self._config) for f in self._factors]
+        counts = sum(per_chunk[1:], per_chunk[0])
+        if counts.dim() == 0:  # flat clipping: an example not clipped is not clipped in any parameter
+            return counts, dict.fromkeys(self._names, self.batch_size - counts)
+        return counts[0], dict(zip(self._names, counts[1:].unbind()))
 
 
 def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, targets: torch.Tensor,
@@ -244,7 +246,7 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
     """
     params = plan.params
     _check_thresholds(config, params)
-    n, loss_sum, losses_all, counts = 0, 0.0, [], []
+    n, loss_sum, losses_all, chunk_factors = 0, 0.0, [], []
     for xs, y in iter_chunks(inputs, targets, chunk_size):
         b = int(y.shape[0])
         if b == 0:
@@ -259,11 +261,10 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
                 sink(k, terms if keep is None else ga.drop_examples(terms, keep[k]), factors[k])
         n += b
         loss_sum += chunk_loss
-        losses_all.append(losses.detach().reshape(-1))
-        counts.append(_counts(factors, config))
-    names = list(params)
-    total = sum(counts[1:], counts[0]) if counts else None
-    return ChunkTotals(n, loss_sum, total, names, torch.cat(losses_all) if losses_all else torch.zeros(0))
+        losses_all.append(losses if losses.dim() == 1 else losses.reshape(-1))  # detached
+        chunk_factors.append(factors)
+    losses = losses_all[0] if len(losses_all) == 1 else torch.cat(losses_all) if losses_all else torch.zeros(0)
+    return ChunkTotals(n, loss_sum, chunk_factors, config, list(params), losses)
 
 
 def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int,
@@ -331,6 +332,5 @@ def ghost_clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, target
     totals = clip_chunks(model, plan, loss_fn, inputs, targets, config, dense, chunk_size)
     if totals is None:
         return None
-    out = dense.result(plan.params)
-    clipped, unclipped = totals.count_tensors()  # read back only when asked for
-    return ClippedBatch(out, totals.batch_size, totals.loss_sum, clipped, unclipped, totals.example_losses)
+    return ClippedBatch(dense.result(plan.params), totals.batch_size, totals.loss_sum,
+                        example_losses=totals.example_losses, count_fn=totals.count_tensors)  # counted if read
