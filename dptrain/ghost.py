@@ -87,7 +87,6 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
                for p in plan.own[name].values()}
     wrt = [t.edge if isinstance(t, Output) else t for t in flat]
     grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
-    del wrt
     gmap = {id(t): g for t, g in zip(flat, grads)}
     b = int(y.shape[0])
     terms: dict[int, list] = {}
@@ -242,7 +241,8 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
     example with a non-finite gradient zeroed), ``f`` the float32 clip factors f_i (flat or per-layer),
     so that the sink's Σ_i f_i G_i is the chunk's clipped sum. None if the record does not cover
     the model (nothing was handed to the sink for the failing chunk). One host synchronisation per
-    chunk (is every norm finite? with the chunk's loss sum); the counts stay on the device.
+    chunk (is every norm finite? with the chunk's loss sum); the clip counts are formed from the kept
+    factors only if :meth:`ChunkTotals.count_tensors` is called.
     """
     params = plan.params
     _check_thresholds(config, params)
