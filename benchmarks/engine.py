@@ -3,7 +3,7 @@
 Prints one JSON object. Per model, all modes run in one subprocess with their steps
 interleaved (round r times each mode once, after one untimed step), so that load from other
 processes hits every mode alike; times are medians over ``--repeats`` rounds and ratios are to
-the non-private step of the same run. Wall-clock and process CPU time (all threads) are both
+the non-private step of the same run (``paired_*``: the median over rounds of each round's ratio). Wall-clock and process CPU time (all threads) are both
 kept: on a machine shared with other jobs the CPU time is the steadier measure of work. Peak memory (ru_maxrss on CPU, max_memory_allocated on
 CUDA) comes from a second, fresh subprocess per (model, mode); on Linux ``steps_peak_rss_mb`` is the peak
 RSS of the timed steps alone (the window restarted after the warm-up step), without the imports and the
@@ -220,6 +220,21 @@ def run_interleaved(name: str, modes: list[str], batch: int, repeats: int, devic
     return out
 
 
+def _paired(entry: dict) -> None:
+    """Per round, the ratio of two modes' steps timed one right after the other; their median
+    (``paired_ratio_to_nonprivate``, ``paired_speedup_vs_opacus_ghost``). A slow spell of the machine
+    that lasts a few rounds moves the medians of the times, much less the median of the ratios."""
+    def ratios(num: str, den: str) -> list[float]:
+        a, b = entry.get(num, {}).get("times_s"), entry.get(den, {}).get("times_s")
+        return [x / y for x, y in zip(a, b)] if a and b else []
+
+    for mode in entry:
+        if r := ratios(mode, "nonprivate"):
+            entry[mode]["paired_ratio_to_nonprivate"] = statistics.median(r)
+    if r := ratios("opacus-ghost", "dptrain"):
+        entry["dptrain"]["paired_speedup_vs_opacus_ghost"] = statistics.median(r)
+
+
 def _subprocess(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     try:
@@ -276,6 +291,7 @@ def main() -> None:
             ghost = entry.get("opacus-ghost", {}).get(key)
             if ghost and key in entry.get("dptrain", {}):
                 entry["dptrain"][f"{label}speedup_vs_opacus_ghost"] = ghost / entry["dptrain"][key]
+        _paired(entry)
         result["models"][name] = entry
         print(json.dumps({name: {m: r.get("ratio_to_nonprivate", r.get("error")) for m, r in entry.items()}}),
               file=sys.stderr)
