@@ -275,20 +275,22 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     Every squared norm finite means every factor is positive and every term finite: all examples kept.
     Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_algebra.margins`).
     """
-    device = losses.device
+    def zero() -> torch.Tensor:  # made only where needed: the flat, finite path has no use for it
+        return torch.zeros(b, dtype=torch.float64, device=losses.device)
+
     flat = config.thresholds is None
     if flat:  # only the total is needed
-        total = ga.total_sq_norms(list(merged.values()), b, device)
+        total = ga.total_sq_norms(list(merged.values()), b, losses.device)
     else:
         norms = ga.RowNorms()
         sq = {k: ga.sq_norms(t, norms) for k, t in merged.items()}
-        total = torch.stack(list(sq.values())).sum(0) if sq else torch.zeros(b, dtype=torch.float64, device=device)
+        total = torch.stack(list(sq.values())).sum(0) if sq else zero()
     # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
     flag, loss_sum = torch.stack([total.sum(), losses.sum(dtype=torch.float64)]).tolist()
     finite = math.isfinite(flag)
     if not finite:  # float32 overflow, or a non-finite gradient
         sq = {k: ga.refine(t, ga.sq_norms(t)) for k, t in merged.items()}
-        total = sum(sq.values(), torch.zeros(b, dtype=torch.float64, device=device))
+        total = sum(sq.values(), zero())
     extra = {k: m for k, m in ((k, ga.margins(t)) for k, t in merged.items()) if m is not None}
     if flat:
         norm = torch.sqrt(total)
@@ -297,9 +299,9 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
         f = _factor(norm, config.max_grad_norm, finite).float()
         factors = dict.fromkeys(params, f)
     else:
-        factors = {k: _factor(torch.sqrt(sq[k]) + extra[k] if k in extra else
-                              torch.sqrt(sq[k]) if k in sq else torch.zeros(b, dtype=torch.float64, device=device),
-                              config.thresholds[k], finite).float() for k in params}
+        norm_of = {k: torch.sqrt(v) + extra[k] if k in extra else torch.sqrt(v) for k, v in sq.items()}
+        factors = {k: _factor(norm_of[k] if k in norm_of else zero(), config.thresholds[k], finite).float()
+                   for k in params}
     return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
 
 

@@ -98,18 +98,12 @@ class Recorder:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if (not self.copies and not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor
-                    and type(output) is torch.Tensor):  # the common call: one tensor in, one out
-                if not output.requires_grad:
-                    return None
+                    and type(output) is torch.Tensor and output.grad_fn is not None):  # one tensor in, one out
                 a = args[0]
                 kept = a.detach()
-                if output.grad_fn is None:
-                    out, versions = output, [(kept, kept._version), (output, output._version)]
-                else:
-                    out, versions = Output(get_gradient_edge(output), output.shape, output.dtype, output.device), \
-                        [(kept, kept._version)]
+                out = Output(get_gradient_edge(output), output.shape, output.dtype, output.device)
                 call = Call((kept,), {}, [out], set() if a.grad_fn is None else {a.grad_fn})
-                call.versions = versions
+                call.versions = [(kept, kept._version)]
                 calls.append(call)
                 return None
             single = isinstance(output, torch.Tensor)

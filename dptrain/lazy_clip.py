@@ -79,7 +79,8 @@ def lazy_plan(model: nn.Module, tables: dict[str, nn.Module] | None = None) -> P
 
 
 class LazyPlans:
-    """:func:`lazy_plan` of one model and its tables, made again only when `dptrain.ghost_plan.plan_key` changes."""
+    """:func:`lazy_plan` of one model and its tables, made again only when
+    :func:`dptrain.ghost_plan.plan_key` changes."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model, self._key = model, None
