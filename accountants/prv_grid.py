@@ -36,6 +36,7 @@ import numpy as np
 from .opacus_rdp import rdp as opacus_rdp
 from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
 from scipy.fft import irfft, next_fast_len, rfft
+from scipy.signal import lfilter
 
 from .prv_gaussian import GaussianPRV, PoissonSubsampledGaussianPRV
 
@@ -176,13 +177,18 @@ class ComposedPRV:
         return (np.arange(self.grid.size) - self.grid.half) * self.grid.mesh + self.shift
 
     def _tail_sums(self, t_from: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(t_j, Σ_{i≥j} p_i, Σ_{i≥j} p_i e^{−t_i}) for the points t_j ≥ ``t_from``."""
+        """(t_j, Σ_{i≥j} p_i, Σ_{i≥j} p_i e^{t_j − t_i}) for the points t_j ≥ ``t_from``.
+
+        The last sum is e^{t_j} times the tail sum of p_i e^{−t_i}, formed without e^{±t} (which
+        overflows for |t| > 709, i.e. for runs with ε in the hundreds): on the uniform grid it is
+        the contracting recursion s_j = p_j + e^{−h} s_{j+1}, run from the top down.
+        """
         t = self.ts()
         start = int(np.searchsorted(t, t_from))
         t, p = t[start:], self.pmf[start:]
         d1 = np.cumsum(p[::-1])[::-1]
-        d2 = np.cumsum((p * np.exp(-t))[::-1])[::-1]
-        return t, d1, d2
+        s = lfilter([1.0], [1.0, -math.exp(-self.grid.mesh)], p[::-1])[::-1]
+        return t, d1, s
 
     @cached_property
     def _upper_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,26 +198,27 @@ class ComposedPRV:
     def delta(self, eps: np.ndarray | float) -> np.ndarray:
         """δ(ε) = Σ_{t_j ≥ ε} p_j (1 − e^{ε − t_j}) (prv_accountant's delta estimate), vectorised over ε."""
         eps = np.asarray(eps, dtype=float)
-        t, d1, d2 = self._upper_tables
+        t, d1, s = self._upper_tables
         if np.min(eps) <= t[0]:
-            t, d1, d2 = self._tail_sums(float(np.min(eps)) - self.grid.mesh)
+            t, d1, s = self._tail_sums(float(np.min(eps)) - self.grid.mesh)
         i = np.searchsorted(t, eps)
-        d1, d2 = np.append(d1, 0.0), np.append(d2, 0.0)
-        return np.maximum(d1[i] - np.exp(eps) * d2[i], 0.0)
+        t, d1, s = np.append(t, np.inf), np.append(d1, 0.0), np.append(s, 0.0)
+        return np.maximum(d1[i] - np.exp(eps - t[i]) * s[i], 0.0)  # ε ≤ t_i: no overflow
 
     def epsilon_at(self, delta: float) -> float:
         """The ε solving δ(ε) = ``delta`` on this grid (prv_accountant's ``find_epsilon``).
 
         ε below −ε_err − 2h (where the tail sums start) is returned as that point: ε ≤ 0 up to the error.
         """
-        t, d1, d2 = self._upper_tables
-        neg_delta = np.exp(t) * d2 - d1  # −δ(t_j), non-decreasing in j
+        t, d1, s = self._upper_tables
+        neg_delta = s - d1  # −δ(t_j), non-decreasing in j
         i = int(np.searchsorted(neg_delta, -delta, side="left"))
         if i >= len(t):
             raise PRVGridError(f"δ={delta:g} is below what the grid resolves")
         if i == 0:
             return float(t[0])
-        return math.log((d1[i] - delta) / d2[i])
+        # on (t_{i−1}, t_i]: δ(ε) = d1_i − e^{ε − t_i} s_i
+        return float(t[i] + math.log((d1[i] - delta) / s[i]))
 
     @cached_property
     def roundoff(self) -> float:

@@ -85,3 +85,34 @@ def test_upper_bound_holds_at_tiny_delta(sigma, q, steps, delta, pld_fine):
     # value_discretization_interval=min(1e-4, 0.01/√T)).self_compose(T).get_epsilon_for_delta(δ)
     # (pessimistic, so an upper bound itself, accurate to ~1e-4 here).
     assert prv_bounds((((q, sigma), steps),), delta)[2] >= pld_fine
+
+
+def test_epsilon_in_the_thousands_is_finite_and_exact():
+    """ε past e^709 (float64's exp limit): the bounds stay finite and bracket the closed form.
+
+    100 full-batch Gaussian steps at σ = 0.2 are μ-GDP with μ = √100/0.2 (exact); δ(ε) near the answer needs
+    e^ε ≈ e^1462, which overflowed to ε = inf before the tail sums were formed without e^t.
+    """
+    import math
+
+    from accountants.gdp import delta_from_gdp, eps_from_gdp
+
+    flat, delta = (((1.0, 0.2), 100),), 1e-5
+    want = eps_from_gdp(math.sqrt(100) / 0.2, delta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        low, est, up = prv_bounds(flat, delta)
+        got_delta = prv_composition(flat, delta / 1000).delta(np.array([want - 5, want]))
+    assert want > 1000 and low <= want <= up and up - low < 0.1
+    assert est == pytest.approx(want, rel=1e-7)
+    np.testing.assert_allclose(got_delta, [delta_from_gdp(want - 5, 50.0), delta], rtol=1e-4)
+
+
+def test_subsampled_epsilon_in_the_thousands_is_finite_and_below_rdp():
+    from accountants.backends import rdp_epsilon
+
+    flat, delta = (((0.5, 0.5), 2000),), 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        low, est, up = prv_bounds(flat, delta)
+    assert 709 < low <= est <= up < rdp_epsilon(flat, delta)
