@@ -8,7 +8,7 @@ from .epsilon import ACCOUNTANTS, epsilon, epsilon_bounds, epsilon_of_event
 from .events import (ComposedEvent, DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent,
                      SelfComposedEvent, event_from_dict, event_to_dict, register_event)
 from .gdp import delta_from_gdp, eps_from_gdp, gaussian_tradeoff, gdp_mu
-from . import mf_events  # registers the matrix-factorization events (ledgers round-trip them)
+from . import mf_events  # noqa: F401 - registers the matrix-factorization events (ledgers round-trip them)
 from .ledger import PrivacyLedger
 from .report import BudgetReport
 from .tradeoff import (ShuffledLimit, shuffled_limit, tradeoff_curve, tradeoff_of_event,
