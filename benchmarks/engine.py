@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 MODES = ("nonprivate", "dptrain", "opacus-hooks", "opacus-ghost")
+MODELS = ("mlp", "cnn", "transformer", "gpt2small")
 
 
 class Transformer(nn.Module):
@@ -245,9 +246,9 @@ def _subprocess(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=None,
+    p.add_argument("--models", nargs="+", default=None, choices=MODELS,
                    help="default: mlp cnn transformer, plus gpt2small (batch --gpt2-batch) on cuda")
-    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--gpt2-batch", type=int, default=32, help="batch of the GPT-2-small-sized model (seq 256)")
     p.add_argument("--repeats", type=int, default=7)
