@@ -200,7 +200,9 @@ def clip_and_sum(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: tor
         if method == "fast":
             raise ValueError("clip_and_sum(method='fast'): the book-keeping path does not cover this model "
                              "(a parameter used outside its own module's forward, e.g. nn.LSTM or a raw "
-                             "nn.Parameter in a container's forward); use method='auto'")
+                             "nn.Parameter in a container's forward, or a layer whose rows are not the batch's "
+                             "examples, e.g. time-major or a position table broadcast over the batch); "
+                             "use method='auto'")
         method = "auto"
     params = trainable_parameters(model) if plan is None else plan.params
     if chunk_size is None:

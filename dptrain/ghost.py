@@ -16,6 +16,9 @@ the parameters only. The path refuses (returns ``None``) whenever it cannot prov
 recorded calls cover every use of every trainable parameter: the autograd graph is walked and a
 parameter reached outside its own module's recorded forward (a weight used functionally
 elsewhere, a MultiheadAttention subclass with its own forward) makes the whole model fall back to the vmap engine.
+The rules also read row r of every recorded tensor as example r's; on the first batch of each input
+signature :mod:`dptrain.ghost_alignment` checks that with one more backward (a position table
+broadcast over the batch, or a time-major layer whose length equals the batch size, is refused).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 from . import ghost_algebra as ga
+from . import ghost_alignment as gal
 from . import ghost_layers as gl
 from . import ghost_rows
 from . import ghost_precision as gp
@@ -86,9 +90,23 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
                for p in plan.own[name].values()}
     wrt = [t.edge if isinstance(t, Output) else t for t in flat]
-    grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
-    gmap = {id(t): g for t, g in zip(flat, grads)}
     b = int(y.shape[0])
+    key = gal.signature(model, xs, y)
+    ok = gal.verdict(model, plan, key)
+    if ok is False:
+        return None
+    if ok is None:  # first batch of this signature: are the recorded rows the examples? (one more backward)
+        w = gal.example_weights(b, losses.device, losses.dtype)
+        weighted = gal.weighted_grads(losses, w, wrt)
+    grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
+    if ok is None:
+        ok = gal.rows_are_examples(grads[:len(flat)], weighted, w, b)
+        del weighted
+        if ok is not None:  # None: a non-finite gradient left it open; checked again next time
+            gal.remember(model, plan, key, ok)
+        if not ok:
+            return None
+    gmap = {id(t): g for t, g in zip(flat, grads)}
     terms: dict[int, list] = {}
     with _float32(xs[0].device.type):
         for name, calls in rec.calls.items():

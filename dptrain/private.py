@@ -23,7 +23,7 @@ from mechanisms import GaussianMechanism, NoiseMechanism
 
 from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
-from .engine import LossFn, choose_method, trainable_parameters
+from .engine import LossFn, _as_tuple, choose_method, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
@@ -222,14 +222,35 @@ class PrivateTraining:
             fast = ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping)
         finally:
             self.model.train(was_training)
+        fix = ("so per-example clipping would not bound each example's influence. Remove batch-level operations "
+               "(batch statistics, normalisation over dim 0) from forward().")
         if fast is not None:
             for name, value in ref.sums.items():
                 if not torch.allclose(fast.sums[name], value, atol=1e-4, rtol=1e-3):
                     raise UnsupportedModuleError(
                         f"the model's forward mixes examples within a batch (parameter {name!r} gets a different "
-                        "gradient when examples are processed together than one by one), so per-example clipping "
-                        "would not bound each example's influence. Remove batch-level operations "
-                        "(batch statistics, normalisation over dim 0) from forward().")
+                        f"gradient when examples are processed together than one by one), {fix}")
+        elif ref.example_losses is not None:  # the fast path refused: compare the losses instead
+            batched = self._batched_losses(x, y)
+            if batched is not None and not torch.allclose(batched.float(), ref.example_losses.float(),
+                                                          atol=1e-5, rtol=1e-4, equal_nan=True):
+                raise UnsupportedModuleError(
+                    "the model's forward mixes examples within a batch (the per-example losses differ when "
+                    f"examples are processed together than one by one), {fix}")
+
+    def _batched_losses(self, x: Any, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-example losses of one batched forward in eval mode (None where they cannot be formed)."""
+        from .ghost import per_example_losses
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return per_example_losses(self.loss_fn, self.model(*_as_tuple(x)), y).reshape(-1)
+        except Exception:  # noqa: BLE001 - a model the batched forward cannot run gives no evidence either way
+            return None
+        finally:
+            self.model.train(was_training)
 
     def _to_device(self, *values: Any, params: dict[str, nn.Parameter] | None = None) -> tuple:
         """``values`` moved to the device of the model's trainable parameters (``params``, if at hand)."""

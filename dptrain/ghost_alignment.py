@@ -1,0 +1,107 @@
+"""Are the rows of every recorded output the batch's examples? A check of the book-keeping path.
+
+The ghost rules read row r (dim 0) of a recorded layer's input and output gradient as example r's.
+A layer whose first dimension only happens to equal the batch size breaks that silently: a
+learned position table looked up with ``arange(S)`` and broadcast over the batch, a time-major
+``[S, B, E]`` Linear (``nn.TransformerEncoderLayer(batch_first=False)``) when S = B, rows permuted
+inside ``forward``. Row r then mixes several examples, and clipping it does not bound any one
+example's influence.
+
+Check (once per model structure and input signature — shapes, dtypes, device, training flag,
+autocast — since the row structure of a forward is a function of those): with distinct
+per-example weights w_i, the gradient of Σ_i w_i ℓ_i at each recorded output must equal the
+gradient of Σ_i ℓ_i with row r scaled by w_r. If rows are examples (ℓ_i depends on row i of each
+recorded output only) the two agree; a row fed by several examples, or by another example,
+gets a different weight. The weights are powers of two, so in exact row-wise arithmetic the two
+are equal to the last bit (a product or a sum scaled by 2^k rounds like the unscaled one);
+the tolerance covers reductions that run in a different order (CUDA atomics).
+
+Assumption: a forward's row structure is the same for all batches with one signature (no
+data-dependent permutation of examples inside ``forward``); the attach probe of
+:class:`dptrain.private.PrivateModel` compares the batched pass against per-example runs.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+from torch import nn
+
+#: weights 2^k, k = 0 … LEVELS − 1 (any two rows in a batch of two or more get different weights)
+LEVELS = 8
+#: largest relative deviation of a row (max-abs) allowed between the two gradients
+RTOL = 1e-3
+#: verdicts kept per model before the oldest are forgotten (re-checked when next seen)
+MAX_SIGNATURES = 4096
+
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple[object, dict[tuple, bool]]]" = weakref.WeakKeyDictionary()
+
+
+def signature(model: nn.Module, xs: Sequence[torch.Tensor], y: torch.Tensor) -> tuple:
+    """What a forward's row structure may depend on besides the model's structure."""
+    device = xs[0].device.type if xs else y.device.type
+    return (tuple((tuple(x.shape), x.dtype, x.device) for x in xs), tuple(y.shape), y.dtype, model.training,
+            torch.is_autocast_enabled(device))
+
+
+def verdict(model: nn.Module, plan: object, key: tuple) -> bool | None:
+    """The stored result of the check for ``key`` under ``plan`` (None: not checked yet)."""
+    hit = _VERDICTS.get(model)
+    if hit is None or hit[0] is not plan:
+        return None
+    return hit[1].get(key)
+
+
+def remember(model: nn.Module, plan: object, key: tuple, ok: bool) -> None:
+    hit = _VERDICTS.get(model)
+    if hit is None or hit[0] is not plan:
+        hit = _VERDICTS[model] = (plan, {})
+    table = hit[1]
+    if len(table) >= MAX_SIGNATURES:
+        table.pop(next(iter(table)))
+    table[key] = ok
+
+
+def example_weights(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """w_i = 2^{σ(i) mod LEVELS} for a random permutation σ (fixed seed: the same weights every run)."""
+    gen = torch.Generator().manual_seed(b)
+    k = torch.randperm(b, generator=gen) % LEVELS
+    return torch.pow(2.0, k.to(torch.float64)).to(device=device, dtype=dtype)
+
+
+def weighted_grads(losses: torch.Tensor, w: torch.Tensor, wrt: list) -> tuple:
+    """∂(Σ_i w_i ℓ_i)/∂ each of ``wrt`` (tensors or gradient edges), keeping the graph for the main backward."""
+    shaped = w.view(-1, *[1] * (losses.dim() - 1)) if losses.dim() > 1 else w
+    return torch.autograd.grad((losses * shaped).sum(), wrt, allow_unused=True, retain_graph=True)
+
+
+def rows_are_examples(plain: Sequence[torch.Tensor | None], weighted: Sequence[torch.Tensor | None],
+                      w: torch.Tensor, b: int) -> bool | None:
+    """True if every weighted gradient is its plain gradient with row r scaled by w_r (within RTOL of the
+    row's size), False if one is not. Rows with a non-finite entry (an example whose gradient is not
+    finite) are left out if they are the same rows in both; None (inconclusive) if they are not, or
+    if no row is finite.
+
+    Outputs whose first dimension is not the batch size are skipped: the ghost rules refuse them.
+    """
+    for g, gw in zip(plain, weighted):
+        if g is None or gw is None:
+            if (g is None) != (gw is None):
+                return False
+            continue
+        if g.dim() == 0 or g.shape[0] != b or gw.shape != g.shape:
+            continue
+        want = (g.float() * w.view(-1, *[1] * (g.dim() - 1)).float()).reshape(b, -1)
+        got = gw.float().reshape(b, -1)
+        finite = torch.isfinite(want).all(1)
+        if not bool(torch.equal(finite, torch.isfinite(got).all(1))):
+            return None  # e.g. a huge row that overflowed when scaled
+        if not bool(finite.all()):  # an example's non-finite gradient: compare the other rows
+            if not bool(finite.any()):
+                return None
+            want, got = want[finite], got[finite]
+        err, size = (got - want).abs().amax(1), want.abs().amax(1)
+        if not bool((err <= RTOL * size).all()):
+            return False
+    return True
