@@ -82,10 +82,18 @@ def clip_factors(grads: Mapping[str, torch.Tensor], config: ClippingConfig) -> d
     return {k: _factor(torch.sqrt(sq[k]), config.thresholds[k]) for k in grads}
 
 
+#: factors below float32's smallest normal number are 0: as a float32 (or bf16) subnormal, C/‖g‖ ≈ 1e-45 would
+#: round to a different number (up to 2× the factor), and a gradient that large (‖g‖ > 8e37·C) is as good as
+#: non-finite — the vmap engine sees it overflow and drops it
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _factor(norm: torch.Tensor, c: float, finite: bool = False) -> torch.Tensor:
-    """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0).
-    ``finite``: the caller knows every norm is finite (no NaN to replace)."""
+    """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0) or where
+    the factor is below float32's normal range (``_TINY``). ``finite``: the caller knows every norm is finite
+    (no NaN to replace)."""
     f = (norm + _EPS).reciprocal_().mul_(c).clamp_(max=1.0)
+    f = f.masked_fill_(f < _TINY, 0.0)
     return f if finite else f.nan_to_num_(nan=0.0)
 
 

@@ -46,13 +46,16 @@ class RowNorms:
     gradient is its weight's left factor (the output gradient), so their norms are one computation."""
 
     def __init__(self) -> None:
-        self._done: dict[tuple, torch.Tensor] = {}
+        self._done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)  # the tensors stay alive for the pass
-        if key not in self._done:
-            self._done[key] = _norm(x)
-        return self._done[key]
+        # Keyed by memory and layout; the entry holds x, so its memory is not freed and reused by another
+        # tensor (a temporary reshape copy) while the cache lives: one key, one content.
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+        hit = self._done.get(key)
+        if hit is None:
+            hit = self._done[key] = (x, _norm(x))
+        return hit[1]
 
 
 def _outer_sq(term: Outer, norms: RowNorms) -> torch.Tensor:

@@ -238,6 +238,42 @@ def test_huge_outlier_is_clipped_and_non_finite_example_dropped():
     assert float(total) == pytest.approx(1.0, rel=1e-4)
 
 
+class TransposedNorms(nn.Module):
+    """Two LayerNorms whose output gradients reach them transposed (non-contiguous [B, n, n]): their norms
+    are taken of temporary copies, whose memory the allocator hands from one to the next."""
+
+    def __init__(self, n: int = 8):
+        super().__init__()
+        self.a, self.b, self.fc = nn.LayerNorm([n, n]), nn.LayerNorm([n, n]), nn.Linear(n, 3)
+
+    def forward(self, x):
+        return self.fc((0.01 * self.a(x).transpose(1, 2) + 100 * self.b(x).transpose(1, 2)).mean(1))
+
+
+@pytest.mark.parametrize("thresholds", [False, True])
+def test_row_norms_of_temporaries_are_not_mixed_up(thresholds):
+    torch.manual_seed(0)
+    model, x, y = TransposedNorms(), torch.randn(4, 8, 8), torch.randint(0, 3, (4,))
+    names = [k for k, _ in model.named_parameters()]
+    config = ClippingConfig(1.0, thresholds=dict.fromkeys(names, 0.5) if thresholds else None)
+    ref = clip_and_sum(model, LOSS, x, y, config, method="vmap")
+    for _ in range(3):  # the allocator's reuse need not happen on the first pass
+        assert_same(ghost_clip_and_sum(model, LOSS, x, y, config), ref)
+
+
+@pytest.mark.parametrize("scale", [1e22, 2e22, 3e22, 3.879e22])
+def test_exploding_example_never_contributes_more_than_c(scale):
+    """‖g‖ ≈ 1e45: finite in float64, but C/‖g‖ is a float32 subnormal that rounds up to 2×; such an example is
+    dropped (factor 0) or clipped, on both engines, never above C."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(1, 4) * scale, torch.zeros(1, 3)
+    loss = nn.MSELoss(reduction="sum")
+    for method in ("vmap", "fast"):
+        sums = clip_and_sum(model, loss, x, y, 1.0, method=method).sums
+        assert float(torch.cat([v.double().flatten() for v in sums.values()]).norm()) <= 1.0 + 1e-6, method
+
+
 class OwnAttention(nn.MultiheadAttention):
     """A subclass with its own forward: torch's forward uses out_proj.weight outside out_proj."""
 
