@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import numpy as np
 from .opacus_rdp import rdp as opacus_rdp
 
 from .composition import Flat
-from .gdp import eps_from_gdp
+from .gdp import eps_from_gdp, expm1_or_inf
 from .prv_grid import ComposedPRV, PRVGridError, compose, make_grid, safe_half_width
 
 PRV_EPS_ERROR = 0.01
@@ -102,14 +103,16 @@ def prv_search_epsilon(flat: Flat, delta: float, upper: bool = True) -> float:
 
 @lru_cache(maxsize=4096)
 def rdp_epsilon(flat: Flat, delta: float) -> float:
-    """ε from Rényi DP, composed over all (q, σ) groups."""
+    """ε from Rényi DP, composed over all (q, σ) groups (opacus's conversion, clamped at 0)."""
     if not flat:
         return 0.0
     total = np.zeros(len(RDP_ORDERS))
     for (q, sigma), n in flat:
         total += np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=int(n), orders=RDP_ORDERS))
-    eps, _ = opacus_rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
-    return float(eps)
+    with warnings.catch_warnings():  # "optimal order is the smallest/largest alpha": still a valid bound
+        warnings.simplefilter("ignore", UserWarning)
+        eps, _ = opacus_rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+    return max(float(eps), 0.0)  # the conversion can go below 0 for tiny losses and large δ; ε ≥ 0 always holds
 
 
 PLD_DISCRETIZATION = 1e-3  # privacy-loss grid step for short runs; finer for long ones (see pld_epsilon)
@@ -135,7 +138,7 @@ def gdp_mu_of(flat: Flat) -> float:
     """CLT μ of the composition (heterogeneous steps add in μ²)."""
     mu2 = 0.0
     for (q, sigma), n in flat:
-        mu2 += n / sigma ** 2 if q >= 1 else n * q * q * math.expm1(1.0 / sigma ** 2)
+        mu2 += n / sigma ** 2 if q >= 1 else n * q * q * expm1_or_inf(1.0 / sigma ** 2)
     return math.sqrt(mu2)
 
 

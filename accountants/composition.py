@@ -31,6 +31,8 @@ def _collect(event: DpEvent, times: int, counts: Counter) -> None:
         counts[(1.0, float(event.noise_multiplier))] += times
     elif isinstance(event, PoissonSampledEvent):
         inner = event.event
+        if isinstance(inner, SelfComposedEvent) and inner.count == 0:
+            return  # nothing released
         if isinstance(inner, SelfComposedEvent) and isinstance(inner.event, GaussianEvent):
             # q-sampling of T Gaussian releases at once = one Gaussian with σ/√T on the sample
             inner = GaussianEvent(inner.event.noise_multiplier / inner.count ** 0.5)

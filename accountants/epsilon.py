@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from .backends import gdp_epsilon, pld_epsilon, prv_bounds, rdp_epsilon
 from .composition import flatten, poisson_gaussian
@@ -11,7 +12,7 @@ ACCOUNTANTS = ("prv", "pld", "rdp", "gdp")
 
 
 def check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    if not (isinstance(delta, numbers.Real) and not isinstance(delta, bool) and 0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta}; a typical choice is 1/N^1.1 for N records")
 
 
@@ -20,7 +21,7 @@ def check_run(noise_multiplier: float, sample_rate: float, steps: int) -> None:
         raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate} (expected batch size / N)")
-    if int(steps) != steps or steps < 1:
+    if not (isinstance(steps, numbers.Real) and math.isfinite(steps)) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
 
 

@@ -6,8 +6,27 @@ nothing about accounting lives in a mechanism.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
+
+
+def whole_count(count: Any, what: str) -> int:
+    """``count`` as an int, if it is a whole number ≥ 0 (a fractional or NaN count of releases is an error)."""
+    try:
+        ok = count >= 0 and int(count) == count
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or isinstance(count, bool):
+        raise ValueError(f"{what} must be a whole number >= 0 (releases are counted), got {count!r}")
+    return int(count)
+
+
+def _finite_sigma(value: Any, what: str) -> None:
+    if not (isinstance(value, numbers.Real) and 0 < value < math.inf):
+        raise ValueError(f"{what}: noise_multiplier must be a positive finite number, got {value!r}; "
+                         "σ = 0 has no finite privacy guarantee, and a release with σ = inf reveals nothing (leave it out).")
 
 
 @dataclass(frozen=True)
@@ -22,11 +41,8 @@ class GaussianEvent(DpEvent):
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError(
-                f"GaussianEvent: noise_multiplier must be > 0, got {self.noise_multiplier}; "
-                "a zero-noise release has no finite privacy guarantee."
-            )
+        _finite_sigma(self.noise_multiplier, "GaussianEvent")
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
 
 
 @dataclass(frozen=True)
@@ -37,10 +53,11 @@ class PoissonSampledEvent(DpEvent):
     event: DpEvent
 
     def __post_init__(self) -> None:
-        if not 0 < self.sample_rate <= 1:
+        if not (isinstance(self.sample_rate, numbers.Real) and 0 < self.sample_rate <= 1):
             raise ValueError(
                 f"PoissonSampledEvent: sample_rate must be in (0, 1], got {self.sample_rate}."
             )
+        object.__setattr__(self, "sample_rate", float(self.sample_rate))
 
 
 @dataclass(frozen=True)
@@ -51,8 +68,7 @@ class SelfComposedEvent(DpEvent):
     count: int
 
     def __post_init__(self) -> None:
-        if self.count < 0:
-            raise ValueError(f"SelfComposedEvent: count must be >= 0, got {self.count}.")
+        object.__setattr__(self, "count", whole_count(self.count, "SelfComposedEvent: count"))
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,8 @@ def event_to_dict(event: DpEvent) -> dict[str, Any]:
             value = event_to_dict(value)
         elif isinstance(value, tuple) and all(isinstance(v, DpEvent) for v in value):
             value = [event_to_dict(v) for v in value]
+        elif hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy / torch scalar
+            value = value.item()
         out[f.name] = value
     return out
 

@@ -26,13 +26,20 @@ def gdp_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
         raise ValueError(f"gdp_mu: steps must be >= 0, got {steps}")
     if sample_rate == 1:
         return math.sqrt(steps) / noise_multiplier
-    return sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier ** 2))
+    return sample_rate * math.sqrt(steps * expm1_or_inf(1.0 / noise_multiplier ** 2))
+
+
+def expm1_or_inf(x: float) -> float:
+    """e^x − 1, or inf where it overflows a float (x > 709.78: σ < 0.0375 in μ's e^{1/σ²})."""
+    return math.expm1(x) if x < 709.0 else math.inf
 
 
 def delta_from_gdp(eps: float, mu: float) -> float:
     """δ(ε) of μ-GDP: Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)."""
-    if mu <= 0:
+    if mu <= 0 or eps == math.inf:
         return 0.0
+    if mu == math.inf:
+        return 1.0
     # log-space for the second term avoids inf·0 at large ε
     a = stats.norm.cdf(-eps / mu + mu / 2)
     b = math.exp(eps + stats.norm.logcdf(-eps / mu - mu / 2))
@@ -43,6 +50,10 @@ def eps_from_gdp(mu: float, delta: float) -> float:
     """Smallest ε ≥ 0 with δ(ε; μ) ≤ δ."""
     if not 0 < delta < 1:
         raise ValueError(f"eps_from_gdp: delta must be in (0, 1), got {delta}")
+    if math.isnan(mu):
+        raise ValueError("eps_from_gdp: mu is NaN")
+    if math.isinf(mu):
+        return math.inf  # δ(ε) = 1 for every ε
     if mu <= 0 or delta_from_gdp(0.0, mu) <= delta:
         return 0.0
     hi = 1.0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .epsilon import epsilon_bounds, epsilon_of_event
-from .events import ComposedEvent, DpEvent, SelfComposedEvent, event_from_dict, event_to_dict
+from .epsilon import check_delta, epsilon_bounds, epsilon_of_event
+from .events import ComposedEvent, DpEvent, SelfComposedEvent, event_from_dict, event_to_dict, whole_count
 
 
 class PrivacyLedger:
@@ -19,8 +19,7 @@ class PrivacyLedger:
         self.entries: list[list[Any]] = []  # [event, count]
 
     def record(self, event: DpEvent, count: int = 1) -> None:
-        if count < 0:
-            raise ValueError(f"PrivacyLedger.record: count must be >= 0, got {count}")
+        count = whole_count(count, "PrivacyLedger.record: count")
         if count == 0:
             return
         if self.entries and self.entries[-1][0] == event:
@@ -40,11 +39,13 @@ class PrivacyLedger:
         return parts[0] if len(parts) == 1 else ComposedEvent(tuple(parts))
 
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
+        check_delta(delta)
         if not self.entries:
             return 0.0
         return epsilon_of_event(self.composed(), delta, accountant)
 
     def epsilon_bounds(self, delta: float) -> tuple[float, float, float]:
+        check_delta(delta)
         if not self.entries:
             return (0.0, 0.0, 0.0)
         return epsilon_bounds(self.composed(), delta)

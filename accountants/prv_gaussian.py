@@ -8,7 +8,8 @@ arithmetic by a float64 form without cancellation.
 Math (Gopi, Lee & Wutschitz 2021, Sec. 5; the remove-one neighbouring relation used by
 prv_accountant). With sampling rate p and noise multiplier σ the privacy loss is
 Y = log(1 − p + p·e^{(2x − 1)/(2σ²)}) with x drawn from (1 − p)·N(0, σ²) + p·N(1, σ²), so
-Y ≤ t ⇔ x ≤ σ²z(t) + 1/2 for t > log(1 − p), where z(t) = log1p(expm1(t)/p), and
+Y ≤ t ⇔ x ≤ σ²z(t) + 1/2 for t > log(1 − p), where z(t) = log1p(expm1(t)/p) (for t > 1 in the
+form t − log p + log1p((p − 1)e^{−t}), which does not overflow past t = 709), and
 
     P[Y ≤ t] = (p/2)·erfc(−a) + ((1 − p)/2)·erfc(−b),
     P[Y > t] = (p/2)·erfc(a)  + ((1 − p)/2)·erfc(b),
@@ -48,7 +49,10 @@ class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
         t = np.asarray(t, dtype=np.float64)
         inside = t > self._t_min
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            z = np.log1p(np.expm1(np.where(inside, t, 0.0)) / self._p)
+            small = np.log1p(np.expm1(np.where(inside & (t <= 1.0), t, 0.0)) / self._p)
+            # t > 1: log(1 + (e^t − 1)/p) = t − log p + log1p((p − 1)e^{−t}), with no e^t to overflow (t > 709)
+            large = t - math.log(self._p) + np.log1p((self._p - 1.0) * np.exp(-np.maximum(t, 1.0)))
+            z = np.where(t <= 1.0, small, large)
         s2 = self._sigma ** 2
         scale = 2.0 * math.sqrt(2.0) * self._sigma
         return (2 * s2 * z - 1) / scale, (2 * s2 * z + 1) / scale, inside

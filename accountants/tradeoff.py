@@ -43,7 +43,7 @@ def _profile(flat: Flat, eps_max: float, n_eps: int) -> tuple[np.ndarray, np.nda
     except PRVGridError:
         eps_tail = eps_max
     eps = np.linspace(0.0, min(eps_max, max(float(eps_tail), 1.0) * 1.5), n_eps)
-    delta = np.minimum(1.0, composed.delta(np.maximum(eps - eps_error, 0.0)) + delta_error + composed.roundoff)
+    delta = np.minimum(1.0, composed.delta(eps - eps_error) + delta_error + composed.roundoff)  # δ(ε − ε_err), ε − ε_err < 0 too
     return eps, delta
 
 

@@ -100,3 +100,40 @@ def test_composition_of_equal_events_is_self_composition(accountant):
                                        SelfComposedEvent(step, 19)))
     assert accountants.epsilon_of_event(parts, 1e-5, accountant) == pytest.approx(
         accountants.epsilon(1.0, 0.02, 100, 1e-5, accountant), rel=1e-12)
+
+
+def test_rdp_epsilon_is_never_negative_and_its_order_warning_stays_inside():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert accountants.epsilon(50, 0.01, 1, 0.01, accountant="rdp") == 0.0  # opacus: −0.0098
+        assert accountants.epsilon(1.0, 1.0, 1, 0.9, accountant="rdp") == 0.0  # opacus: −1.75
+        assert accountants.epsilon(1.0, 1.0, 100000, 1e-5, accountant="rdp") > 0  # "optimal order …" not raised
+
+
+def test_tiny_sigma_gives_infinite_gdp_epsilon_instead_of_overflow():
+    assert accountants.epsilon(0.03, 0.5, 1, 1e-5, accountant="gdp") == float("inf")  # e^{1/σ²} overflows
+    assert accountants.gdp_mu(0.03, 0.5, 10) == float("inf")
+
+
+def test_numpy_numbers_are_accepted_and_nan_steps_rejected_clearly():
+    import numpy as np
+
+    want = accountants.epsilon(1.0, 0.1, 10, 1e-5)
+    assert accountants.epsilon(np.float64(1.0), np.float32(0.1), np.int64(10), np.float32(1e-5)) == pytest.approx(
+        want, rel=1e-5)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        accountants.epsilon(1.0, 0.1, float("nan"), 1e-5)
+
+
+def test_invalid_event_counts_and_sigmas_are_errors_not_fewer_steps():
+    with pytest.raises(ValueError, match="whole number"):
+        SelfComposedEvent(GaussianEvent(1.0), float("nan"))  # was ε = 0
+    with pytest.raises(ValueError, match="whole number"):
+        SelfComposedEvent(GaussianEvent(1.0), 2.9)  # was floored to 2 by three accountants, 2.9 by gdp
+    with pytest.raises(ValueError, match="positive finite"):
+        GaussianEvent(float("inf"))
+    assert SelfComposedEvent(GaussianEvent(1.0), 3.0).count == 3
+    empty = PoissonSampledEvent(0.1, SelfComposedEvent(GaussianEvent(1.0), 0))  # was ZeroDivisionError
+    assert accountants.epsilon_of_event(empty, 1e-5) == 0.0

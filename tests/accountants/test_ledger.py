@@ -56,3 +56,17 @@ def test_events_round_trip_and_validate():
         PoissonSampledEvent(0.0, GaussianEvent(1.0))
     with pytest.raises(ValueError, match="noise_multiplier"):
         GaussianEvent(0.0)
+
+
+def test_fractional_counts_and_bad_delta_are_refused_and_numpy_scalars_serialise():
+    import numpy as np
+
+    ledger = PrivacyLedger()
+    with pytest.raises(ValueError, match="whole number"):
+        ledger.record(GaussianEvent(1.0), 2.7)  # was stored as 2
+    with pytest.raises(ValueError, match="delta"):
+        ledger.epsilon(5.0)  # was 0.0 on an empty ledger
+    ledger.record(SelfComposedEvent(ps(np.float64(0.01), np.float32(1.0)), np.int64(3)), np.int64(2))
+    again = PrivacyLedger()
+    again.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    assert again.epsilon(1e-5) == ledger.epsilon(1e-5) > 0

@@ -74,3 +74,24 @@ def test_support_holds_all_the_mass(p, sigma):
     lo, hi = prv.support()
     assert prv.cdf(np.array([lo]))[0] <= 1e-30 and prv.sf(np.array([hi]))[0] <= 1e-30
     assert prv.cdf(np.array([prv.median()]))[0] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_privacy_loss_past_709_is_not_cut_off():
+    """z(t) = log1p(expm1(t)/p) overflowed for t > 709: P[Y > t] became 0 and every step's loss was capped
+    at ~709.8, so ε of a tiny σ was under-reported (709 against the RDP bound's 22104)."""
+    import warnings
+
+    from accountants import epsilon
+
+    prv = PoissonSubsampledGaussianPRV(0.5, 0.01)
+    # x ~ N(1, σ²) w.p. p: Y > t ⇔ x > σ²z + 1/2 with z ≈ t − log p; at t = 720 that is x > 0.572, P ≈ p·1
+    assert float(prv.sf(np.array([720.0]))[0]) == pytest.approx(0.5, rel=1e-9)
+    t = np.array([0.999, 1.0, 1.001])  # the two forms of z(t) meet at t = 1
+    np.testing.assert_allclose(prv.cdf(t), PoissonSubsampledGaussianMechanism(0.5, 0.01).cdf(t).astype(float),
+                               rtol=1e-12, atol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        near_one, full = epsilon(0.01, 1 - 1e-9, 1, 1e-5), epsilon(0.01, 1.0, 1, 1e-5)
+        small_q = epsilon(0.005, 0.5, 1, 1e-5)
+    assert near_one == pytest.approx(full, rel=1e-6)
+    assert 20000 < small_q < epsilon(0.005, 0.5, 1, 1e-5, accountant="rdp")

@@ -47,3 +47,12 @@ def test_shuffled_limit_thresholds_reference():
     assert lim.weak_regime and "Ertan" in lim.warning()
     assert shuffled_limit(0.5, 1000).warning() is None
     assert lim.kappa_threshold == pytest.approx((1 / math.sqrt(8)) * (1 - 1 / math.sqrt(4 * math.pi * math.log(1000))))
+
+
+@pytest.mark.parametrize("sigma", [5.0, 50.0, 100.0])
+def test_curve_stays_below_g_mu_when_mu_is_smaller_than_the_eps_error(sigma):
+    """One unsampled release is exactly (1/σ)-GDP. For ε < ε_err the profile must use δ(ε − ε_err) at a
+    negative argument; δ(0) there put the curve above G_μ by up to 1.3e-5 at σ = 100."""
+    alphas = np.linspace(0.3, 0.7, 81)
+    a, b = tradeoff_curve(sigma, 1.0, 1, alphas=alphas)
+    assert np.all(b <= gaussian_tradeoff(a, 1.0 / sigma) + 1e-12)
