@@ -10,13 +10,13 @@ from typing import Any
 
 from .attacks import (RocResult, best_threshold, counts_at_threshold, lira_scores, logit_confidence,
                       loss_threshold_scores, roc)
-from .bounds import (METHODS, bayesian_posterior_cdf, clopper_pearson, clopper_pearson_lower_bound, eps_from_rates,
-                     epsilon_interval, epsilon_lower_bound)
+from .bounds import (METHODS, bayesian_lower_bound, bayesian_posterior_cdf, clopper_pearson, clopper_pearson_lower_bound,
+                     eps_from_rates, epsilon_interval, epsilon_lower_bound)
 from .one_run import abstaining_guesses, one_run_audit, one_run_epsilon, one_run_p_value
 
 __all__ = [
     "epsilon_lower_bound", "epsilon_interval", "eps_from_rates", "clopper_pearson", "clopper_pearson_lower_bound",
-    "bayesian_posterior_cdf", "METHODS",
+    "bayesian_posterior_cdf", "bayesian_lower_bound", "METHODS",
     "one_run_epsilon", "one_run_p_value", "one_run_audit", "abstaining_guesses",
     "roc", "RocResult", "loss_threshold_scores", "lira_scores", "logit_confidence", "counts_at_threshold",
     "best_threshold", "make_canaries", "run_canary_audit", "run_lira_audit", "split_threshold_intervals",

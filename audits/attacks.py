@@ -30,9 +30,18 @@ class RocResult:
         return {"auc": self.auc, "tpr_at_fpr_0.1%": self.tpr_at(1e-3), "tpr_at_fpr_1%": self.tpr_at(1e-2)}
 
 
+def _scores_and_labels(scores: np.ndarray, is_member: np.ndarray, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """1-D float scores and bool labels of the same length (else a ValueError naming ``caller``)."""
+    scores, is_member = np.asarray(scores, float), np.asarray(is_member, bool)
+    if scores.ndim != 1 or is_member.shape != scores.shape:
+        raise ValueError(f"{caller}: scores and is_member must be 1-D arrays of the same length (one label per "
+                         f"score), got shapes {scores.shape} and {is_member.shape}")
+    return scores, is_member
+
+
 def roc(scores: np.ndarray, is_member: np.ndarray) -> RocResult:
     """ROC of the test 'member if score ≥ t' over all thresholds t (ties handled exactly)."""
-    scores, is_member = np.asarray(scores, float), np.asarray(is_member, bool)
+    scores, is_member = _scores_and_labels(scores, is_member, "roc")
     n_in, n_out = int(is_member.sum()), int((~is_member).sum())
     if n_in == 0 or n_out == 0:
         raise ValueError("roc: need both members and non-members")
@@ -70,6 +79,11 @@ def lira_scores(target_phi: np.ndarray, out_phi: np.ndarray, in_phi: np.ndarray 
         raise ValueError("lira_scores: LiRA fits a Gaussian per example and needs at least 2 shadow models "
                          f"on each side (got out_phi of shape {out_phi.shape}); train more shadow models")
     target_phi = np.asarray(target_phi, float)
+    shapes = [target_phi.shape, out_phi.shape[1:]] + ([] if in_phi is None else [np.shape(in_phi)[1:]])
+    if target_phi.ndim != 1 or (in_phi is not None and np.ndim(in_phi) != 2) or len(set(shapes)) > 1:
+        raise ValueError("lira_scores: need target_phi of shape [E] and out_phi / in_phi of shape [S, E] for the "
+                         f"same E examples, got {target_phi.shape}, {out_phi.shape}"
+                         + ("" if in_phi is None else f", {np.shape(in_phi)}"))
     out_mu, out_sd = _fit(out_phi, min_std, fixed_variance)
     if np.isnan(out_mu).all():
         raise ValueError("lira_scores: no example has an OUT shadow model")
@@ -83,24 +97,24 @@ def lira_scores(target_phi: np.ndarray, out_phi: np.ndarray, in_phi: np.ndarray 
 
 
 def _fit(phi: np.ndarray, min_std: float, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example means (NaN where no sample) and standard deviations (pooled or per example)."""
+    """Per-example means (NaN where no sample) and standard deviations, ≥ ``min_std``: pooled over all
+    examples, or per example where it has ≥ 2 samples and the median of those elsewhere (pooled if none)."""
     counts = np.sum(~np.isnan(phi), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mu = np.where(counts > 0, np.nansum(phi, axis=0) / np.maximum(counts, 1), np.nan)
     resid = phi - mu
+    pooled = float(np.sqrt(np.nanmean(resid ** 2))) if np.isfinite(resid).any() else 1.0
     if fixed_variance:
-        sd = np.full(phi.shape[1], max(float(np.sqrt(np.nanmean(resid ** 2))) if np.isfinite(resid).any() else 1.0,
-                                       min_std))
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sd = np.sqrt(np.nansum(resid ** 2, axis=0) / np.maximum(counts, 1))
-        sd = np.where(np.isfinite(sd), np.maximum(sd, min_std), np.nanmedian(sd) if np.isfinite(sd).any() else 1.0)
-    return mu, sd
+        return mu, np.full(phi.shape[1], max(pooled, min_std))
+    ok = counts >= 2  # 0 or 1 samples give no spread (nansum of an all-NaN column is 0, not NaN)
+    sd = np.sqrt(np.nansum(resid ** 2, axis=0) / np.maximum(counts, 1))
+    fallback = float(np.median(sd[ok])) if ok.any() else pooled
+    return mu, np.maximum(np.where(ok, sd, fallback), min_std)
 
 
 def counts_at_threshold(scores: np.ndarray, is_member: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
     """(tp, fp, tn, fn) of the guess 'member if score ≥ threshold'."""
-    scores, is_member = np.asarray(scores, float), np.asarray(is_member, bool)
+    scores, is_member = _scores_and_labels(scores, is_member, "counts_at_threshold")
     guess = scores >= threshold
     return (int(np.sum(guess & is_member)), int(np.sum(guess & ~is_member)),
             int(np.sum(~guess & ~is_member)), int(np.sum(~guess & is_member)))
@@ -114,7 +128,10 @@ def best_threshold(scores: np.ndarray, is_member: np.ndarray, delta: float = 0.0
     scores, thinned to at most ``max_candidates`` evenly spaced order statistics. Vectorised."""
     from .bounds import clopper_pearson_lower_bound
 
-    scores, is_member = np.asarray(scores, float), np.asarray(is_member, bool)
+    scores, is_member = _scores_and_labels(scores, is_member, "best_threshold")
+    if is_member.all() or not is_member.any():
+        raise ValueError(f"best_threshold: need both members and non-members, got {int(is_member.sum())} members "
+                         f"of {is_member.size} scores")
     order = np.argsort(-scores, kind="stable")
     s, m = scores[order], is_member[order]
     last_of_tie = np.r_[s[1:] != s[:-1], True]

@@ -3,6 +3,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from typing import Any
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (an infinite or undefined ε) replaced by None (JSON null)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _at_least(minimum: int, why: str):
+    """argparse type: an integer ≥ ``minimum`` (else a usage error that says ``why``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} ({why}), got {value}")
+        return value
+    return parse
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -10,7 +36,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     result = quick_audit(eps=args.eps, m=args.canaries, runs=args.runs, seed=args.seed, epochs=args.epochs,
                          progress=not args.json)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    print(json.dumps(json_safe(result.to_dict()), indent=2, allow_nan=False) if args.json else result.to_text())
     if args.plot:
         result.save_roc_plot(args.plot)
         if not args.json:
@@ -21,10 +47,13 @@ def _audit(args: argparse.Namespace) -> int:
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="train make_private on digits with canaries; theoretical vs empirical ε")
     p.add_argument("--eps", type=float, default=3.0, help="target ε of the audited run")
-    p.add_argument("--canaries", type=int, default=200, help="number of canaries m")
-    p.add_argument("--runs", type=int, default=1, help="training runs (>1 adds the many-runs intervals)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--canaries", type=_at_least(2, "the one-run audit guesses at least one canary each way"),
+                   default=200, help="number of canaries m (≥ 2)")
+    p.add_argument("--runs", type=_at_least(1, "one training run at least"), default=1,
+                   help="training runs (>1 adds the many-runs intervals)")
+    p.add_argument("--epochs", type=_at_least(1, "one epoch at least"), default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="ROC.png", help="write the attack's ROC curve")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as strict JSON; an infinite or undefined ε is written as null")
     p.set_defaults(func=_audit)

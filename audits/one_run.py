@@ -63,13 +63,22 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, delta: float = 0.0, 
     k (guesses on each side) is chosen over ``guess_fractions`` after seeing the result, so
     the confidence level is split over the grid (union bound): each k is tested at
     1 − (1 − confidence)/len(grid), which keeps the overall statement at ``confidence``.
+    k = max(1, ⌊frac·m/2⌋), so 2k ≤ m guesses (rounding up would exceed m when m is odd).
     """
     scores, included = np.asarray(scores, float), np.asarray(included, bool)
+    if scores.ndim != 1 or included.shape != scores.shape:
+        raise ValueError("one_run_audit: scores and included must be 1-D arrays of the same length (one per "
+                         f"canary), got shapes {scores.shape} and {included.shape}")
+    if scores.size < 2:
+        raise ValueError(f"one_run_audit: need at least 2 canaries (one guess on each side), got {scores.size}; "
+                         "use more canaries")
+    if not guess_fractions or not all(0 < f <= 1 for f in guess_fractions):
+        raise ValueError(f"one_run_audit: guess_fractions must be a non-empty tuple in (0, 1], got {guess_fractions}")
     m = scores.size
     per_k = 1 - (1 - confidence) / len(guess_fractions)
     best: dict | None = None
     for frac in guess_fractions:
-        k = max(1, int(round(frac * m / 2)))
+        k = max(1, math.floor(frac * m / 2))
         g = abstaining_guesses(scores, k, k)
         r = int(np.count_nonzero(g))
         v = int(np.sum((g == 1) & included) + np.sum((g == -1) & ~included))

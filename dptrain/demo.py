@@ -49,7 +49,10 @@ class DemoResult:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON: an infinite or undefined ε (an audit with no errors) is written as null."""
+        from audits.cli import json_safe
+
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False)
 
 
 def digits_split(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from audits import best_threshold, counts_at_threshold, epsilon_lower_bound, lira_scores, logit_confidence, roc
+from audits.attacks import _fit
 
 
 def test_roc_perfect_and_random():
@@ -65,3 +66,29 @@ def test_best_threshold_maximises_the_lower_bound():
     lows = {float(c): epsilon_lower_bound(*counts_at_threshold(scores, member, c), delta=1e-5)
             for c in np.unique(scores)}
     assert lows[t] == pytest.approx(max(lows.values()), abs=1e-12) and max(lows.values()) > 0
+
+
+def test_per_example_variance_falls_back_below_two_samples():
+    # example 0 has no IN sample, example 1 one: neither has a spread, so both get the median of the
+    # others' standard deviations (an all-NaN column used to give sd = 0, floored to min_std)
+    rng = np.random.default_rng(0)
+    inn = rng.normal(2, 1, (8, 6))
+    inn[:, 0] = np.nan
+    inn[1:, 1] = np.nan
+    mu, sd = _fit(inn, 1e-3, False)
+    assert np.isnan(mu[0]) and mu[1] == inn[0, 1]
+    assert sd[0] == sd[1] == pytest.approx(np.median(np.nanstd(inn[:, 2:], axis=0)))
+    assert sd[2:] == pytest.approx(np.nanstd(inn[:, 2:], axis=0))
+
+
+def test_mismatched_inputs_are_named():
+    with pytest.raises(ValueError, match="same length"):
+        roc(np.arange(3.0), [1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="same length"):
+        counts_at_threshold(np.arange(4.0), [True], 2.0)
+    with pytest.raises(ValueError, match="same E examples"):
+        lira_scores(np.zeros(3), np.zeros((4, 5)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="same E examples"):
+        lira_scores(np.zeros(5), np.zeros((4, 5)), np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="both members and non-members"):
+        best_threshold([], [])

@@ -16,7 +16,8 @@ import dptrain
 import numpy as np
 from scipy import optimize
 
-from audits import make_canaries, make_private_trainer, run_canary_audit, run_lira_audit, split_threshold_intervals
+from audits import (AuditResult, make_canaries, make_private_trainer, run_canary_audit, run_lira_audit,
+                    split_threshold_intervals)
 from dptrain.demo import digits_split
 
 CLAIMED_EPS, DELTA, EPOCHS, BATCH = 0.5, 1e-9, 30, 128
@@ -121,3 +122,21 @@ def test_split_threshold_intervals_on_a_known_mechanism():
     assert set(out) == {"clopper-pearson", "bayesian"}
     for method, (lo, est, hi) in out.items():
         assert 0.2 < lo < 1.0 and lo <= est <= hi, (method, lo, est, hi)
+
+
+def test_verdict_uses_only_guaranteed_lower_bounds():
+    # the Bayesian interval is an estimate: its low end above the claim does not refute it
+    one_run = {"epsilon": 0.1, "r": 10, "v": 6, "m": 20, "k": 5, "confidence": 0.95}
+    result = AuditResult(1.0, 1e-5, one_run,
+                         intervals={"clopper-pearson": (0.5, 1.2, 2.0), "bayesian": (1.1, 1.3, 1.6)})
+    assert not result.violated and "estimate, not in the verdict" in result.to_text()
+    result.intervals["clopper-pearson"] = (1.05, 1.2, 2.0)
+    assert result.violated
+
+
+def test_split_intervals_with_a_one_class_selection_half():
+    # tiny audits (dptrain audit --canaries 2): a half without members or non-members has no threshold test
+    scores, is_in = np.arange(4.0), np.array([True, True, False, False])
+    for seed in range(8):
+        out = split_threshold_intervals(scores, is_in, 1e-5, np.random.default_rng(seed))
+        assert out == {} or set(out) == {"clopper-pearson", "bayesian"}

@@ -34,3 +34,18 @@ def test_abstaining_guesser_and_audit():
     good = one_run_audit(included.astype(float) + 0.01 * np.arange(1000) / 1000, included)
     bad = one_run_audit(np.random.default_rng(1).random(1000), included)
     assert good["epsilon"] > 2.0 and bad["epsilon"] < 0.5
+
+
+@pytest.mark.parametrize("m", [2, 3, 7, 199])
+def test_odd_canary_counts_keep_the_guesses_within_m(m):
+    # k = round(frac·m/2) rounded half to even gave 2k = m + 1 for guess fraction 1 and m ≡ 3 (mod 4)
+    included = np.arange(m) % 2 == 0
+    res = one_run_audit(included + 0.001 * np.arange(m), included)
+    assert 2 * res["k"] <= m and res["r"] <= m and res["v"] <= res["r"]
+
+
+def test_bad_one_run_inputs_are_named():
+    with pytest.raises(ValueError, match="at least 2 canaries"):
+        one_run_audit(np.array([1.0]), np.array([True]))
+    with pytest.raises(ValueError, match="same length"):
+        one_run_audit(np.zeros(4), np.ones(1, bool))

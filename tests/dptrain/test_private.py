@@ -239,3 +239,17 @@ def test_each_example_contribution_is_bounded_on_every_device(device):
     priv.step(x * 100, y)
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0.25 / 40 * 0.95 < float(moved) <= 0.25 / 40 * 1.05  # the ×100 input is clipped to C
+
+
+def test_demo_json_is_strict_when_an_audit_estimate_is_infinite():
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from dptrain.demo import DemoResult
+
+    report = SimpleNamespace(to_dict=lambda: {"epsilon": 2.9})
+    audit = SimpleNamespace(to_dict=lambda: {"intervals": {"clopper-pearson": [0.1, math.inf, math.inf]}})
+    text = DemoResult(0.9, 0.95, report, 1.0, audit).to_json()
+    assert "Infinity" not in text
+    assert json.loads(text)["audit"]["intervals"]["clopper-pearson"] == [0.1, None, None]
