@@ -97,7 +97,7 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
         return None
     if ok is None:  # first batch of this signature: are the recorded rows the examples? (one more backward)
         w = gal.example_weights(b, losses.device, losses.dtype)
-        weighted = gal.weighted_grads(losses, w, wrt)
+        weighted = gal.weighted_summaries(losses, w, wrt, b)
     grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
     if ok is None:
         ok = gal.rows_are_examples(grads[:len(flat)], weighted, w, b)

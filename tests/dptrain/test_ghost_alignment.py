@@ -95,8 +95,8 @@ def test_each_example_contribution_stays_bounded_when_a_position_table_has_batch
 
 def test_the_check_runs_once_per_signature_and_aligned_models_keep_the_fast_path(monkeypatch):
     calls = []
-    real = gal.weighted_grads
-    monkeypatch.setattr(gal, "weighted_grads", lambda *a: calls.append(1) or real(*a))
+    real = gal.weighted_summaries
+    monkeypatch.setattr(gal, "weighted_summaries", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
@@ -114,19 +114,25 @@ def test_the_check_runs_once_per_signature_and_aligned_models_keep_the_fast_path
 def test_rows_are_examples_verdicts():
     g = torch.tensor([[1.0, -2.0], [0.0, 0.0], [3.0, 1.0]])
     w = torch.tensor([1.0, 2.0, 4.0])
-    assert gal.rows_are_examples([g], [g * w[:, None]], w, 3) is True
-    assert gal.rows_are_examples([g], [g * w.flip(0)[:, None]], w, 3) is False  # rows of other examples
-    assert gal.rows_are_examples([g], [g.sum(0, keepdim=True).expand(3, 2) * 0 + g * 2], w, 3) is False
+
+    def verdict(plain, weighted, b=3, weights=w):
+        return gal.rows_are_examples(plain, [gal.row_summaries(t, b) if t is not None else ("none",)
+                                             for t in weighted], weights, b)
+
+    assert verdict([g], [g * w[:, None]]) is True
+    assert verdict([g], [g * w.flip(0)[:, None]]) is False  # rows of other examples
+    assert verdict([g], [g.sum(0, keepdim=True).expand(3, 2) + g]) is False  # rows fed by every example
     bad = g.clone()
     bad[0, 0] = float("inf")
-    assert gal.rows_are_examples([bad], [bad * w[:, None]], w, 3) is True  # the other rows are compared
-    assert gal.rows_are_examples([bad], [bad.flip(0) * w[:, None]], w, 3) is None  # inconclusive: checked later
-    assert gal.rows_are_examples([bad[:1]], [bad[:1]], w[:1], 1) is None  # no finite row
+    assert verdict([bad], [bad * w[:, None]]) is True  # the other rows are compared
+    assert verdict([bad], [bad.flip(0) * w[:, None]]) is None  # inconclusive: checked later
+    assert verdict([bad[:1]], [bad[:1]], 1, w[:1]) is None  # no finite row
     spread = bad * w[:, None]
     spread[2] = spread[2] + 1
-    assert gal.rows_are_examples([bad], [spread], w, 3) is False
-    assert gal.rows_are_examples([None, g], [None, g * w[:, None]], w, 3) is True
-    assert gal.rows_are_examples([g[:2]], [g[:2] * 5], w, 3) is True  # not batch-sized: the rules refuse it
+    assert verdict([bad], [spread]) is False
+    assert verdict([None, g], [None, g * w[:, None]]) is True
+    assert verdict([None], [g]) is False
+    assert verdict([g[:2]], [g[:2] * 5]) is True  # not batch-sized: the rules refuse it
     weights = gal.example_weights(64, torch.device("cpu"), torch.float32)
     assert len(set(weights.tolist())) == gal.LEVELS and set(weights.tolist()) <= {2.0 ** k for k in range(8)}
 
