@@ -20,7 +20,7 @@ main backward: the check costs one more backward, not more peak memory.
 
 Assumption: a forward's row structure is the same for all batches with one signature (no
 data-dependent permutation of examples inside ``forward``); the attach probe of
-:class:`dptrain.private.PrivateModel` compares the batched pass against per-example runs.
+:class:`dptrain.private.PrivateTraining` compares the batched pass against per-example runs.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import nn
 
 #: weights 2^k, k = 0 … LEVELS − 1 (any two rows in a batch of two or more get different weights)
 LEVELS = 8
-#: largest relative deviation of a row (max-abs) allowed between the two gradients
+#: largest relative deviation allowed between a row summary of the weighted gradient and the scaled plain one
 RTOL = 1e-3
 #: verdicts kept per model before the oldest are forgotten (re-checked when next seen)
 MAX_SIGNATURES = 4096
