@@ -21,7 +21,7 @@ from typing import Callable
 
 from scipy import optimize
 
-from .backends import prv_search_epsilon
+from .backends import PRV_EPS_ERROR, prv_search_epsilon
 from .composition import flatten, poisson_gaussian
 from .epsilon import ACCOUNTANTS, check_delta, check_run, epsilon
 from .gdp import delta_from_gdp, eps_from_gdp, gdp_mu
@@ -201,7 +201,10 @@ def calibrate_noise(target_eps: float, delta: float, sample_rate: float, steps: 
                                   rtol / 20)
         return _finish(f, target_eps, sigma_hat, slope, rtol)
     except UnreachableTargetError:
+        floor = (f" The PRV accountant's upper bound is its estimate + {PRV_EPS_ERROR:g} (its ε error), so targets "
+                 f"near or below {PRV_EPS_ERROR:g} need another accountant (accountant='pld')."
+                 if accountant == "prv" and target_eps <= 2 * PRV_EPS_ERROR else "")
         raise UnreachableTargetError(
             f"calibrate_noise: ε={target_eps} at δ={delta:g} is not reachable with σ ≤ {_SIGMA_MAX:g} "
             f"for q={sample_rate:g}, T={steps} ({accountant} accountant); raise ε, lower the steps or the "
-            "sampling rate") from None
+            f"sampling rate.{floor}") from None

@@ -76,3 +76,8 @@ def test_calibration_of_a_long_run_meets_the_target(accountant):
     target = 0.75
     sigma = calibrate_noise(target, 1e-6, 0.001, 100_000, accountant=accountant)
     assert accountants.epsilon(sigma, 0.001, 100_000, 1e-6, accountant=accountant) <= target
+
+
+def test_target_below_the_prv_error_floor_names_the_floor_and_another_accountant():
+    with pytest.raises(UnreachableTargetError, match="accountant='pld'"):
+        calibrate_noise(0.001, 1e-5, 1e-4, 1)
