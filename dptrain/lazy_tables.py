@@ -32,8 +32,9 @@ class _Hook:
     """A hook of :class:`LazyTables`. Copying or pickling the model flushes the tables first.
 
     ``copy.deepcopy(model)`` and ``torch.save(model)`` copy the hooks after the model's own attributes
-    and before its submodules, so a model whose tables are submodules is copied flushed; the copy
-    carries no lazy state (its hooks do nothing).
+    and before its submodules, so a model whose tables are submodules is copied flushed; a table module
+    copied on its own has its weight copied before its hooks, and the hook then writes the flushed rows
+    into that copy. The copy carries no lazy state (its hooks do nothing).
     """
 
     def __init__(self, tables: "LazyTables", fn: Any) -> None:
@@ -44,6 +45,12 @@ class _Hook:
 
     def __deepcopy__(self, memo: dict) -> Any:
         self.tables.flush()
+        # Copying a table module itself copies its weight before its hooks: give that copy the flushed rows.
+        for m in self.tables.modules.values():
+            done = memo.get(id(m.weight))
+            if done is not None:
+                with torch.no_grad():
+                    done.copy_(m.weight)
         return _no_hook
 
     def __reduce__(self) -> Any:

@@ -104,3 +104,15 @@ def test_copying_or_pickling_the_model_exports_it_flushed():
     assert torch.equal(loaded.user.weight, model.user.weight)
     loaded.eval()
     loaded(torch.tensor([[1, 2, 3]]))  # the copy carries no lazy state: its hooks do nothing
+
+
+def test_copying_one_table_module_exports_it_flushed():
+    """copy.deepcopy(model.user) copies the weight before the hooks: the hook writes the flushed rows into it
+    (before: the copy had no noise on the rows never used, which showed which rows were)."""
+    model, priv = _run()
+    for table in (model.user, model.items):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+        assert not priv.tables.is_flushed
+        clone = copy.deepcopy(table)
+        assert priv.tables.is_flushed
+        assert torch.equal(clone.weight, table.weight)
