@@ -187,7 +187,12 @@ class Diff2Trainer:
         return self.mechanism.round
 
     def epsilon_spent(self) -> float:
-        return self.ledger.epsilon(self.delta, accountant=self.accountant) if self.rounds_run else 0.0
+        """ε spent so far at the run's δ: 0 before the first round, inf once a round ran without noise."""
+        if not self.rounds_run:
+            return 0.0
+        if not self.config.private:
+            return math.inf
+        return self.ledger.epsilon(self.delta, accountant=self.accountant)
 
     def step(self) -> list[torch.Tensor]:
         """One round: clipped sums → noise once → (all-reduce) → estimator update → GD step."""
@@ -251,6 +256,10 @@ def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None
             raise PrivacyConfigError("make_diff2: give a target eps, or both noise_grad and noise_diff")
         noise_grad, noise_diff = calibrate_diff2(eps, delta, rounds, refresh_every, accountant, grad_share)
     config = Diff2Config(rounds, refresh_every, clip_grad, clip_diff, noise_grad, noise_diff)
+    if eps is not None and not config.private and (noise_grad > 0 or noise_diff > 0):  # both 0: the stated
+        raise PrivacyConfigError(f"make_diff2: eps={eps} was asked for, but noise_grad={noise_grad}, "  # non-private run
+                                 f"noise_diff={noise_diff} release some rounds without noise (no finite ε); "
+                                 "give both noises > 0, or leave them to calibration")
     if eps is not None and config.private:
         planned = accountants.epsilon_of_event(Diff2Mechanism(config).run_event(), delta, accountant)
         if planned > eps * (1 + 1e-9):

@@ -146,3 +146,16 @@ def test_difference_round_noise_follows_the_step_just_taken():
         assert seen[t] == (t, expected) and expected > 0
         assert trainer.mechanism.noise_std(t, expected) == pytest.approx(3.0 * 0.7 * expected, rel=1e-15)
     assert seen[0] == (0, None)
+
+
+def test_partly_noised_configuration_is_refused_when_eps_is_asked_and_spends_infinity():
+    """noise_diff = 0 with eps = 3: the difference rounds would release exact clipped sums (no finite ε),
+    and the run reported ε spent = 0."""
+    from dptrain.errors import PrivacyConfigError
+
+    with pytest.raises(PrivacyConfigError, match="without noise"):
+        make_diff2(model(), clients(), eps=3.0, rounds=4, refresh_every=2, noise_grad=1.0, noise_diff=0.0)
+    run = make_diff2(model(), clients(), eps=None, rounds=4, refresh_every=2, noise_grad=1.0, noise_diff=0.0)
+    assert run.epsilon_spent() == 0.0
+    run.fit()
+    assert run.epsilon_spent() == float("inf") and run.report().epsilon == float("inf")
