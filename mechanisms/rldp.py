@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .adaptive_clipping import CLIP_RANGE, NoisedStatistic, geometric_clip_update, noised_mean_loss, noised_unclipped_fraction
+from .rng import cpu_generator
 from .sac import SoftActorCritic
 
 
@@ -99,8 +100,9 @@ class RLDPController:
         self.expected_batch_size = float(expected_batch_size)
         g = len(self.names)
         self.agent = SoftActorCritic(2 * g + 5, g + 1, lr=3e-3, seed=seed)
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=self.agent.generator)))
+        # the noise on the statistics (a privacy guarantee rests on it): a full-entropy stream of its own, not
+        # one seeded through torch's manual_seed (which keeps 32 bits: 2^32 seeds would recover the noise)
+        self.generator = cpu_generator(seed, device_key="rldp-statistics")
         self.action = torch.zeros(g + 1)
         self.window: list[PrivateSignals] = []
         self.window_noise: list[float] = []
