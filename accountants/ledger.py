@@ -38,6 +38,16 @@ class PrivacyLedger:
             parts.append(SelfComposedEvent(extra[0], extra[1]))
         return parts[0] if len(parts) == 1 else ComposedEvent(tuple(parts))
 
+    def prefix(self, steps: int) -> DpEvent:
+        """The composed event of the first ``steps`` recorded steps."""
+        parts, left = [], int(steps)
+        for e, n in self.entries:
+            if left <= 0:
+                break
+            parts.append(SelfComposedEvent(e, min(n, left)))
+            left -= n
+        return ComposedEvent(tuple(parts))
+
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         check_delta(delta)
         if not self.entries:

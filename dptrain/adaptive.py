@@ -179,6 +179,7 @@ class AdaptiveClipping:
         mechanism = priv.optimizer.mechanism
         priv.optimizer.zero_grad()
         params = trainable_parameters(priv.model)
+        priv._check_trainable({id(p) for p in params.values()})
         x, y = priv._to_device(inputs, targets, params=params)
         batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size)
         for name, p in params.items():
@@ -186,7 +187,7 @@ class AdaptiveClipping:
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]
         scale = config.sensitivity / self.reference_sensitivity if self.settings.scale_step else 1.0
         priv.optimizer.expected_batch_size = self.expected_batch * scale  # public divisor (post-processing)
-        priv.optimizer.step()
+        priv.optimizer.apply_step()
         priv.ledger.record(self.event(sigma))
         record = {"noise_multiplier": sigma, "gradient_noise_multiplier": sigma_grad,
                   "sensitivity": config.sensitivity}
@@ -229,15 +230,7 @@ class AdaptiveClipping:
 
     def prefix_event(self, ledger: accountants.PrivacyLedger):
         """t ↦ the composed event of the first t recorded steps."""
-        def event(t: int) -> accountants.DpEvent:
-            parts, left = [], t
-            for e, n in ledger.entries:
-                if left <= 0:
-                    break
-                parts.append(accountants.SelfComposedEvent(e, min(n, left)))
-                left -= n
-            return accountants.ComposedEvent(tuple(parts))
-        return event
+        return ledger.prefix
 
     def report_fields(self, ledger: accountants.PrivacyLedger) -> dict[str, Any]:
         return {"noise_schedule": self.noise_schedule(ledger), "clipping": self.describe()}

@@ -153,7 +153,9 @@ class LazyPrivateTraining(PrivateTraining):
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
                                  None if self.config.seed is None else self.config.seed + 7919)
-        return DPOptimizer(dense_opt, dense if dense else list(tables.values()), self.mechanism, expected_batch)
+        wrapped = DPOptimizer(dense_opt, dense if dense else list(tables.values()), self.mechanism, expected_batch)
+        wrapped.on_public_step = (self._before_public_step, self._after_public_step)  # refused: use priv.step
+        return wrapped
 
     def _trainable(self) -> dict[str, nn.Parameter]:
         from .engine import trainable_parameters
@@ -198,6 +200,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert self.clipping is not None
         plan = self._plans.get()
         params = plan[0].params
+        self._check_trainable(plan[0].trainable)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                                                         chunk_size=self.config.chunk_size, plan=plan, coalesce=False)
@@ -224,7 +227,7 @@ class LazyPrivateTraining(PrivateTraining):
         loss = self.backward(inputs, targets)
         lrs = self.table_lrs()
         if self._has_dense:
-            self.optimizer.step()
+            self.optimizer.apply_step()
         else:
             self.optimizer.steps += 1
         self.tables.sgd_step(self._rows, lrs)

@@ -37,7 +37,16 @@ class DPOptimizer(torch.optim.Optimizer):
         if len(stray) == len(self.params):
             raise ValueError("DPOptimizer: the optimizer holds none of the model's trainable parameters; "
                              "build it from model.parameters()")
+        self.param_ids = {id(p) for p in self.params}
+        #: set by a PrivateTraining run: (before, after) a public ``step()`` — check that the gradients are the
+        #: clipped sums of ``priv.backward`` and that the budget allows a step; record the step in the ledger
+        self.on_public_step: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self._armed: list[tuple[torch.nn.Parameter, Any, int]] | None = None
+        old = getattr(optimizer, "_dptrain_guard", None)
+        if old is not None:  # the optimizer was wrapped by an earlier run: this wrapper replaces that one
+            old.remove()
         self._hook = optimizer.register_step_pre_hook(self._guard)
+        optimizer._dptrain_guard = self._hook  # type: ignore[attr-defined]
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
 
@@ -65,7 +74,22 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.original_optimizer.defaults
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._armed = None
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def arm(self) -> None:
+        """Mark the current ``.grad`` tensors as clipped sums (written by ``priv.backward``)."""
+        self._armed = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self.params]
+
+    @property
+    def armed(self) -> bool:
+        return self._armed is not None
+
+    def grads_are_armed(self) -> bool:
+        """Every ``.grad`` is still the clipped sum it was when armed: the same tensor, not modified since
+        (a ``loss.backward()`` after ``priv.backward`` would add an unclipped gradient into it)."""
+        return self._armed is not None and all(
+            p.grad is g and (g is None or g._version == v) for p, g, v in self._armed)
 
     def privatize_grads(self) -> None:
         """Replace each ``p.grad`` (clipped sum) by (sum + noise) / (q·N); the sums are given up, so the
@@ -77,8 +101,20 @@ class DPOptimizer(torch.optim.Optimizer):
                 p.grad = g
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        """Noise the clipped sums and step; in a PrivateTraining run also check the gradients and the budget
+        before, and record the step in the run's ledger after (``priv.backward(x, y)`` then this)."""
         if closure is not None:
             raise ValueError("DPOptimizer.step does not take a closure: gradients come from clip_and_sum")
+        if self.on_public_step is None:
+            self.apply_step()
+            return
+        before, after = self.on_public_step
+        before()
+        self.apply_step()
+        after()
+
+    def apply_step(self) -> None:
+        """Noise the clipped sums and run the wrapped optimizer (the caller checks and records the step)."""
         self.privatize_grads()
         self._inside_step = True
         try:
@@ -86,6 +122,7 @@ class DPOptimizer(torch.optim.Optimizer):
         finally:
             self._inside_step = False
         self.steps += 1
+        self._armed = None
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {"optimizer": self.original_optimizer.state_dict(),

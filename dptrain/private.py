@@ -24,7 +24,8 @@ from mechanisms import GaussianMechanism, NoiseMechanism
 from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
 from .engine import LossFn, _as_tuple, choose_method, trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError, refuse_step_over_budget
+from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, UnsupportedModuleError,
+                     refuse_step_over_budget)
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
@@ -55,6 +56,7 @@ class PrivateTraining:
         self.clipping: ClippingConfig | None = None
         self.distributed: bool | None = None  # None: data-parallel iff torch.distributed is initialised
         self.adaptive: AdaptiveClipping | None = None
+        self._trainable_ids: set[int] = set()  # the trainable parameters at attach (the ones noised)
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -89,6 +91,11 @@ class PrivateTraining:
         if ddp is not None:
             seed = ddp.broadcast_seed(seed)  # one global Poisson mask on every rank
         if self.config.mechanism in MF_MECHANISMS:
+            if self.steps:
+                raise PrivacyConfigError(
+                    f"attach: this {self.config.mechanism} run has taken {self.steps} steps; its correlated noise "
+                    "stream cannot restart with a new plan. Plan all steps in one attach (or start a new "
+                    "make_private run and account both yourself).")
             sampler, expected_batch = self._attach_mf(n, steps, steps_per_epoch, delta, seed)
             sample_rate = sampler.sample_rate
         else:
@@ -106,6 +113,7 @@ class PrivateTraining:
             ddp.expected_consistency(n, sample_rate, steps, self.plan.noise_multiplier, self.clipping.sensitivity)
             sampler, mechanism = ddp.ShardedSampler(sampler, ddp.rank(), ddp.world_size()), ddp.DistributedNoise(
                 mechanism)
+        self._trainable_ids = {id(p) for p in trainable_parameters(self.model).values()}
         self.optimizer = self._private_optimizer(optimizer, lr, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
@@ -118,7 +126,26 @@ class PrivateTraining:
         if optimizer is None:
             optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9) if lr is not None
                          else torch.optim.Adam(params, lr=1e-3))
-        return DPOptimizer(optimizer, params, mechanism, expected_batch)
+        wrapped = DPOptimizer(optimizer, params, mechanism, expected_batch)
+        wrapped.on_public_step = (self._before_public_step, self._after_public_step)
+        return wrapped
+
+    def _before_public_step(self) -> None:
+        """``priv.optimizer.step()`` called by the user: the gradients must be ``priv.backward``'s clipped sums,
+        untouched, and the budget must allow the step."""
+        assert self.optimizer is not None
+        if self.adaptive is not None or getattr(self, "lazy", False):
+            raise PrivacyError("with adaptive clipping or lazy tables, step with priv.step(x, y): the step "
+                               "needs more than the optimizer (the controller, the tables)")
+        if not self.optimizer.grads_are_armed():
+            raise PrivacyError(
+                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y) (none were "
+                "written since the last step or zero_grad, or they were changed after it, e.g. by "
+                "loss.backward()). Call priv.backward(x, y) right before, or use priv.step(x, y).")
+        self.check_budget()
+
+    def _after_public_step(self) -> None:
+        self.ledger.record(self._step_event(self.steps))
 
     def _distributed_setup(self):
         """The :mod:`dptrain.distributed` module when this run is data-parallel (else None)."""
@@ -283,11 +310,23 @@ class PrivateTraining:
                     f"{self.config.mechanism}: the correlated-noise stream was planned (and accounted) for "
                     f"{plan.planned_steps} steps; step {self.steps + 1} is outside it. Spent: ε={self.epsilon_spent():.4g}.")
             return  # attach checked ε of the whole planned run <= target
-        calibrated_within_plan = self.config.noise_multiplier is None and self.steps < plan.planned_steps
-        if calibrated_within_plan:
+        if self.config.noise_multiplier is None and self._within_calibrated_plan(plan, target):
             return  # calibration guarantees ε(σ, q, planned_steps) <= target
         refuse_step_over_budget(self.ledger, self._step_event(self.steps), plan.delta, self.config.accountant,
                                 target, self.steps + 1, self.epsilon_spent)
+
+    def _within_calibrated_plan(self, plan: TrainingPlan, target: float) -> bool:
+        """Whether the next step stays inside a plan whose whole run was calibrated to ``target``: the plan's
+        ε is at most the target and the ledger holds only this plan's steps (not those of an earlier attach
+        or of a checkpoint of another run), fewer than planned."""
+        if self.steps >= plan.planned_steps or plan.planned_epsilon > target * (1 + 1e-9):
+            return False
+        return self._ledger_holds_only_this_plan()
+
+    def _ledger_holds_only_this_plan(self) -> bool:
+        """Every recorded step is a step of the current plan (DP-SGD: one event, repeated)."""
+        entries = self.ledger.entries
+        return not entries or (len(entries) == 1 and entries[0][0] == self._step_event(0))
 
     def epsilon_spent(self) -> float:
         """ε spent so far at the run's δ (0 before the first step)."""
@@ -303,12 +342,29 @@ class PrivateTraining:
         assert self.clipping is not None
         plan = current_plan(self.model)  # one look at the model's structure for the whole step
         params = plan.params
+        self._check_trainable(plan.trainable)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                              chunk_size=self.config.chunk_size, plan=plan)
+        assert self.optimizer is not None
+        if self.optimizer.armed:
+            raise PrivacyError(
+                "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
+                "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
+                "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
         for name, p in params.items():
             p.grad = batch.sums[name]
+        self.optimizer.arm()
         return batch.mean_loss
+
+    def _check_trainable(self, trainable: set[int]) -> None:
+        """The trainable parameters must be those the optimizer noises (fixed at attach)."""
+        if trainable != self._trainable_ids:
+            raise PrivacyConfigError(
+                "the model's trainable parameters changed since attach (a layer frozen or unfrozen): the noise "
+                "is added to the parameters of attach time, so an unfrozen layer would be updated without "
+                "noise. Call priv.attach(...) again after changing requires_grad (the budget already spent "
+                "still counts).")
 
     def step(self, inputs: Any, targets: torch.Tensor | None = None) -> float:
         """One private step on a Poisson-sampled batch; returns the batch's mean loss."""
@@ -321,7 +377,7 @@ class PrivateTraining:
         assert self.optimizer is not None and self.mechanism is not None
         self.optimizer.zero_grad()
         loss = self.backward(inputs, targets)
-        self.optimizer.step()
+        self.optimizer.apply_step()
         self.ledger.record(self._step_event(self.steps))
         return loss
 
@@ -348,7 +404,9 @@ class PrivateTraining:
         history: list[tuple[int, float]] = []
         if self.steps > 0:
             points = sorted({max(1, round(self.steps * k / history_points)) for k in range(1, history_points + 1)})
-            run_event = self._run_event if self.adaptive is None else self.adaptive.prefix_event(self.ledger)
+            planned = self.adaptive is None and (self.config.mechanism in MF_MECHANISMS
+                                                 or self._ledger_holds_only_this_plan())
+            run_event = self._run_event if planned else self.ledger.prefix  # after a re-attach: the ledger
             history = [(t, accountants.epsilon_of_event(run_event(t), plan.delta,
                                                         accountant=self.config.accountant)) for t in points]
         warn = []

@@ -253,3 +253,110 @@ def test_demo_json_is_strict_when_an_audit_estimate_is_infinite():
     text = DemoResult(0.9, 0.95, report, 1.0, audit).to_json()
     assert "Infinity" not in text
     assert json.loads(text)["audit"]["intervals"]["clopper-pearson"] == [0.1, None, None]
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_attaching_again_does_not_restart_the_budget():
+    """A second attach calibrated σ for a fresh run and skipped every check: ε 1.24 against a target of 1."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    priv.fit()
+    priv.attach(_data(), batch_size=20, epochs=4, optimizer=_sgd(model))
+    with pytest.raises(dptrain.BudgetExceededError):
+        priv.fit()
+    assert priv.epsilon_spent() <= 1.0
+    history = priv.report().epsilon_history  # from the ledger (both plans), not from the new plan alone
+    assert history[-1][0] == priv.steps and history[-1][1] == pytest.approx(priv.epsilon_spent(), rel=1e-9)
+    mf_model = _mlp()
+    mf = dptrain.make_private(mf_model, eps=3.0, mechanism="banded-mf", seed=1)
+    mf.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(mf_model))
+    mf.step(mf.loader.batch(mf.loader.sampler.sample()))
+    with pytest.raises(dptrain.PrivacyConfigError, match="cannot restart"):
+        mf.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(mf_model))
+
+
+def test_a_checkpoint_of_a_run_with_a_larger_target_cannot_train_past_this_target():
+    model = _mlp()
+    big = dptrain.make_private(model, eps=8.0, seed=1)
+    big.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model))
+    for _ in range(10):
+        big.step(big.loader.batch(big.loader.sampler.sample()))
+    assert big.epsilon_spent() > 1.0
+    model2 = _mlp()
+    small = dptrain.make_private(model2, eps=1.0)
+    small.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model2))
+    small.load_state_dict(big.state_dict())
+    before = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(dptrain.BudgetExceededError):
+        small.fit()  # ran all 30 steps to ε = 7.97
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))
+
+
+def test_unfreezing_or_freezing_a_layer_after_attach_is_refused():
+    """An unfrozen layer was updated with its clipped sum and no noise."""
+    model = _mlp()
+    model[0].requires_grad_(False)
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model))
+    x, y = _data()[:20]
+    priv.step(x, y)
+    model[0].requires_grad_(True)
+    with pytest.raises(dptrain.PrivacyConfigError, match="trainable parameters changed"):
+        priv.step(x, y)
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(dptrain.PrivacyConfigError, match="trainable parameters changed"):
+        priv.step(x, y)
+
+
+def test_public_optimizer_step_is_checked_and_recorded():
+    """priv.backward + priv.optimizer.step() recorded nothing, and stepped any gradient (an unclipped one too)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    x, y = _data()[:20]
+    priv.optimizer.zero_grad()
+    priv.backward(x, y)
+    priv.optimizer.step()
+    assert priv.steps == 1 and priv.epsilon_spent() > 0
+    with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
+        priv.optimizer.step()  # no new clipped sums
+    priv.optimizer.zero_grad()
+    priv.backward(x, y)
+    nn.functional.cross_entropy(model(x), y).backward()  # adds an unclipped gradient into .grad
+    with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
+        priv.optimizer.step()
+    priv.optimizer.zero_grad()
+    priv.backward(x, y)
+    with pytest.raises(dptrain.PrivacyError, match="twice"):
+        priv.backward(x, y)
+    assert priv.steps == 1
+    while True:  # the budget holds on this path too
+        priv.optimizer.zero_grad()
+        priv.backward(x, y)
+        try:
+            priv.optimizer.step()
+        except dptrain.BudgetExceededError:
+            break
+    assert priv.epsilon_spent() <= 1.0
+
+
+def test_an_optimizer_can_be_attached_to_a_second_run():
+    model = _mlp()
+    opt = _sgd(model)
+    first = dptrain.make_private(model, eps=1.0, seed=1)
+    first.attach(_data(), batch_size=20, epochs=1, optimizer=opt)
+    first.fit()
+    second = dptrain.make_private(model, eps=1.0, seed=2)
+    second.attach(_data(), batch_size=20, epochs=1, optimizer=opt)
+    second.fit()  # was: PrivacyError from the first run's guard
+    assert second.steps == second.plan.planned_steps
