@@ -477,6 +477,11 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     """
     config = PrivacyConfig(eps, delta, float(max_grad_norm), mechanism, accountant, clipping,
                            noise_multiplier, chunk_size, seed, bands)
+    if accountant == "gdp" and eps is not None:
+        warnings.warn("accountant='gdp' is the central-limit approximation of Gaussian DP, not an upper bound: "
+                      f"the budget ε={eps} it enforces can be exceeded under exact accounting (by several times "
+                      "for few, weakly noised steps). Use accountant='prv' (the default) for a guarantee.",
+                      stacklevel=2)
     from .lazy import LazyPrivateTraining, wants_lazy
 
     lazy = mechanism == "lazy" or (mechanism == "dpsgd" and adaptive_settings(clipping) is None and wants_lazy(model))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 from opacus.validators import batch_norm as _opacus_batch_norm
-from opacus.validators import instance_norm as _opacus_instance_norm
 from torch import nn
 
 from .errors import UnsupportedModuleError
@@ -49,18 +48,34 @@ def validate(model: nn.Module) -> None:
 
 
 def _fixed(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.BatchNorm1d):
+        # its input may be [B, C] (after a Linear): opacus' GroupNorm(min(32, C), C) would normalise groups of
+        # one or two values there (all zeros for C ≤ 32); one group normalises over all features of an example
+        like = module.weight if module.affine else module.running_mean
+        norm = nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine)
+        return norm if like is None else norm.to(device=like.device, dtype=like.dtype)
     if isinstance(module, _BATCH_NORMS):
         return _opacus_batch_norm.fix(module)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return _opacus_instance_norm.fix(module)
+        # opacus' fixer clears track_running_stats but keeps the running buffers, which the functional form
+        # then still updates in place (the vmap engine refuses that): a fresh layer without them
+        fresh = type(module)(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                             track_running_stats=False)
+        like = module.weight if module.affine else module.running_mean
+        if like is not None:
+            fresh = fresh.to(device=like.device, dtype=like.dtype)
+        if module.affine:
+            fresh.load_state_dict({"weight": module.weight.detach(), "bias": module.bias.detach()})
+        return fresh
     return module
 
 
 def fix(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with BatchNorm → GroupNorm and InstanceNorm without running stats.
 
-    Uses opacus' module fixers (BatchNorm → GroupNorm with min(32, C) groups). The
-    original model is not modified.
+    BatchNorm2d/3d → GroupNorm with min(32, C) groups (opacus' fixer); BatchNorm1d → GroupNorm(1, C),
+    which is valid on [B, C] inputs too; InstanceNorm → the same layer with track_running_stats=False
+    and no running buffers. The original model is not modified.
     """
     model = copy.deepcopy(model)
     if _problem(model) is not None:

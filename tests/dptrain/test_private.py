@@ -360,3 +360,8 @@ def test_an_optimizer_can_be_attached_to_a_second_run():
     second.attach(_data(), batch_size=20, epochs=1, optimizer=opt)
     second.fit()  # was: PrivacyError from the first run's guard
     assert second.steps == second.plan.planned_steps
+
+
+def test_gdp_accountant_warns_that_it_is_an_approximation():
+    with pytest.warns(UserWarning, match="not an upper bound"):
+        dptrain.make_private(_mlp(), eps=1.0, accountant="gdp")

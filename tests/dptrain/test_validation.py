@@ -44,3 +44,24 @@ def test_supported_models_validate():
     dptrain.validate(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.GroupNorm(1, 3)))
     dptrain.validate(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
     dptrain.validate(nn.LSTM(3, 3))
+
+
+def test_fixed_models_train_privately():
+    """fix() made BatchNorm1d after a Linear a GroupNorm(16, 16) (groups of one value: output 0, refused at
+    attach), and kept InstanceNorm's running buffers (updated in place: refused by the vmap engine)."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(60, 8, generator=g)),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(),
+                       nn.Linear(144, 3)), torch.randn(60, 3, 8, 8, generator=g)),
+    ]
+    for model, x in cases:
+        fixed = dptrain.fix(model)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "running_mean", None) is not None
+                       for m in fixed.modules())
+        priv = dptrain.make_private(fixed, eps=1.0, seed=0)
+        priv.attach(TensorDataset(x, torch.randint(0, 3, (60,), generator=g)), batch_size=20, epochs=1)
+        priv.fit()
+        assert priv.steps == priv.plan.planned_steps
