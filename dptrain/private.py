@@ -44,8 +44,15 @@ class PrivateTraining:
 
     def __init__(self, model: nn.Module, config: PrivacyConfig) -> None:
         validate(model)
-        if not trainable_parameters(model):
+        params = trainable_parameters(model)
+        if not params:
             raise PrivacyConfigError("make_private: the model has no trainable parameters")
+        narrow = sorted({str(p.dtype) for p in params.values() if p.dtype in (torch.bfloat16, torch.float16)})
+        if narrow:
+            raise PrivacyConfigError(
+                f"make_private: trainable parameters in {', '.join(narrow)}: the clipped sums and the noise would be "
+                "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
+                "parameters (model.float()) and train under torch.autocast(device, dtype=torch.bfloat16).")
         self.model, self.config = model, config
         self.plan: TrainingPlan | None = None
         self.ledger = accountants.PrivacyLedger()

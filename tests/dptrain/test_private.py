@@ -365,3 +365,12 @@ def test_an_optimizer_can_be_attached_to_a_second_run():
 def test_gdp_accountant_warns_that_it_is_an_approximation():
     with pytest.warns(UserWarning, match="not an upper bound"):
         dptrain.make_private(_mlp(), eps=1.0, accountant="gdp")
+
+
+def test_half_precision_parameters_and_dict_inputs_get_errors_that_name_the_fix():
+    """A bf16 model was refused as "mixing examples"; a dict of inputs failed inside vmap on its keys."""
+    with pytest.raises(dptrain.PrivacyConfigError, match="autocast"):
+        dptrain.make_private(_mlp().bfloat16(), eps=1.0)
+    with pytest.raises(TypeError, match="tuple / list of tensors"):
+        dptrain.clip_and_sum(_mlp(), nn.CrossEntropyLoss(), {"x": torch.randn(4, 5)}, torch.zeros(4, dtype=torch.long),
+                             1.0)
