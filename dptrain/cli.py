@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:  # bad numbers (σ ≤ 0, δ ∉ (0, 1), …) or a missing file: a usage error
+        parser.exit(2, f"dptrain {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

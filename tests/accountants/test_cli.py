@@ -59,3 +59,18 @@ def test_gdp_is_labelled_an_approximation(capsys):
     assert "approximation" in captured.err
     main(["epsilon", "--sigma", "0.8", "--sample-rate", "0.005", "--steps", "1000", "--delta", "1e-6", "--json"])
     assert json.loads(capsys.readouterr().out)["guarantee"].startswith("upper bound")
+
+
+@pytest.mark.parametrize("argv", [
+    ["epsilon", "--sigma", "0", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"],
+    ["epsilon", "--sigma", "1", "--sample-rate", "2", "--steps", "10", "--delta", "1e-5"],
+    ["calibrate", "--eps", "-1", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "10"],
+    ["report", "/nonexistent/run.json"],
+])
+def test_bad_numbers_and_missing_files_are_usage_errors_not_tracebacks(argv, capsys):
+    from dptrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"dptrain {argv[0]}: error:" in capsys.readouterr().err
