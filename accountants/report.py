@@ -49,6 +49,7 @@ class BudgetReport:
             ("steps", f"{self.steps}{planned}"),
             ("clip norm C", "n/a" if self.max_grad_norm is None else f"{self.max_grad_norm:g}"),
             ("mechanism", self.mechanism),
+            ("neighbours", "add or remove one example; N is public (each step's sum is divided by q·N)"),
             ("μ-GDP (CLT)", f"{self.gdp_mu:.4f}"),
         ]
         if self.clipping is not None:

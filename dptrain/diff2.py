@@ -225,8 +225,10 @@ class Diff2Trainer:
             self.step()
 
     def report(self) -> Diff2Report:
-        neighbours = ("add/remove one example of any client" if self.level == "example"
-                      else "add/remove one client with all its examples")
+        neighbours = ("add/remove one example of any client; the number of examples N is public (updates are "
+                      "divided by N)" if self.level == "example"
+                      else "add/remove one client with all its examples; the number of clients N is public "
+                      "(updates are divided by N)")
         eps = self.epsilon_spent() if self.config.private else math.inf
         return Diff2Report(self.level, neighbours, eps, self.delta, self.rounds_run, self.config, self.units,
                            self.accountant)

@@ -46,7 +46,11 @@ def _calibrate(eps: float, delta: float, sample_rate: float, steps: int, account
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one round released: who took part and the (privatized) mean update."""
+    """One round: the (privatized) mean update, which is what is released, and who took part.
+
+    ``participants`` stays with the server: client-level ε is amplified by the client sampling, which
+    assumes the sample is secret; publishing it voids that amplification (the round then costs the
+    unsampled Gaussian mechanism's ε)."""
 
     round: int
     participants: tuple[int, ...]
@@ -195,7 +199,7 @@ class FederatedTraining:
         return mask.bool()
 
     def run_round(self) -> RoundResult:
-        """One round; returns the released mean update."""
+        """One round; returns its mean update (released) and its participants (server-side only)."""
         self.check_budget()
         cfg = self.config
         mask = self._participants()

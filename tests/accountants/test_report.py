@@ -14,7 +14,7 @@ def _report():
 def test_text_names_every_quantity():
     text = _report().to_text()
     for word in ("ε spent", "2.9900", "δ", "1e-05", "σ", "1.1000", "q", "0.01", "steps", "100 of 100", "prv",
-                 "μ-GDP"):
+                 "μ-GDP", "add or remove one example", "N is public"):
         assert word in text, word
 
 
