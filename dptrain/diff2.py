@@ -106,9 +106,10 @@ class Diff2Trainer:
         if self.ddp is not None:
             ddp.check_model(model)
             ddp.broadcast_module(model)
-            ddp.check_same_on_all_ranks("DIFF2 plans (R, T, C1, C2, z1, z2, lr, δ)",
-                                        [config.rounds, config.refresh_every, config.clip_grad, config.clip_diff,
-                                         config.noise_grad, config.noise_diff, lr, self.delta])
+            ddp.check_same_on_all_ranks("DIFF2 plans (level, R, T, C1, C2, z1, z2, lr, δ)",
+                                        [LEVELS.index(level), config.rounds, config.refresh_every, config.clip_grad,
+                                         config.clip_diff, config.noise_grad, config.noise_diff, lr, self.delta],
+                                        who="distributed DIFF2", how="call make_diff2")
         self.mechanism = Diff2Mechanism(config, seed)
         self.ledger = accountants.PrivacyLedger()
         self.previous: dict[str, torch.Tensor] | None = None

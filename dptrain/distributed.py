@@ -72,7 +72,8 @@ def broadcast_seed(seed: int | None) -> int:
     return int(t.item())
 
 
-def check_same_on_all_ranks(what: str, values: Sequence[float]) -> None:
+def check_same_on_all_ranks(what: str, values: Sequence[float], who: str = "distributed DP-SGD",
+                            how: str = "call make_private and attach") -> None:
     """Raise if ``values`` (dataset size, q, steps, σ, …) differ between ranks."""
     local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -80,9 +81,9 @@ def check_same_on_all_ranks(what: str, values: Sequence[float]) -> None:
     for r, g in enumerate(gathered):
         if not torch.equal(g, gathered[0]):
             raise PrivacyConfigError(
-                f"distributed DP-SGD: {what} differ between ranks (rank 0: {gathered[0].tolist()}, rank {r}: "
-                f"{g.tolist()}). Every rank must call make_private and attach with the same arguments and the "
-                "same (full, global) dataset; the sampler gives each rank its share.")
+                f"{who}: {what} differ between ranks (rank 0: {gathered[0].tolist()}, rank {r}: "
+                f"{g.tolist()}). Every rank must {how} with the same arguments and the "
+                "same (full, global) data; each rank takes its share.")
 
 
 def broadcast_module(model: nn.Module) -> None:
@@ -200,9 +201,14 @@ def check_model(model: nn.Module) -> None:
             "the clipped sums itself")
 
 
-def expected_consistency(n: int, sample_rate: float, steps: int, sigma: float, clip: float) -> None:
-    """All ranks agree on the plan (N, q, T, σ, C) before the first step."""
-    check_same_on_all_ranks("the training plans (N, q, steps, σ, C)", [n, sample_rate, steps, sigma, clip])
+def expected_consistency(n: int, sample_rate: float, steps: int, sigma: float, clip: float,
+                         target_eps: float | None = None, delta: float | None = None) -> None:
+    """All ranks agree on the plan (N, q, T, σ, C, target ε, δ) before the first step."""
+    nan = float("nan")
+    values = [n, sample_rate, steps, sigma, clip, -1.0 if target_eps is None else target_eps,
+              nan if delta is None else delta]
+    check_same_on_all_ranks("the training plans (N, q, steps, σ, C, target ε, δ)",
+                            [0.0 if v != v else v for v in values])
     if not math.isfinite(sigma):
         raise PrivacyConfigError(f"distributed DP-SGD: noise multiplier {sigma} is not finite")
 

@@ -117,7 +117,8 @@ class PrivateTraining:
             self.loss_fn = loss_fn
         mechanism: NoiseMechanism = self.mechanism
         if ddp is not None:  # rank 0 adds the noise, one all-reduce of the sums; each rank its share
-            ddp.expected_consistency(n, sample_rate, steps, self.plan.noise_multiplier, self.clipping.sensitivity)
+            ddp.expected_consistency(n, sample_rate, steps, self.plan.noise_multiplier, self.clipping.sensitivity,
+                                     self.config.eps, self.plan.delta)
             sampler, mechanism = ddp.ShardedSampler(sampler, ddp.rank(), ddp.world_size()), ddp.DistributedNoise(
                 mechanism)
         self._trainable_ids = {id(p) for p in trainable_parameters(self.model).values()}

@@ -33,8 +33,8 @@ from ..lora import lora_layers
 from ..private import default_delta
 from ..validation import validate
 from .client import Client, client_seed
-from .comm import LocalComm
-from .config import FederatedConfig
+from .comm import DistributedComm, LocalComm
+from .config import ALGORITHMS, DP_UNITS, FederatedConfig
 from .server import clip_update, fedsvd_refactor_model, orthonormalize_adapters, server_noise
 
 
@@ -108,8 +108,21 @@ class FederatedTraining:
         # every rank starts from rank 0's model (frozen base and A included)
         self.comm.broadcast([p.data for p in model.parameters()] + [b.data for b in model.buffers()])
         self.round = 0
+        self._resumed = False  # set by load_state_dict: σ and ledgers from a checkpoint
         self.server_ledger = accountants.PrivacyLedger()
         self.delta = self._delta(clients)
+        if isinstance(self.comm, DistributedComm):  # every rank must run the same plan (its clip norm, σ, q, …)
+            from .. import distributed as ddp
+
+            c = config
+            ddp.check_same_on_all_ranks(
+                "federated plans (algorithm, dp, target ε, δ, rounds, local steps, batch, lr, max_norm, client rate, "
+                "σ, server lr, accountant, clients)",
+                [ALGORITHMS.index(c.algorithm), DP_UNITS.index(c.dp), -1.0 if c.eps is None else c.eps, self.delta,
+                 c.rounds, c.local_steps, c.batch_size, c.lr, c.max_norm, c.client_rate,
+                 -1.0 if c.noise_multiplier is None else c.noise_multiplier, c.server_lr,
+                 accountants.ACCOUNTANTS.index(c.accountant) if c.accountant in accountants.ACCOUNTANTS else -1.0,
+                 self.num_clients], who="federated training", how="call make_federated")
         sigma = self._server_sigma()
         self.server_mechanism = (GaussianMechanism(sigma, config.max_norm, client_seed(config.seed, -1, 1))
                                  if config.dp == "client" else None)
@@ -175,8 +188,8 @@ class FederatedTraining:
         cfg = self.config
         if not cfg.private or cfg.eps is None:
             return
-        if cfg.noise_multiplier is None and self.round < cfg.rounds:
-            return  # calibrated: the planned rounds spend at most ε
+        if cfg.noise_multiplier is None and self.round < cfg.rounds and not self._resumed:
+            return  # calibrated: the planned rounds spend at most ε (a checkpoint's σ may be of another plan)
         if cfg.dp == "client":
             nxt = self.server_ledger.epsilon_if(self._server_event(), self.delta, cfg.accountant)
         else:
@@ -260,6 +273,7 @@ class FederatedTraining:
         if missing:
             raise PrivacyConfigError(f"load_state_dict: the checkpoint has no state for clients {sorted(missing)}")
         self.model.load_state_dict(state["model"])
+        self._resumed = True  # σ and ledgers now come from the checkpoint: every round is checked against them
         self.round = int(state["round"])
         self._participation.set_state(state["participation"])
         self.server_ledger.load_state_dict(state["server_ledger"])

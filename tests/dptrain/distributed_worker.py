@@ -58,6 +58,34 @@ def diff2_run(clients, model_seed: int) -> dptrain.diff2.Diff2Trainer:
     return trainer
 
 
+def mismatches_refused(rank: int, world: int) -> dict[str, bool]:
+    """Per kind of run, whether a plan that differs between ranks raised PrivacyConfigError on this rank."""
+    from dptrain.errors import PrivacyConfigError
+    from dptrain.federated import make_federated
+    from dptrain.federated.comm import DistributedComm
+
+    x, y = data().tensors
+    clients = [TensorDataset(x[i::6], y[i::6]) for i in range(6)]
+    runs = {
+        "federated clip norm": lambda: make_federated(
+            model(0), {k: clients[k] for k in range(rank, 6, world)}, eps=None, comm=DistributedComm(), dp="client",
+            num_clients=6, noise_multiplier=1.0, max_norm=1.0 if rank == 0 else 100.0, client_rate=0.5, rounds=2,
+            local_steps=1, batch_size=5, lr=0.1, seed=1),
+        "diff2 level": lambda: make_diff2(model(0), diff2_clients()[rank::world], eps=2.0, rounds=4, refresh_every=2,
+                                          level="example" if rank == 0 else "client", seed=3),
+        "dpsgd target eps": lambda: dptrain.make_private(model(0), eps=3.0 if rank == 0 else 100.0, noise_multiplier=1.0,
+                                                         delta=1e-3, seed=1).attach(data(), batch_size=BATCH, steps=STEPS),
+    }
+    out = {}
+    for name, run in runs.items():
+        try:
+            run()
+            out[name] = False
+        except PrivacyConfigError:
+            out[name] = True
+    return out
+
+
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -93,6 +121,8 @@ def main() -> None:
     trainer = diff2_run(diff2_clients()[rank::world], model_seed=rank)
     result["diff2_params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     result["diff2_epsilon"] = trainer.epsilon_spent()
+    # 6. ranks that disagree on the plan are refused before any round / step (each check is collective)
+    result["refused"] = mismatches_refused(rank, world)
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

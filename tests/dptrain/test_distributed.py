@@ -83,6 +83,13 @@ def test_diff2_across_ranks_equals_simulated_clients(ranks):
         assert r["diff2_epsilon"] == single.epsilon_spent()
 
 
+def test_ranks_that_disagree_on_the_plan_are_refused(ranks):
+    """A federated clip norm (rank 1 clipped at 100 under noise for 1), a DIFF2 level, a DP-SGD target ε that
+    differ between ranks ran (or crashed in a collective later) instead of being refused."""
+    for r in ranks:
+        assert r["refused"] == {"federated clip norm": True, "diff2 level": True, "dpsgd target eps": True}
+
+
 def test_distributed_true_without_process_group_is_refused():
     priv = dptrain.make_private(worker.model(0), noise_multiplier=1.0, eps=None, distributed=True)
     with pytest.raises(dptrain.PrivacyConfigError, match="init_process_group"):

@@ -187,3 +187,23 @@ def test_bad_configuration_is_refused():
         make_federated(lora_model(), clients(k=2), eps=3.0, noise_multiplier=0.0)
     with pytest.raises(dptrain.PrivacyConfigError, match="num_clients"):
         make_federated(lora_model(), {0: clients(k=1)[0], 5: clients(k=1)[0]}, num_clients=3)
+
+
+@pytest.mark.parametrize("dp", ["client", "example"])
+def test_resuming_a_shorter_plan_cannot_overspend(dp):
+    """A checkpoint's σ was calibrated for 4 rounds; loaded into an 8-round run with the same target, every round
+    was let through ("calibrated") and ε ended at 3.02 (client) / 2.67 (example) against 2.0."""
+    def data(k):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(20, 4, generator=g)
+        return TensorDataset(x, (x[:, 0] > 0).long())
+
+    parts = [data(k) for k in range(20)]
+    kw = dict(dp=dp, local_steps=1, batch_size=5, lr=0.1, seed=1, accountant="rdp", delta=1e-3)
+    short = make_federated(nn.Linear(4, 2), parts, eps=2.0, rounds=4, **kw)
+    short.fit()
+    long = make_federated(nn.Linear(4, 2), parts, eps=2.0, rounds=8, **kw)
+    long.load_state_dict(short.state_dict())
+    with pytest.raises(dptrain.BudgetExceededError):
+        long.fit()
+    assert long.epsilon_spent() <= 2.0
