@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Collection
 
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 
 from .engine import trainable_parameters
@@ -27,15 +28,16 @@ def _kind(m: nn.Module, hooks_ok: bool = False) -> str:
     """How a module's per-example gradients are formed: a closed form, or 'generic' (vmap(vjp)).
 
     Closed forms need the stock forward acting on the module's own ``weight`` / ``bias``
-    Parameters: a forward pre-hook (old-style weight_norm) or other own parameters mean generic,
+    Parameters: a forward pre-hook (old-style weight_norm), a forward hook (it may change the output,
+    e.g. ``out * 2``) or other own parameters mean generic (vmap(vjp) of the module, hooks included),
     unless ``hooks_ok`` (the caller knows its pre-hooks leave the call as it is).
     A stock nn.MultiheadAttention is 'attention' (:mod:`dptrain.ghost_attention`).
     """
     if is_plain_attention(m):
         return "attention"
     own = {k for k, p in m.named_parameters(recurse=False) if p.requires_grad}
-    if (m._forward_pre_hooks and not hooks_ok) or not own <= {"weight", "bias"}:
-        return "generic"
+    if (m._forward_pre_hooks and not hooks_ok) or m._forward_hooks or not own <= {"weight", "bias"}:
+        return "generic"  # a forward hook may change the output: the closed forms assume the layer's own
     for cls, kind in _KNOWN.items():
         if isinstance(m, cls) and type(m).forward is cls.forward:
             if kind == "conv" and type(m)._conv_forward is not cls._conv_forward:
@@ -89,14 +91,15 @@ class Plan:
 def plan_key(model: nn.Module) -> tuple:
     """What :meth:`Plan.of` reads from a model: while the key is unchanged, a plan of it stays valid.
 
-    Per module: identity, class, an instance-level ``forward``, training flag, forward pre-hooks,
-    its own parameters (identity, requires_grad), and the settings that decide its path (an
+    Global forward hooks; per module: identity, class, an instance-level ``forward``, training flag, forward
+    pre-hooks and hooks, its own parameters (identity, requires_grad), and the settings that decide its path (an
     Embedding's / EmbeddingBag's max_norm, sparse, scale_grad_by_freq and mode; whether a BatchNorm
     tracks running statistics).
     """
-    out: list = []
+    out: list = [tuple(_global_forward_hooks), tuple(_global_forward_pre_hooks)]
     for m in model.modules():
-        out += (id(m), type(m), "forward" in m.__dict__, m.training, tuple(m._forward_pre_hooks))
+        out += (id(m), type(m), "forward" in m.__dict__, m.training, tuple(m._forward_pre_hooks),
+                tuple(m._forward_hooks))
         for p in m._parameters.values():
             if p is not None:
                 out += (id(p), p.requires_grad)
@@ -133,6 +136,8 @@ def ghost_supported(model: nn.Module) -> bool:
 
 
 def _supported(owners: dict[str, nn.Module]) -> bool:
+    if _global_forward_hooks or _global_forward_pre_hooks:  # they act on every module, the recorder's view too
+        return False
     for m in owners.values():
         if isinstance(m, nn.RNNBase) or parametrize.is_parametrized(m):
             return False

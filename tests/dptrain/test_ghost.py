@@ -496,3 +496,22 @@ def test_outputs_are_recorded_as_edges_and_freed_and_in_place_activations_need_n
         loss = LOSS(net(x), y)
     assert seen[0]() is None  # freed although recorded
     assert isinstance(rec.calls["0"][0].outputs[0], Output) and loss.grad_fn is not None
+
+
+def test_forward_hooks_that_change_an_output_are_taken_into_account():
+    """A layer's forward hook (out * 2) made the fast path clip and sum half the true gradient; a global hook
+    acts on every module, so the fast path refuses while one is registered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    handle = model[0].register_forward_hook(lambda mod, inp, out: out * 2.0)
+    for clip in (1e6, 0.5):
+        assert_same(ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(clip)),
+                    clip_and_sum(model, LOSS, x, y, ClippingConfig(clip), method="vmap"))
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: None)
+    try:
+        assert ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(1.0)) is None
+    finally:
+        handle.remove()
+    assert ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(1.0)) is not None
