@@ -55,6 +55,16 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged weight W + s·B A, for code that reads ``linear.weight`` instead of calling the layer
+        (nn.TransformerEncoderLayer's inference fast path does)."""
+        return self.base.weight + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def delta_weight(self) -> torch.Tensor:
         """The adapter's weight update s · B A (out × in)."""
         return self.scaling * self.lora_B.weight @ self.lora_A.weight
@@ -70,6 +80,7 @@ class LoRALinear(nn.Module):
             out.weight.copy_(self.base.weight + self.delta_weight())
             if self.base.bias is not None:
                 out.bias.copy_(self.base.bias)
+        out.requires_grad_(self.base.weight.requires_grad)  # frozen like the base it replaces
         return out
 
     def extra_repr(self) -> str:
@@ -101,9 +112,10 @@ def add_lora(model: nn.Module, rank: int, scaling: float = 1.0,
                              f"linear layers are {sorted(names)}")
         target = lambda name, _m: name in wanted  # noqa: E731
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    chosen = []
+    if type(model) is nn.Linear:
+        raise ValueError("add_lora: the model is a bare nn.Linear; adapters replace child layers, so wrap it "
+                         "(e.g. nn.Sequential(linear)) or use LoRALinear(linear, rank) directly")
+    picked = []  # chosen before anything is frozen: a model with nothing to adapt is left as it was
     for name, parent in list(model.named_modules()):
         if isinstance(parent, LoRALinear) or _in_attention(parent):
             continue
@@ -111,11 +123,15 @@ def add_lora(model: nn.Module, rank: int, scaling: float = 1.0,
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is not nn.Linear or (target is not None and not target(full, child)):
                 continue
-            setattr(parent, child_name, LoRALinear(child, rank, scaling, generator))
-            chosen.append(full)
-    if not chosen:
-        raise ValueError("add_lora: no nn.Linear layer was adapted (the model has none, or target matched none)")
-    return chosen
+            picked.append((parent, child_name, child, full))
+    if not picked:
+        raise ValueError("add_lora: no nn.Linear layer to adapt (the model has none outside attention and "
+                         "existing adapters, or target matched none)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, child_name, child, _ in picked:
+        setattr(parent, child_name, LoRALinear(child, rank, scaling, generator))
+    return [full for *_, full in picked]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

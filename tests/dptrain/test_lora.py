@@ -86,3 +86,31 @@ def test_make_private_trains_only_the_adapters():
             assert torch.equal(p, frozen[k]), f"frozen {k} changed"
         else:
             assert not torch.equal(p, adapters[k]), f"adapter {k} did not train"
+
+
+def test_an_adapted_encoder_layer_runs_in_eval_mode_with_its_adapters():
+    """nn.TransformerEncoderLayer's inference fast path reads linear1.weight: it raised AttributeError on an
+    adapted layer; the merged weight W + s·B A gives the train-mode output."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    add_lora(layer, rank=2)
+    for lin in (layer.linear1, layer.linear2):
+        nn.init.normal_(lin.lora_B.weight)
+    x = torch.randn(3, 5, 16)
+    want = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_add_lora_leaves_a_model_with_nothing_to_adapt_as_it_was_and_merge_keeps_layers_frozen():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    add_lora(model, rank=1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="no nn.Linear layer to adapt"):
+        add_lora(model, rank=1)  # already adapted: it froze the adapters before failing
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+    with pytest.raises(ValueError, match="bare nn.Linear"):
+        add_lora(nn.Linear(4, 2), rank=1)
+    merge_lora(model)
+    assert not any(p.requires_grad for p in model.parameters())  # merged layers were trainable again
