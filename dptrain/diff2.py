@@ -254,6 +254,9 @@ def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None
         t = torch.tensor([float(units)], dtype=torch.float64)
         units = int(round(ddp.all_reduce_sums([t])[0].item()))
     delta = delta if delta is not None else default_delta(max(units, 1))
+    if (noise_grad is None) != (noise_diff is None):
+        raise PrivacyConfigError(f"make_diff2: give both noise_grad and noise_diff, or neither (calibrated to eps); "
+                                 f"got noise_grad={noise_grad}, noise_diff={noise_diff}")
     if noise_grad is None or noise_diff is None:
         if eps is None:
             raise PrivacyConfigError("make_diff2: give a target eps, or both noise_grad and noise_diff")

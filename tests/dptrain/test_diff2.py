@@ -159,3 +159,10 @@ def test_partly_noised_configuration_is_refused_when_eps_is_asked_and_spends_inf
     assert run.epsilon_spent() == 0.0
     run.fit()
     assert run.epsilon_spent() == float("inf") and run.report().epsilon == float("inf")
+
+
+def test_one_noise_alone_is_refused_not_recalibrated():
+    from dptrain.errors import PrivacyConfigError
+
+    with pytest.raises(PrivacyConfigError, match="both noise_grad and noise_diff"):
+        make_diff2(model(), clients(), eps=3.0, rounds=10, refresh_every=5, noise_grad=50.0)  # ran with z1 = 1.17
