@@ -17,6 +17,10 @@ ACCOUNTANTS = accountants.ACCOUNTANTS  # ("prv", "pld", "rdp", "gdp")
 CLIPPINGS = ("flat", "per-layer") + ADAPTIVE_CLIPPINGS
 
 
+#: per-example gradient engines make_private can be told to use (clip_and_sum's method)
+ENGINES = ("auto", "vmap", "loop")
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """What the user asked for (``make_private`` arguments)."""
@@ -31,8 +35,14 @@ class PrivacyConfig:
     chunk_size: int | None
     seed: int | None
     bands: int | None = None
+    engine: str = "auto"  # clip_and_sum's method: "auto" (fast path where it covers the model), "vmap", "loop"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise PrivacyConfigError(f"make_private: unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.engine != "auto" and self.mechanism == "lazy":
+            raise PrivacyConfigError("make_private: mechanism='lazy' has its own sparse clipping; engine= applies "
+                                     "to the dense mechanisms")
         if self.eps is None and self.noise_multiplier is None:
             raise PrivacyConfigError("make_private: give a target eps (e.g. eps=3) or a noise_multiplier")
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):

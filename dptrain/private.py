@@ -254,7 +254,8 @@ class PrivateTraining:
                     f"per-example gradients cannot be computed for this model ({type(exc).__name__}: {exc}). "
                     "Check that forward() does not mix examples (no BatchNorm, no in-place ops on inputs, "
                     "no .item() calls) and that the loss_fn takes (output, target).") from exc
-            fast = ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping)
+            fast = (ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping) if self.config.engine == "auto"
+                    else None)  # engine="vmap" / "loop": the fast path is not used, the losses are compared
         finally:
             self.model.train(was_training)
         fix = ("so per-example clipping would not bound each example's influence. Remove batch-level operations "
@@ -353,7 +354,7 @@ class PrivateTraining:
         self._check_trainable(plan.trainable)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                             chunk_size=self.config.chunk_size, plan=plan)
+                             chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
         assert self.optimizer is not None
         if self.optimizer.armed:
             raise PrivacyError(
@@ -466,7 +467,7 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
                  max_grad_norm: float = 1.0, mechanism: str = "dpsgd", accountant: str = "prv",
                  clipping: str = "flat", noise_multiplier: float | None = None,
                  chunk_size: int | None = None, seed: int | None = None,
-                 bands: int | None = None, distributed: bool | None = None) -> PrivateTraining:
+                 bands: int | None = None, distributed: bool | None = None, engine: str = "auto") -> PrivateTraining:
     """Make training of ``model`` (ε, δ)-differentially private.
 
     The model stays the same object (no wrapper, no renamed state dict). Call
@@ -482,9 +483,12 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     (:mod:`dptrain.adaptive`).
     ``distributed``: data-parallel DP-SGD over ``torch.distributed`` ranks (:mod:`dptrain.distributed`);
     ``None`` turns it on when a process group with more than one rank is initialised at ``attach``.
+    ``engine``: ``"auto"`` (the book-keeping fast path where it covers the model, else vmap), or ``"vmap"`` /
+    ``"loop"`` always — for a model whose ``forward`` reorders examples depending on the data, which the fast
+    path assumes it does not.
     """
     config = PrivacyConfig(eps, delta, float(max_grad_norm), mechanism, accountant, clipping,
-                           noise_multiplier, chunk_size, seed, bands)
+                           noise_multiplier, chunk_size, seed, bands, engine)
     if accountant == "gdp" and eps is not None:
         warnings.warn("accountant='gdp' is the central-limit approximation of Gaussian DP, not an upper bound: "
                       f"the budget ε={eps} it enforces can be exceeded under exact accounting (by several times "
@@ -492,7 +496,8 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
                       stacklevel=2)
     from .lazy import LazyPrivateTraining, wants_lazy
 
-    lazy = mechanism == "lazy" or (mechanism == "dpsgd" and adaptive_settings(clipping) is None and wants_lazy(model))
+    lazy = mechanism == "lazy" or (mechanism == "dpsgd" and adaptive_settings(clipping) is None and engine == "auto"
+                                   and wants_lazy(model))
     priv = LazyPrivateTraining(model, config) if lazy else PrivateTraining(model, config)
     priv.distributed = distributed
     return priv

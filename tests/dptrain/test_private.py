@@ -374,3 +374,28 @@ def test_half_precision_parameters_and_dict_inputs_get_errors_that_name_the_fix(
     with pytest.raises(TypeError, match="tuple / list of tensors"):
         dptrain.clip_and_sum(_mlp(), nn.CrossEntropyLoss(), {"x": torch.randn(4, 5)}, torch.zeros(4, dtype=torch.long),
                              1.0)
+
+
+def test_engine_vmap_trains_without_the_fast_path(monkeypatch):
+    """For a forward that reorders examples depending on the data (the fast path assumes it does not)."""
+    import dptrain.ghost
+
+    class SortByNorm(nn.Module):  # sorts the batch, then restores its order: per example, the same function
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.Linear(5, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            order = torch.argsort(x.norm(dim=1))
+            return self.head(torch.tanh(self.enc(x[order]))[torch.argsort(order)])
+
+    with pytest.raises(dptrain.PrivacyConfigError, match="unknown engine"):
+        dptrain.make_private(SortByNorm(), eps=1.0, engine="ghost")
+    calls = []
+    real = dptrain.ghost.ghost_clip_and_sum
+    monkeypatch.setattr(dptrain.ghost, "ghost_clip_and_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = SortByNorm()
+    priv = dptrain.make_private(model, eps=1.0, seed=0, engine="vmap")
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    priv.fit()
+    assert priv.steps == priv.plan.planned_steps and not calls
