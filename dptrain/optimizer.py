@@ -37,7 +37,6 @@ class DPOptimizer(torch.optim.Optimizer):
         if len(stray) == len(self.params):
             raise ValueError("DPOptimizer: the optimizer holds none of the model's trainable parameters; "
                              "build it from model.parameters()")
-        self.param_ids = {id(p) for p in self.params}
         #: set by a PrivateTraining run: (before, after) a public ``step()`` — check that the gradients are the
         #: clipped sums of ``priv.backward`` and that the budget allows a step; record the step in the ledger
         self.on_public_step: tuple[Callable[[], None], Callable[[], None]] | None = None

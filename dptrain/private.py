@@ -352,15 +352,15 @@ class PrivateTraining:
         plan = current_plan(self.model)  # one look at the model's structure for the whole step
         params = plan.params
         self._check_trainable(plan.trainable)
-        inputs, targets = self._to_device(inputs, targets, params=params)
-        batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                             chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
         assert self.optimizer is not None
         if self.optimizer.armed:
             raise PrivacyError(
                 "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
                 "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
                 "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
+        inputs, targets = self._to_device(inputs, targets, params=params)
+        batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
+                             chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
         for name, p in params.items():
             p.grad = batch.sums[name]
         self.optimizer.arm()
