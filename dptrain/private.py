@@ -451,6 +451,17 @@ class PrivateTraining:
                 f"load_state_dict: checkpoint was trained with N={saved.dataset_size}, q={saved.sample_rate}, "
                 f"δ={saved.delta:g}, this run has N={plan.dataset_size}, q={plan.sample_rate}, δ={plan.delta:g}; "
                 "attach the same dataset and batch size before loading")
+        # Resuming continues the same run: its clip norm, target, mechanism, accountant and plan (σ, steps). A
+        # checkpoint of another run would bring its σ·C noise, its budget check or its tables' σ into this one.
+        mine = asdict(self.config)
+        theirs = state.get("config", {})
+        differ = sorted(k for k in mine if k not in RESUME_FREE and theirs.get(k, mine[k]) != mine[k])
+        if "config" not in state or differ or asdict(saved) != asdict(plan):
+            what = ", ".join(f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in differ) or (
+                f"plan {asdict(saved)} (this run: {asdict(plan)})")
+            raise PrivacyConfigError(
+                f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
+                "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
         self.plan = saved
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -461,6 +472,10 @@ class PrivateTraining:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+
+#: make_private arguments a resumed run may change (memory and compute, not privacy)
+RESUME_FREE = ("chunk_size", "engine", "seed")  # seed: the checkpoint carries the RNG states
 
 
 def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None = None,

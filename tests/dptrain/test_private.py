@@ -294,11 +294,10 @@ def test_a_checkpoint_of_a_run_with_a_larger_target_cannot_train_past_this_targe
     model2 = _mlp()
     small = dptrain.make_private(model2, eps=1.0)
     small.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model2))
-    small.load_state_dict(big.state_dict())
     before = [p.detach().clone() for p in model2.parameters()]
-    with pytest.raises(dptrain.BudgetExceededError):
-        small.fit()  # ran all 30 steps to ε = 7.97
-    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))
+    with pytest.raises(dptrain.PrivacyConfigError, match="another run"):
+        small.load_state_dict(big.state_dict())  # it ran all 30 steps to ε = 7.97
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters())) and small.steps == 0
 
 
 def test_unfreezing_or_freezing_a_layer_after_attach_is_refused():
@@ -399,3 +398,29 @@ def test_engine_vmap_trains_without_the_fast_path(monkeypatch):
     priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
     priv.fit()
     assert priv.steps == priv.plan.planned_steps and not calls
+
+
+def _resumable(eps=3.0, epochs=2, clip=1.0, **kw):
+    torch.manual_seed(0)
+    priv = dptrain.make_private(_mlp(), eps=eps, seed=1, max_grad_norm=clip, **kw)
+    priv.attach(_data(64), batch_size=16, epochs=epochs, lr=0.1)
+    return priv
+
+
+@pytest.mark.parametrize("saved,loading", [
+    (dict(clip=0.1), dict(clip=1.0)),  # the loaded mechanism noised at σ·0.1 while clipping at 1.0
+    (dict(eps=8.0, clipping="quantile"), dict(eps=1.0, clipping="quantile")),  # trained on to ε 7.97 (target 1)
+    (dict(eps=8.0, clipping="rldp"), dict(eps=1.0, clipping="rldp")),
+    (dict(eps=8.0, mechanism="banded-mf"), dict(eps=1.0, mechanism="banded-mf")),
+    (dict(clipping="quantile"), dict(clipping="rldp")),  # a bare KeyError after half the state was loaded
+    (dict(epochs=4), dict(epochs=1)),  # another plan: another σ (lazy tables kept this run's)
+])
+def test_a_checkpoint_of_another_run_is_refused_before_anything_is_loaded(saved, loading):
+    first = _resumable(**saved)
+    for _ in range(3):
+        first.step(first.loader.batch(first.loader.sampler.sample()))
+    second = _resumable(**loading)
+    before = [p.detach().clone() for p in second.model.parameters()]
+    with pytest.raises(dptrain.PrivacyConfigError, match="another run"):
+        second.load_state_dict(first.state_dict())
+    assert second.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, second.model.parameters()))
