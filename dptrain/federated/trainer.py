@@ -268,7 +268,20 @@ class FederatedTraining:
                 "clients": {k: c.state_dict() for k, c in self.clients.items()}, "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a run: budgets already spent are restored, never reset."""
+        """Continue a run: budgets already spent are restored, never reset.
+
+        The checkpoint must come from a run with the same privacy settings (unit, clip norm, client rate,
+        noise, target, δ, accountant, algorithm, local steps and batch); only the seed, the learning rates and
+        the number of rounds may differ (every resumed round is checked against the restored ledgers).
+        """
+        mine, theirs = asdict(self.config), state.get("config", {})
+        differ = sorted(k for k in mine if k not in ("seed", "rounds", "lr", "server_lr") and theirs.get(k) != mine[k])
+        if differ:
+            raise PrivacyConfigError(
+                "load_state_dict: the checkpoint is of a run with other privacy settings: "
+                + ", ".join(f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in differ)
+                + ". Resume with the same make_federated arguments (a changed unit or clip norm would restart or "
+                "misstate the budget).")
         missing = set(self.clients) - set(state["clients"])
         if missing:
             raise PrivacyConfigError(f"load_state_dict: the checkpoint has no state for clients {sorted(missing)}")

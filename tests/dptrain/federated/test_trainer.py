@@ -207,3 +207,23 @@ def test_resuming_a_shorter_plan_cannot_overspend(dp):
     with pytest.raises(dptrain.BudgetExceededError):
         long.fit()
     assert long.epsilon_spent() <= 2.0
+
+
+@pytest.mark.parametrize("saved,loading", [
+    (dict(dp="none", eps=None), dict(dp="example")),  # 2 non-private rounds, then ε reported as 2.99
+    (dict(dp="example"), dict(dp="client")),  # the client-level ledger started empty
+    (dict(dp="client", max_norm=0.1), dict(dp="client", max_norm=1.0)),  # server noise σ·0.1 under clipping at 1
+])
+def test_a_checkpoint_with_other_privacy_settings_is_refused(saved, loading):
+    def fed(**kw):
+        torch.manual_seed(0)
+        opts = dict(rounds=4, local_steps=2, batch_size=8, seed=3, eps=3.0)
+        opts.update(kw)
+        return make_federated(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), parts, **opts)
+
+    g = torch.Generator().manual_seed(0)
+    parts = [TensorDataset(torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)) for _ in range(4)]
+    first = fed(**saved)
+    first.fit(2)
+    with pytest.raises(dptrain.PrivacyConfigError, match="other privacy settings"):
+        fed(**loading).load_state_dict(first.state_dict())
