@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -224,6 +224,30 @@ class Diff2Trainer:
     def fit(self, rounds: int | None = None) -> None:
         for _ in range(self.config.rounds - self.rounds_run if rounds is None else rounds):
             self.step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the one that saved the checkpoint."""
+        return {"config": asdict(self.config), "level": self.level, "lr": self.lr, "units": self.units,
+                "delta": self.delta, "accountant": self.accountant}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, round, estimator and noise streams, ledger, and x_{t−1} (for the next difference)."""
+        return {"model": self.model.state_dict(), "mechanism": self.mechanism.state_dict(),
+                "ledger": self.ledger.state_dict(), "settings": self._settings(),
+                "previous": None if self.previous is None else {k: v.clone() for k, v in self.previous.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run: the budget already spent is restored, never reset (same settings required)."""
+        if state.get("settings") != self._settings():
+            raise PrivacyConfigError(f"DIFF2 load_state_dict: the checkpoint is of another run ({state.get('settings')}; "
+                                     f"this run: {self._settings()}); resume with the same make_diff2 arguments "
+                                     "and clients")
+        self.model.load_state_dict(state["model"])
+        self.mechanism.load_state_dict(state["mechanism"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.previous = state["previous"]
+        self._cache = self._fresh = None  # g_u(x_{t−1}) is recomputed from ``previous``
 
     def report(self) -> Diff2Report:
         neighbours = ("add/remove one example of any client; the number of examples N is public (updates are "

@@ -166,3 +166,30 @@ def test_one_noise_alone_is_refused_not_recalibrated():
 
     with pytest.raises(PrivacyConfigError, match="both noise_grad and noise_diff"):
         make_diff2(model(), clients(), eps=3.0, rounds=10, refresh_every=5, noise_grad=50.0)  # ran with z1 = 1.17
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run():
+    """DIFF2 had no checkpoint: the mechanism state alone resumed with ε spent 0 and no previous iterate."""
+    import io
+
+    from dptrain.errors import PrivacyConfigError
+
+    def run():
+        return make_diff2(model(), clients(), eps=3.0, rounds=6, refresh_every=3, lr=0.5, seed=5)
+
+    whole = run()
+    whole.fit()
+    first = run()
+    first.fit(4)  # stop after a difference round
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = run()
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    assert resumed.rounds_run == 4 and resumed.epsilon_spent() == first.epsilon_spent() > 0
+    resumed.fit()
+    torch.testing.assert_close(params(resumed.model), params(whole.model), rtol=0, atol=1e-12)
+    assert resumed.epsilon_spent() == whole.epsilon_spent()
+    other = make_diff2(model(), clients(), eps=3.0, rounds=6, refresh_every=3, lr=0.5, clip_grad=0.5, seed=5)
+    with pytest.raises(PrivacyConfigError, match="another run"):
+        other.load_state_dict(first.state_dict())
