@@ -70,16 +70,19 @@ def _example_sq_norms(g: torch.Tensor) -> torch.Tensor:
 
 def clip_factors(grads: Mapping[str, torch.Tensor], config: ClippingConfig) -> dict[str, torch.Tensor]:
     """Per-example scale factors min(1, C/‖g_i‖) (0 for non-finite gradients), per parameter."""
+    if not grads:
+        raise ValueError("clip_factors: no per-example gradients (the model has no trainable parameters)")
     sq = {k: _example_sq_norms(g) for k, g in grads.items()}
+    tiny = max(torch.finfo(g.dtype).tiny for g in grads.values())  # the factors are applied in the gradients' dtype
     if config.thresholds is None:
         norm = torch.sqrt(sum(sq.values()))
-        f = _factor(norm, config.max_grad_norm)
+        f = _factor(norm, config.max_grad_norm, tiny=tiny)
         return {k: f for k in grads}
     missing = set(grads) - set(config.thresholds)
     if missing:
         raise ValueError(f"per-layer clipping has no threshold for parameters {sorted(missing)}; "
                          "pass one threshold per trainable parameter or use flat clipping")
-    return {k: _factor(torch.sqrt(sq[k]), config.thresholds[k]) for k in grads}
+    return {k: _factor(torch.sqrt(sq[k]), config.thresholds[k], tiny=torch.finfo(grads[k].dtype).tiny) for k in grads}
 
 
 #: factors below float32's smallest normal number are 0: as a float32 (or bf16) subnormal, C/‖g‖ ≈ 1e-45 would
@@ -88,12 +91,13 @@ def clip_factors(grads: Mapping[str, torch.Tensor], config: ClippingConfig) -> d
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _factor(norm: torch.Tensor, c: float, finite: bool = False) -> torch.Tensor:
+def _factor(norm: torch.Tensor, c: float, finite: bool = False, tiny: float = _TINY) -> torch.Tensor:
     """min(1, c/(norm + 1e-6)), and 0 where norm is not finite (c/inf = 0; NaN propagates, then → 0) or where
-    the factor is below float32's normal range (``_TINY``). ``finite``: the caller knows every norm is finite
+    the factor is below the normal range of the dtype it is applied in (``tiny``: float32's by default, the
+    fast path's; the gradients' own on the vmap engine). ``finite``: the caller knows every norm is finite
     (no NaN to replace)."""
     f = (norm + _EPS).reciprocal_().mul_(c).clamp_(max=1.0)
-    f = f.masked_fill_(f < _TINY, 0.0)
+    f = f.masked_fill_(f < tiny, 0.0)
     return f if finite else f.nan_to_num_(nan=0.0)
 
 

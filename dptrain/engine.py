@@ -23,7 +23,7 @@ Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: modules whose kernels have no vmap batching rule; they go through the loop path
-_LOOP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+_LOOP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -60,6 +60,11 @@ def iter_chunks(inputs: Inputs, targets: torch.Tensor, chunk_size: int | None
     """Split a batch into consecutive chunks of at most ``chunk_size`` examples."""
     xs = _as_tuple(inputs)
     n = int(targets.shape[0])
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (examples per chunk) or None, got {chunk_size}")
+    bad = [tuple(x.shape) for x in xs if x.dim() == 0 or x.shape[0] != n]
+    if bad:
+        raise ValueError(f"every input must have one row per target ({n} targets), got inputs of shapes {bad}")
     step = n if not chunk_size or chunk_size >= n else chunk_size
     if step == n:  # one chunk: the batch as it is (no slicing)
         if n:

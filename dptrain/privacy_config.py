@@ -38,6 +38,8 @@ class PrivacyConfig:
     engine: str = "auto"  # clip_and_sum's method: "auto" (fast path where it covers the model), "vmap", "loop"
 
     def __post_init__(self) -> None:
+        if self.chunk_size is not None and (int(self.chunk_size) != self.chunk_size or self.chunk_size < 1):
+            raise PrivacyConfigError(f"make_private: chunk_size must be a positive integer or None, got {self.chunk_size}")
         if self.engine not in ENGINES:
             raise PrivacyConfigError(f"make_private: unknown engine {self.engine!r}; choose one of {ENGINES}")
         if self.engine != "auto" and self.mechanism == "lazy":

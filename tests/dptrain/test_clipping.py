@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dptrain import ClippingConfig, clip_and_sum, clip_factors, clipped_sum, per_sample_grads
+import dptrain
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -95,3 +96,49 @@ def test_clip_and_sum_chunks_equal_one_pass():
 def test_bad_clip_norm_is_rejected(bad):
     with pytest.raises(ValueError, match="max_grad_norm"):
         ClippingConfig(bad)
+
+
+def test_bad_chunks_and_mismatched_inputs_are_errors_not_a_wrong_batch():
+    """chunk_size=-2 summed example 1 twice and dropped example 3; 6 input rows for 4 targets were cut to 4."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(3, 2), torch.randn(4, 3), torch.randint(0, 2, (4,))
+    for method in ("auto", "vmap", "loop"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            clip_and_sum(model, F.cross_entropy, x, y, 1.0, chunk_size=-2, method=method)
+        with pytest.raises(ValueError, match="one row per target"):
+            clip_and_sum(model, F.cross_entropy, torch.randn(6, 3), y, 1.0, method=method)
+    with pytest.raises(dptrain.PrivacyConfigError, match="chunk_size"):
+        dptrain.make_private(model, eps=1.0, chunk_size=0)
+
+
+def test_float64_gradients_beyond_float32_range_are_clipped_not_dropped():
+    """The float32 normal-range floor on the factors dropped a float64 example with ‖g‖ = 2e40."""
+    import torch.nn.functional as F
+
+    model = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    x, y = torch.tensor([[1e20], [1.0]], dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)
+    sums = clip_and_sum(model, F.mse_loss, x, y, 1.0, method="vmap").sums
+    assert float(sums["weight"]) == pytest.approx(1 + 2 ** -0.5, rel=1e-6)  # example 0 clipped to norm 1
+
+
+def test_rnn_cells_take_the_loop_engine():
+    import torch.nn.functional as F
+
+    from dptrain.engine import choose_method
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.out = nn.GRUCell(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.cell(x))
+
+    assert choose_method(Cell()) == "loop"
+    grads = dptrain.per_sample_grads(Cell(), F.cross_entropy, torch.randn(4, 5), torch.randint(0, 3, (4,)))
+    assert grads["out.weight"].shape == (4, 3, 6)
