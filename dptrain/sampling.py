@@ -9,8 +9,9 @@ from __future__ import annotations
 import secrets
 from typing import Any, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from mechanisms.rng import cpu_generator
 
@@ -33,7 +34,8 @@ class PoissonSampler:
 
     def sample(self) -> torch.Tensor:
         """One batch of indices (sorted, possibly empty)."""
-        mask = torch.rand(self.n, generator=self.generator) < self.sample_rate
+        # float64 uniforms: float32 ones are multiples of 2^-24, so u < q would hold w.p. ⌈q·2^24⌉/2^24 > q
+        mask = torch.rand(self.n, generator=self.generator, dtype=torch.float64) < self.sample_rate
         return torch.nonzero(mask, as_tuple=False).flatten()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -65,10 +67,13 @@ def _empty_like(example: Any) -> Any:
     """A zero-length batch with the structure of one collated example."""
     if isinstance(example, torch.Tensor):
         return example.new_empty((0, *example.shape))
-    if isinstance(example, (int, float, bool)):
-        return torch.empty(0, dtype=torch.as_tensor(example).dtype)
+    if isinstance(example, np.ndarray):
+        return torch.from_numpy(np.empty((0, *example.shape), dtype=example.dtype))
+    if isinstance(example, (bool, int, float)):  # as default_collate: bool, int64, float64
+        return torch.empty(0, dtype=torch.bool if isinstance(example, bool) else
+                           torch.int64 if isinstance(example, int) else torch.float64)
     if isinstance(example, (tuple, list)):
-        return type(example)(_empty_like(e) for e in example)
+        return [_empty_like(e) for e in example]  # default_collate gives a list for tuples and lists
     if isinstance(example, dict):
         return {k: _empty_like(v) for k, v in example.items()}
     raise TypeError(f"cannot build an empty batch for examples of type {type(example).__name__}")
@@ -84,7 +89,9 @@ class PoissonLoader:
     def __init__(self, dataset: Dataset, sampler: PoissonSampler, steps_per_epoch: int) -> None:
         self.dataset, self.sampler, self.steps_per_epoch = dataset, sampler, int(steps_per_epoch)
         self._empty = _empty_like(dataset[0])
-        self._tensors = getattr(dataset, "tensors", None)
+        # one gather for a plain TensorDataset; a subclass may transform in __getitem__, so it is called
+        self._tensors = getattr(dataset, "tensors", None) if type(dataset).__getitem__ is TensorDataset.__getitem__ \
+            else None
 
     @property
     def sample_rate(self) -> float:

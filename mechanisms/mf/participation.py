@@ -43,7 +43,7 @@ def cyclic_poisson_batches(num_examples: int, partitions: int, sample_rate: floa
     parts = split(num_examples, partitions, generator)
     for t in range(steps):
         part = parts[t % partitions]
-        keep = torch.rand(part.shape[0], generator=generator) < sample_rate
+        keep = torch.rand(part.shape[0], generator=generator, dtype=torch.float64) < sample_rate  # exact q (float64)
         yield part[keep]
 
 

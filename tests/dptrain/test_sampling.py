@@ -71,3 +71,40 @@ def test_sampler_seeds_differing_above_bit_32_draw_different_batches():
     first = a.sample()
     assert torch.equal(first, c.sample())
     assert not torch.equal(first, b.sample())
+
+
+def test_inclusion_rate_is_q_not_q_rounded_up_to_float32_uniforms():
+    """float32 uniforms are multiples of 2^-24: u < 2^-30 held w.p. 2^-24, 64× the accounted rate
+    (12.5 inclusions expected here instead of 0.2)."""
+    from dptrain.sampling import PoissonSampler
+
+    sampler = PoissonSampler(1 << 20, 2.0 ** -30, 200, seed=1)
+    assert sum(len(sampler.sample()) for _ in range(200)) <= 2
+
+
+def test_loader_calls_a_tensor_dataset_subclass_and_handles_numpy_examples():
+    import numpy as np
+    from torch.utils.data import Dataset, TensorDataset
+
+    from dptrain.sampling import PoissonLoader, PoissonSampler
+
+    class Transformed(TensorDataset):  # its own __getitem__: the raw tensors were gathered instead
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x * 0 + 100.0, y
+
+    ds = Transformed(torch.arange(10.0).view(10, 1), torch.arange(10))
+    x, y = PoissonLoader(ds, PoissonSampler(10, 0.5, 1, seed=0), 1).batch(torch.tensor([0, 3, 5]))
+    assert torch.equal(x, torch.full((3, 1), 100.0)) and torch.equal(y, torch.tensor([0, 3, 5]))
+
+    class Arrays(Dataset):  # numpy examples: attach failed building the empty batch
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return np.full(4, float(i), dtype=np.float32), i % 2, 0.5
+
+    loader = PoissonLoader(Arrays(), PoissonSampler(8, 0.5, 1, seed=0), 1)
+    empty, full = loader.batch(torch.tensor([], dtype=torch.long)), loader.batch(torch.tensor([1, 2]))
+    assert [t.dtype for t in empty] == [t.dtype for t in full] == [torch.float32, torch.int64, torch.float64]
+    assert empty[0].shape == (0, 4) and full[0].shape == (2, 4)
