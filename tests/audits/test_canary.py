@@ -124,13 +124,15 @@ def test_split_threshold_intervals_on_a_known_mechanism():
         assert 0.2 < lo < 1.0 and lo <= est <= hi, (method, lo, est, hi)
 
 
-def test_verdict_uses_only_guaranteed_lower_bounds():
-    # the Bayesian interval is an estimate: its low end above the claim does not refute it
+def test_verdict_uses_only_the_one_run_bound():
+    # the Bayesian interval is an estimate, and Clopper–Pearson over canaries of one model treats them as
+    # independent trials: neither refutes a claim; the one-run bound (valid for one training run) does
     one_run = {"epsilon": 0.1, "r": 10, "v": 6, "m": 20, "k": 5, "confidence": 0.95}
     result = AuditResult(1.0, 1e-5, one_run,
-                         intervals={"clopper-pearson": (0.5, 1.2, 2.0), "bayesian": (1.1, 1.3, 1.6)})
-    assert not result.violated and "estimate, not in the verdict" in result.to_text()
-    result.intervals["clopper-pearson"] = (1.05, 1.2, 2.0)
+                         intervals={"clopper-pearson": (1.05, 1.2, 2.0), "bayesian": (1.1, 1.3, 1.6)})
+    text = result.to_text()
+    assert not result.violated and "estimate, not in the verdict" in text and "an approximation" in text
+    result.one_run["epsilon"] = 1.01
     assert result.violated
 
 
@@ -140,3 +142,17 @@ def test_split_intervals_with_a_one_class_selection_half():
     for seed in range(8):
         out = split_threshold_intervals(scores, is_in, 1e-5, np.random.default_rng(seed))
         assert out == {} or set(out) == {"clopper-pearson", "bayesian"}
+
+
+def test_several_runs_report_the_claim_of_the_run_whose_bound_decides():
+    """With runs > 1 the one-run bound came from run 0 and the claimed ε and δ from the last run."""
+    from torch.utils.data import TensorDataset
+
+    def train_fn(data, seed):
+        torch.manual_seed(seed)
+        return nn.Linear(data.tensors[0].shape[1], 3), 1.0 + seed, 1e-5 * (1 + seed)
+
+    g = torch.Generator().manual_seed(0)
+    base = TensorDataset(torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
+    result = run_canary_audit(train_fn, base, m=10, runs=3, seed=0)
+    assert (result.theoretical_epsilon, result.delta) == (1.0, 1e-5)
