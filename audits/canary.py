@@ -49,9 +49,13 @@ def make_canaries(m: int, n_features: int = 64, n_classes: int = 10, seed: int =
 def canary_scores(model: nn.Module, canaries: TensorDataset) -> np.ndarray:
     """Membership score of each canary: −cross-entropy loss."""
     x, y = canaries.tensors
+    was_training = model.training
     model.eval()
-    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-    model.train()
+    try:
+        with torch.no_grad():
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    finally:
+        model.train(was_training)
     return -losses.numpy()
 
 

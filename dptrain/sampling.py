@@ -141,6 +141,11 @@ class ScheduleSampler:
         self.drawn += 1
         return batch
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """The remaining batches of the schedule (as :class:`PoissonSampler` iterates its steps)."""
+        for _ in range(self.steps - self.drawn):
+            yield self.sample()
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "drawn": self.drawn, "sample_rate": self.sample_rate}
 

@@ -108,3 +108,15 @@ def test_loader_calls_a_tensor_dataset_subclass_and_handles_numpy_examples():
     empty, full = loader.batch(torch.tensor([], dtype=torch.long)), loader.batch(torch.tensor([1, 2]))
     assert [t.dtype for t in empty] == [t.dtype for t in full] == [torch.float32, torch.int64, torch.float64]
     assert empty[0].shape == (0, 4) and full[0].shape == (2, 4)
+
+
+def test_schedule_sampler_iterates_its_remaining_batches():
+    from dptrain.sampling import ScheduleSampler
+
+    def schedule(g):
+        for step in range(4):
+            yield torch.tensor([step])
+
+    sampler = ScheduleSampler(schedule, 0.25, 4, seed=0)
+    sampler.sample()
+    assert [int(b) for b in sampler] == [1, 2, 3]  # was: TypeError, not iterable
