@@ -100,8 +100,9 @@ def _loop_grads(model: nn.Module, loss_fn: LossFn, xs: tuple[torch.Tensor, ...],
     rows: list[tuple[torch.Tensor, ...]] = []
     losses = []
     for i in range(int(targets.shape[0])):
-        loss = loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1])
-        rows.append(torch.autograd.grad(loss, tensors, allow_unused=True))
+        with torch.enable_grad():  # as the vmap engine, also under torch.no_grad()
+            loss = loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1])
+            rows.append(torch.autograd.grad(loss, tensors, allow_unused=True))
         losses.append(loss.detach())
     out = {}
     for j, (name, p) in enumerate(zip(names, tensors)):

@@ -142,3 +142,15 @@ def test_rnn_cells_take_the_loop_engine():
     assert choose_method(Cell()) == "loop"
     grads = dptrain.per_sample_grads(Cell(), F.cross_entropy, torch.randn(4, 5), torch.randint(0, 3, (4,)))
     assert grads["out.weight"].shape == (4, 3, 6)
+
+
+def test_loop_engine_works_under_no_grad_like_vmap():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(3, 2), torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with torch.no_grad():
+        loop = per_sample_grads(model, F.cross_entropy, x, y, method="loop")
+        vmap = per_sample_grads(model, F.cross_entropy, x, y, method="vmap")
+    for k in vmap:
+        torch.testing.assert_close(loop[k], vmap[k])
