@@ -97,6 +97,11 @@ class PrivateTraining:
         ddp = self._distributed_setup()
         if ddp is not None:
             seed = ddp.broadcast_seed(seed)  # one global Poisson mask on every rank
+        if self.steps and adaptive_settings(self.config.clipping) is not None:
+            raise PrivacyConfigError(
+                f"attach: this run with clipping={self.config.clipping!r} has taken {self.steps} steps; its noise "
+                "guard budgets a fresh plan, so it cannot be attached again. Plan all steps in one attach (or "
+                "start a new make_private run and account both yourself).")
         if self.config.mechanism in MF_MECHANISMS:
             if self.steps:
                 raise PrivacyConfigError(

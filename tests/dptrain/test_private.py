@@ -282,6 +282,13 @@ def test_attaching_again_does_not_restart_the_budget():
     mf.step(mf.loader.batch(mf.loader.sampler.sample()))
     with pytest.raises(dptrain.PrivacyConfigError, match="cannot restart"):
         mf.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(mf_model))
+    for clipping in ("quantile", "rldp"):  # their noise guard budgets a fresh plan: ε 1.31 / 1.14 against 1.0
+        adaptive_model = _mlp()
+        adaptive = dptrain.make_private(adaptive_model, eps=1.0, clipping=clipping, seed=3)
+        adaptive.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(adaptive_model))
+        adaptive.step(adaptive.loader.batch(adaptive.loader.sampler.sample()))
+        with pytest.raises(dptrain.PrivacyConfigError, match="cannot be attached again"):
+            adaptive.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(adaptive_model))
 
 
 def test_a_checkpoint_of_a_run_with_a_larger_target_cannot_train_past_this_target():
