@@ -204,11 +204,9 @@ def check_model(model: nn.Module) -> None:
 def expected_consistency(n: int, sample_rate: float, steps: int, sigma: float, clip: float,
                          target_eps: float | None = None, delta: float | None = None) -> None:
     """All ranks agree on the plan (N, q, T, σ, C, target ε, δ) before the first step."""
-    nan = float("nan")
-    values = [n, sample_rate, steps, sigma, clip, -1.0 if target_eps is None else target_eps,
-              nan if delta is None else delta]
     check_same_on_all_ranks("the training plans (N, q, steps, σ, C, target ε, δ)",
-                            [0.0 if v != v else v for v in values])
+                            [n, sample_rate, steps, sigma, clip, -1.0 if target_eps is None else target_eps,
+                             -1.0 if delta is None else delta])  # -1: not given
     if not math.isfinite(sigma):
         raise PrivacyConfigError(f"distributed DP-SGD: noise multiplier {sigma} is not finite")
 

@@ -44,9 +44,8 @@ def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
         return (inputs,)
     if isinstance(inputs, dict) or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"inputs must be a tensor or a tuple / list of tensors (the model is called as "
-                        f"model(*inputs)), got {type(inputs).__name__}"
-                        + (" of " + ", ".join(sorted({type(t).__name__ for t in inputs})) if not isinstance(inputs, dict) else "")
-                        + "; wrap the model so that its forward takes tensors")
+                        f"model(*inputs)), got a {type(inputs).__name__}; wrap the model so that its forward "
+                        "takes tensors")
     return tuple(inputs)
 
 

@@ -90,7 +90,7 @@ def weighted_summaries(losses: torch.Tensor, w: torch.Tensor, wrt: list, b: int)
     to the step's peak (the weighted gradients are freed before the main backward forms its own)."""
     shaped = w.view(-1, *[1] * (losses.dim() - 1)) if losses.dim() > 1 else w
     grads = torch.autograd.grad((losses * shaped).sum(), wrt, allow_unused=True, retain_graph=True)
-    return [("none",) if g is None else row_summaries(g, b) for g in grads]
+    return [row_summaries(g, b) for g in grads]
 
 
 def rows_are_examples(plain: Sequence[torch.Tensor | None], weighted: Sequence, w: torch.Tensor,
@@ -99,18 +99,18 @@ def rows_are_examples(plain: Sequence[torch.Tensor | None], weighted: Sequence, 
     False if one is not. Rows with a non-finite summary (an example whose gradient is not finite) are
     left out if they are the same rows in both; None (inconclusive) if they are not, or if no row is finite.
 
-    ``weighted``: per output, :func:`row_summaries` of the weighted gradient, ("none",) where it is None.
-    Outputs whose first dimension is not the batch size are skipped: the ghost rules refuse them.
+    ``weighted``: per output, :func:`row_summaries` of the weighted gradient (None: no gradient, or not
+    batch-sized). Outputs whose plain gradient is not batch-sized are skipped: the ghost rules refuse them.
     """
     wf = w.float()
     for g, sw in zip(plain, weighted):
-        if g is None or sw == ("none",):
-            if (g is None) != (sw == ("none",)):
+        sp = row_summaries(g, b)
+        if sp is None:  # no gradient (then none with weights either), or not batch-sized
+            if g is None and sw is not None:
                 return False
             continue
-        sp = row_summaries(g, b)
-        if sp is None or sw is None:
-            continue
+        if sw is None:
+            return False
         want = torch.stack([s * wf for s in sp], 1)  # [b, 2]
         got = torch.stack(list(sw), 1)
         finite = torch.isfinite(want).all(1)

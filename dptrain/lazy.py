@@ -154,8 +154,14 @@ class LazyPrivateTraining(PrivateTraining):
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
                                  None if self.config.seed is None else self.config.seed + 7919)
         wrapped = DPOptimizer(dense_opt, dense if dense else list(tables.values()), self.mechanism, expected_batch)
-        wrapped.on_public_step = (self._before_public_step, self._after_public_step)  # refused: use priv.step
+        wrapped.on_public_step = (self._before_public_step, self._after_public_step)
         return wrapped
+
+    def _before_public_step(self) -> None:
+        if self.lazy:
+            raise PrivacyError("with lazy tables, step with priv.step(x, y): the step needs more than the "
+                               "optimizer (the tables)")
+        super()._before_public_step()
 
     def _trainable(self) -> dict[str, nn.Parameter]:
         from .engine import trainable_parameters

@@ -147,9 +147,9 @@ class PrivateTraining:
         """``priv.optimizer.step()`` called by the user: the gradients must be ``priv.backward``'s clipped sums,
         untouched, and the budget must allow the step."""
         assert self.optimizer is not None
-        if self.adaptive is not None or getattr(self, "lazy", False):
-            raise PrivacyError("with adaptive clipping or lazy tables, step with priv.step(x, y): the step "
-                               "needs more than the optimizer (the controller, the tables)")
+        if self.adaptive is not None:
+            raise PrivacyError("with adaptive clipping, step with priv.step(x, y): the step needs more than the "
+                               "optimizer (the controller)")
         if not self.optimizer.grads_are_armed():
             raise PrivacyError(
                 "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y) (none were "

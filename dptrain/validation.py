@@ -47,23 +47,24 @@ def validate(model: nn.Module) -> None:
             "Fix: model = dptrain.fix(model)")
 
 
+def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` on the device and in the dtype of ``old``'s affine weight or running mean (if it has either)."""
+    like = old.weight if old.affine else old.running_mean
+    return new if like is None else new.to(device=like.device, dtype=like.dtype)
+
+
 def _fixed(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm1d):
         # its input may be [B, C] (after a Linear): opacus' GroupNorm(min(32, C), C) would normalise groups of
         # one or two values there (all zeros for C ≤ 32); one group normalises over all features of an example
-        like = module.weight if module.affine else module.running_mean
-        norm = nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine)
-        return norm if like is None else norm.to(device=like.device, dtype=like.dtype)
+        return _placed_like(nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine), module)
     if isinstance(module, _BATCH_NORMS):
         return _opacus_batch_norm.fix(module)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         # opacus' fixer clears track_running_stats but keeps the running buffers, which the functional form
         # then still updates in place (the vmap engine refuses that): a fresh layer without them
-        fresh = type(module)(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-                             track_running_stats=False)
-        like = module.weight if module.affine else module.running_mean
-        if like is not None:
-            fresh = fresh.to(device=like.device, dtype=like.dtype)
+        fresh = _placed_like(type(module)(module.num_features, eps=module.eps, momentum=module.momentum,
+                                          affine=module.affine, track_running_stats=False), module)
         if module.affine:
             fresh.load_state_dict({"weight": module.weight.detach(), "bias": module.bias.detach()})
         return fresh

@@ -116,8 +116,7 @@ def test_rows_are_examples_verdicts():
     w = torch.tensor([1.0, 2.0, 4.0])
 
     def verdict(plain, weighted, b=3, weights=w):
-        return gal.rows_are_examples(plain, [gal.row_summaries(t, b) if t is not None else ("none",)
-                                             for t in weighted], weights, b)
+        return gal.rows_are_examples(plain, [gal.row_summaries(t, b) for t in weighted], weights, b)
 
     assert verdict([g], [g * w[:, None]]) is True
     assert verdict([g], [g * w.flip(0)[:, None]]) is False  # rows of other examples
