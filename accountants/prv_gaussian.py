@@ -46,15 +46,19 @@ class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
         self._p, self._sigma = float(sampling_probability), float(noise_multiplier)
         self._t_min = math.log1p(-self._p)
 
-    def _ab(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(a, b, support mask) at ``t``; a, b are 0 outside the support (masked by the caller)."""
+    def _z(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(z(t), support mask); z is meaningless outside the support (masked by the caller)."""
         t = np.asarray(t, dtype=np.float64)
         inside = t > self._t_min
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             small = np.log1p(np.expm1(np.where(inside & (t <= 1.0), t, 0.0)) / self._p)
             # t > 1: log(1 + (e^t − 1)/p) = t − log p + log1p((p − 1)e^{−t}), with no e^t to overflow (t > 709)
             large = t - math.log(self._p) + np.log1p((self._p - 1.0) * np.exp(-np.maximum(t, 1.0)))
-            z = np.where(t <= 1.0, small, large)
+        return np.where(t <= 1.0, small, large), inside
+
+    def _ab(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, support mask) at ``t``; a, b are 0 outside the support (masked by the caller)."""
+        z, inside = self._z(t)
         s2 = self._sigma ** 2
         scale = 2.0 * math.sqrt(2.0) * self._sigma
         return (2 * s2 * z - 1) / scale, (2 * s2 * z + 1) / scale, inside
@@ -92,8 +96,7 @@ class PoissonSubsampledGaussianPRV(PoissonSubsampledGaussianMechanism):
         """The x with Y(x) = t: σ²z(t) + 1/2 (−inf at or below the support's lower end log(1 − p))."""
         if t <= self._t_min:
             return -math.inf
-        a, _, _ = self._ab(np.array([t]))
-        return float(a[0]) * 2.0 * math.sqrt(2.0) * self._sigma / 2.0 + 1.0  # a = (2σ²z − 1)/(2√2σ)
+        return self._sigma ** 2 * float(self._z(np.array([t]))[0][0]) + 0.5
 
     def truncated_mean(self, lo: float, hi: float) -> float:
         """E[Y | lo < Y ≤ hi], by quadrature in x, where the integrand is smooth.
