@@ -38,6 +38,7 @@ from . import ghost_alignment as gal
 from . import ghost_layers as gl
 from . import ghost_rows
 from . import ghost_precision as gp
+from . import ghost_rounding as gr_
 from .ghost_attention import attention_terms
 from .ghost_bag import embedding_bag_terms
 from .ghost_graph import Call, Output, Recorder, covered
@@ -127,12 +128,12 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
 
 def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b: int
                 ) -> dict[str, gl.Term] | None:
-    """Factored per-example gradients of one recorded call (float32)."""
+    """Factored per-example gradients of one recorded call (float32; float64 for a float64 model)."""
     if kind == "attention":
         return None if c.attention is None else attention_terms(m, c.attention, c.outputs, cg, b)
     if kind == "generic":
         per = gl.generic_grads(m, names, c.args, c.kwargs, c.outputs, cg, b)
-        return None if per is None else {k: gl.Dense(v.float()) for k, v in per.items()}
+        return None if per is None else {k: gl.Dense(gp.widen(v)) for k, v in per.items()}
     if not c.args or c.outputs[0] is None:
         return None
     out = c.outputs[0]
@@ -140,11 +141,11 @@ def _call_terms(m: nn.Module, kind: str, names: list[str], c: Call, cg: list, b:
     if kind == "linear" and gp.narrow(g):  # bf16 output: autocast multiplied bf16(a); bf16 factors, float32 algebra
         a = c.args[0]
         return None if a.dim() == 0 or a.shape[0] != b else gl.linear_terms(m, a.to(g.dtype), g)
-    g = g if g.dtype == torch.float32 else g.float()
+    g = gp.widen(g)
     if kind == "embedding_bag":
         return embedding_bag_terms(m, c.args, c.kwargs, g, b)
     a = c.args[0]
-    a = a if kind == "embedding" or a.dtype == torch.float32 else a.float()
+    a = a if kind == "embedding" else gp.widen(a).to(g.dtype)
     if a.dim() == 0 or a.shape[0] != b:
         return None
     return _BUILDERS[kind](m, a, g)
@@ -193,8 +194,15 @@ def ghost_norms(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: torc
     if res is None:
         return None
     with _float32(y.device.type):
-        return {k: ga.refine(res[0][k], ga.sq_norms(res[0][k])).sqrt() if k in res[0] else zero
-                for k in plan.params}
+        return {k: _refined_sq(res[0][k]).sqrt() if k in res[0] else zero for k in plan.params}
+
+
+def _refined_sq(terms: list) -> torch.Tensor:
+    """‖G_i‖² per example, in float64 where the float32 value is not finite or its rounding bound is not
+    small against it (:mod:`dptrain.ghost_rounding`)."""
+    sq, err = ga.sq_norms_bounded(terms)
+    redo = ~torch.isfinite(sq) if err is None else ~torch.isfinite(sq) | gr_.uncertain(sq, err, 0.0)
+    return ga.refine(terms, sq, redo)
 
 
 def _check_thresholds(config: ClippingConfig, names) -> None:
@@ -256,7 +264,8 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
     """The book-keeping loop: for each chunk and each parameter p, ``sink(p's name, terms, f)``.
 
     ``terms`` are p's per-example gradients G_i in factored form (:mod:`dptrain.ghost_layers`; an
-    example with a non-finite gradient zeroed), ``f`` the float32 clip factors f_i (flat or per-layer),
+    example with a non-finite gradient zeroed), ``f`` the clip factors f_i (flat or per-layer; float32,
+    float64 for a float64 model; a second call per chunk for the examples recomputed in float64),
     so that the sink's Σ_i f_i G_i is the chunk's clipped sum. None if the record does not cover
     the model (nothing was handed to the sink for the failing chunk). One host synchronisation per
     chunk (is every norm finite? with the chunk's loss sum); the clip counts are formed from the kept
@@ -274,9 +283,16 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
             return None
         merged, losses = res
         with _float32(y.device.type):
-            factors, keep, chunk_loss = _clip_factors(merged, params, config, b, losses)
+            factors, redo, chunk_loss = _clip_factors(merged, params, config, b, losses)
             for k, terms in merged.items():
-                sink(k, terms if keep is None else ga.drop_examples(terms, keep[k]), factors[k])
+                if redo is None:
+                    sink(k, terms, factors[k])
+                    continue
+                # examples recomputed in float64 (or dropped): their sum in float64, apart from the fused one
+                sink(k, ga.drop_examples(terms, ~redo), factors[k])
+                wide = redo & (factors[k] > 0)
+                if bool(wide.any()):
+                    sink(k, ga.select(terms, wide), factors[k][wide].double())
         n += b
         loss_sum += chunk_loss
         losses_all.append(losses if losses.dim() == 1 else losses.reshape(-1))  # detached
@@ -286,11 +302,16 @@ def clip_chunks(model: nn.Module, plan: Plan, loss_fn: LossFn, inputs: Inputs, t
 
 
 def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], config: ClippingConfig, b: int,
-                  losses: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
-    """Clip factors per parameter (float32 [b], computed in float64), only if some gradient is not finite
-    the examples to keep, and Σ_i ℓ_i (read back with the finiteness flag: the chunk's one host synchronisation).
+                  losses: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, float]:
+    """Clip factors per parameter (float32 [b], computed in float64), the examples recomputed in float64
+    (None if none), and Σ_i ℓ_i (read back with the finiteness flag and the count of uncertain norms: the
+    chunk's one host synchronisation).
 
-    Every squared norm finite means every factor is positive and every term finite: all examples kept.
+    Every squared norm finite and certain means every factor is positive and every term finite: the
+    fused sums add every example. An example whose float32 norm is not finite (overflow, or a non-finite
+    gradient) or whose rounding bound is not small against max(norm², C²) (:mod:`dptrain.ghost_rounding`)
+    is recomputed from float64 factors and clipped by its float64 norm plus that bound; the caller sums
+    it in float64 apart from the fused sums (or drops it: factor 0, a truly non-finite gradient).
     Narrow (bf16) factors add their rounding bound to the norm (:func:`dptrain.ghost_algebra.margins`).
     """
     def zero() -> torch.Tensor:  # made only where needed: the flat, finite path has no use for it
@@ -298,29 +319,42 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
 
     flat = config.thresholds is None
     if flat:  # only the total is needed
-        total = ga.total_sq_norms(list(merged.values()), b, losses.device)
+        total, err = ga.total_sq_norms(list(merged.values()), b, losses.device)
+        unsure = None if err is None else gr_.uncertain(total, err, config.max_grad_norm)
     else:
         norms = ga.RowNorms()
-        sq = {k: ga.sq_norms(t, norms) for k, t in merged.items()}
+        bounded = {k: ga.sq_norms_bounded(t, norms) for k, t in merged.items()}
+        sq = {k: v[0] for k, v in bounded.items()}
         total = torch.stack(list(sq.values())).sum(0) if sq else zero()
+        flags = [gr_.uncertain(s, e, config.thresholds[k]) for k, (s, e) in bounded.items() if e is not None]
+        unsure = None if not flags else torch.stack(flags).any(0)
     # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
-    flag, loss_sum = torch.stack([total.sum(), losses.sum(dtype=torch.float64)]).tolist()
-    finite = math.isfinite(flag)
-    if not finite:  # float32 overflow, or a non-finite gradient
-        sq = {k: ga.refine(t, ga.sq_norms(t)) for k, t in merged.items()}
-        total = sum(sq.values(), zero())
+    stats = [total.sum(), losses.sum(dtype=torch.float64)] + ([] if unsure is None else [unsure.sum().double()])
+    read = torch.stack(stats).tolist()
+    finite, loss_sum = math.isfinite(read[0]), read[1]
+    redo = None
+    if not finite or (unsure is not None and read[2] > 0):
+        redo = ~torch.isfinite(total) if unsure is None else ~torch.isfinite(total) | unsure
+        if flat:
+            total = sum((ga.refine(t, ga.sq_norms(t), redo, bounded=True) for t in merged.values()), zero())
+        else:
+            sq = {k: ga.refine(t, sq[k], redo, bounded=True) for k, t in merged.items()}
+        finite = False  # factors from recomputed norms: NaN → 0 below
     extra = {k: m for k, m in ((k, ga.margins(t)) for k, t in merged.items()) if m is not None}
+    # factors in the dtype the sums are formed in: float64 for a model with float64 parameters
+    fdt = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+    tiny = torch.finfo(fdt).tiny
     if flat:
         norm = torch.sqrt(total)
         for m in extra.values():
             norm = norm + m
-        f = _factor(norm, config.max_grad_norm, finite).float()
+        f = _factor(norm, config.max_grad_norm, finite, tiny).to(fdt)
         factors = dict.fromkeys(params, f)
     else:
         norm_of = {k: torch.sqrt(v) + extra[k] if k in extra else torch.sqrt(v) for k, v in sq.items()}
-        factors = {k: _factor(norm_of[k] if k in norm_of else zero(), config.thresholds[k], finite).float()
+        factors = {k: _factor(norm_of[k] if k in norm_of else zero(), config.thresholds[k], finite, tiny).to(fdt)
                    for k in params}
-    return factors, None if finite else {k: f > 0 for k, f in factors.items()}, loss_sum
+    return factors, redo, loss_sum
 
 
 def _counts(factors: dict[str, torch.Tensor], config: ClippingConfig) -> torch.Tensor:

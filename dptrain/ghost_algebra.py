@@ -6,27 +6,33 @@ For the terms of one parameter (merged by :func:`dptrain.ghost_layers.merge`):
   ‖a_i‖²‖b_i‖² for T = 1 (Goodfellow 2015), the T×T Gram trick Σ_{t,s}(L_it·L_is)(R_it·R_is) or the
   explicit L_iᵀR_i for sequences, whichever is cheaper (Li et al. 2022; Bu et al. 2023), conv
   per-example gradients by one grouped backward, embedding rows by their segment sums, and the exact
-  cross term of an Outer + Rows pair (a tied embedding). float32 arithmetic, float64 results;
-  :func:`refine` recomputes a float32 overflow in float64, so an exploding example is clipped, not dropped.
+  cross term of an Outer + Rows pair (a tied embedding). float32 arithmetic (float64 for a float64 model),
+  float64 results; :func:`sq_norms_bounded` adds each example's rounding bound
+  (:mod:`dptrain.ghost_rounding`), and :func:`refine` recomputes in float64 an example whose float32 norm
+  overflowed (so an exploding example is clipped, not dropped) or is uncertain (its pieces cancel).
 * :func:`margins` — the rounding bound of the bf16 split sums, added to the norm (CUDA autocast).
 * :func:`drop_examples` and :func:`clipped_sum` — Σ_i f_i G_i from the factors: (f ⊙ L)ᵀ R, an
   index_add of f-scaled rows, a conv weight gradient of f-scaled output grads, or Σ_i f_i P_i.
 
 Privacy assumption: example i's factors depend on example i alone (``make_private`` checks the
 batched pass against per-example runs on a probe batch), so with f_i = min(1, C/‖G_i‖) each
-example's contribution to the sum is at most C.
+example's contribution to the sum is at most C (up to the rounding bound of
+:mod:`dptrain.ghost_rounding`: C·(1 + 2⁻⁷)^½ under worst-case float32 rounding).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
 from . import ghost_precision as gp
+from . import ghost_rounding as gr_
 from .ghost_layers import Conv, Dense, Outer, Term
 from .ghost_precision import norm as _norm
 from .ghost_precision import sq as _sq
 from .ghost_rows import Rows
+from .ghost_rows import ROWS_GRAM_MAX_T
 from .ghost_rows import rows_sq as _rows_sq
 from .ghost_rows import segment_sums as _segment_sums
 
@@ -58,37 +64,84 @@ class RowNorms:
         return hit[1]
 
 
-def _outer_sq(term: Outer, norms: RowNorms) -> torch.Tensor:
+Bounded = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def _token_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_{b,g,t}‖ over the last dim, [B, G·T] (float32 arithmetic or wider)."""
+    return torch.linalg.vector_norm(x, dim=3, dtype=gp.wide_dtype(x)).reshape(x.shape[0], -1)
+
+
+def _mass(term: Outer) -> torch.Tensor:
+    """S_i = Σ_{g,t} ‖L_igt‖‖R_igt‖ ≥ ‖G_i‖ (float64 [B])."""
+    return (_token_norms(term.left) * _token_norms(term.right)).sum(1).double()
+
+
+def _outer_sq(term: Outer, norms: RowNorms, bound: bool = False) -> Bounded:
+    """(‖G_i‖², its rounding bound or None: :mod:`dptrain.ghost_rounding`)."""
     left, right = term.left, term.right
     b, groups, t, o = left.shape
     i = right.shape[3]
+    u = gr_.unit(left.dtype)
     if t == 1 and groups == 1:  # ‖a_i‖²‖b_i‖² (a float32 overflow of the product is refined like any other)
-        return (norms(left.reshape(b, o)) * norms(right.reshape(b, i))).double().square()
+        return (norms(left.reshape(b, o)) * norms(right.reshape(b, i))).double().square(), None
     if t == 1:
-        return (_sq(left, 2) * _sq(right, 2)).sum(1)
+        return (_sq(left, 2) * _sq(right, 2)).sum(1), None
     keep = b * groups * o * i <= _BLOCK_ELEMENTS
     if t * o * i * (1 if keep else 2) < t * t * (o + i):  # explicit L_iᵀR_i beats the T×T Gram trick
         parts = [gp.mm32(left[s].transpose(2, 3).reshape(-1, o, t), right[s].reshape(-1, t, i)).reshape(-1, groups, o, i)
                  for s in _slices(b, groups * o * i)]
         per = torch.cat(parts) if len(parts) > 1 else parts[0]
+        sq = _sq(per)
         if keep:
-            term.explicit = per  # reused by the clipped sum
-        return _sq(per)
-    out = []
+            term.explicit = per  # reused by the clipped sum: the contribution is f_i times this very tensor
+            return sq, None
+        # the norm of a float32 sum over T, and the fused sum's own rounding: 2T terms' worth
+        return sq, gr_.fused(sq, _mass(term), 2 * t, u) if bound else None
+    out, err = [], []
     for s in _slices(b, groups * t * t):
         ls, rs = left[s].reshape(-1, t, o), right[s].reshape(-1, t, i)
-        gl = gp.mm32(ls, ls.transpose(1, 2)).reshape(-1, 1, groups * t * t)
-        gr = gp.mm32(rs, rs.transpose(1, 2)).reshape(-1, groups * t * t, 1)
-        out.append(torch.bmm(gl, gr).reshape(-1).double())  # Σ_{g,t,s} gl·gr per example
-    return torch.cat(out).clamp_min(0.0)  # rounding can leave a tiny negative value
+        gl, gr = gp.mm32(ls, ls.transpose(1, 2)), gp.mm32(rs, rs.transpose(1, 2))  # [n·G, T, T]
+        n = gl.shape[0] // groups
+        out.append((gl * gr).reshape(n, -1).sum(1, dtype=torch.float64))  # Σ_{g,t,s} gl·gr per example
+        if bound:
+            nl, nr = _token_norms(left[s]).reshape(-1, t), _token_norms(right[s]).reshape(-1, t)
+            err.append(gr_.gram(gl, gr, nl, nr, o, i, u).reshape(n, groups).sum(1))
+    sq = torch.cat(out).clamp_min(0.0)  # rounding can leave a negative value
+    if not bound:
+        return sq, None
+    return sq, gr_.fused(sq, _mass(term), t, u, torch.cat(err))
 
 
-def _conv_sq(term: Conv) -> torch.Tensor:
+def _conv_sq(term: Conv, bound: bool = False) -> Bounded:
     b, size = term.a.shape[0], term.weight_shape.numel()
     parts = [term.per_example(s) for s in _slices(b, size)]
+    sq = torch.cat([_sq(p) for p in parts])
     if b * size <= _BLOCK_ELEMENTS:
         term.explicit = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return torch.cat([_sq(p) for p in parts])
+        return sq, None
+    if not bound:
+        return sq, None
+    # Σ_p ‖g_p‖‖patch_p‖ ≤ ‖g_i‖·‖patches_i‖ ≤ ‖g_i‖‖a_i‖√k: an input entry is in at most k = Π kernel patches
+    k = term.weight_shape[2:].numel()
+    mass = (_norm(term.g.reshape(b, -1)).double() * _norm(term.a.reshape(b, -1)).double()) * math.sqrt(k)
+    return sq, gr_.fused(sq, mass, 2 * term.g[0, 0].numel(), gr_.unit(term.g.dtype))
+
+
+def _rows_bounded(term: Rows, bound: bool) -> Bounded:
+    """:func:`dptrain.ghost_rows.rows_sq` and its bound: sums over the T reads (the norm's and the fused
+    index_add's, 2T terms), plus for the Gram path the float32 dot products of length d over S². float64
+    rows (a recomputation) take the segment sums: their error is γ_T S on the norm, not γ_d S² on its square."""
+    wide = term.right.dtype == torch.float64
+    gram_max_t = 2 if wide else ROWS_GRAM_MAX_T
+    sq = _rows_sq(term, gram_max_t)
+    b, t, d = term.right.shape
+    if not bound or t == 1:
+        return sq, None
+    mass = _norm(term.right.reshape(b * t, d)).reshape(b, t).sum(1).double()
+    u = gr_.unit(term.right.dtype)
+    dots = gr_.gamma(d, u) * mass.square() if 2 < t <= gram_max_t else None
+    return sq, gr_.fused(sq, mass, 2 * t, u, dots)
 
 
 def _cross(outer: Outer, rows: Rows) -> torch.Tensor:
@@ -117,22 +170,36 @@ def _select(term: Term, keep: torch.Tensor, dtype: torch.dtype) -> Term:
 def sq_norms(terms: list[Term], norms: RowNorms | None = None) -> torch.Tensor:
     """‖Σ_terms G_i‖² per example (float64 result, float32 arithmetic) for merged terms; ``norms``
     shares row norms between the calls of one clipping pass."""
+    return sq_norms_bounded(terms, norms, bound=False)[0]
+
+
+def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bool = True) -> Bounded:
+    """:func:`sq_norms` and, with ``bound``, a bound on ‖G_i‖² − (the computed value) that covers what the
+    clipped sum adds for example i (float64 [B]; None where every term's error is relative only, see
+    :mod:`dptrain.ghost_rounding`)."""
     norms = norms if norms is not None else RowNorms()
-    total = None
+    total, err = None, None
     for term in terms:
         if isinstance(term, Outer):
-            part = _outer_sq(term, norms)
+            part, e = _outer_sq(term, norms, bound)
         elif isinstance(term, Conv):
-            part = _conv_sq(term)
+            part, e = _conv_sq(term, bound)
         elif isinstance(term, Rows):
-            part = _rows_sq(term)
+            part, e = _rows_bounded(term, bound)
         else:
-            part = norms(term.grads.reshape(term.grads.shape[0], -1)).double().square()
+            part, e = norms(term.grads.reshape(term.grads.shape[0], -1)).double().square(), None
         total = part if total is None else total + part
+        err = e if err is None else err if e is None else err + e
     if len(terms) == 2:
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
+        if bound:  # dot products R_t·Q_s of length d, weighted by |L_t[idx_s]| ≤ ‖L_t‖: ≤ γ_d S_outer S_rows
+            outer, rows = terms
+            b, t, d = rows.right.shape  # type: ignore[union-attr]
+            rows_mass = _norm(rows.right.reshape(b * t, d)).reshape(b, t).sum(1).double()  # type: ignore[union-attr]
+            e = 2 * gr_.gamma(d + 2, gr_.unit(rows.right.dtype)) * _mass(outer) * rows_mass  # type: ignore
+            err = e if err is None else err + e
     assert total is not None
-    return total
+    return total, err
 
 
 def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
@@ -150,22 +217,28 @@ def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
     return None
 
 
-def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.device) -> torch.Tensor:
-    """Σ_p ‖G_i,p‖² per example (float64 [B]) over several parameters' merged terms: the single-factor
-    ones (:func:`_row_norm`) stacked, widened and squared together, the others by :func:`sq_norms`."""
+def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.device) -> Bounded:
+    """Σ_p ‖G_i,p‖² per example (float64 [B]) over several parameters' merged terms, and the sum of their
+    rounding bounds (:func:`sq_norms_bounded`; None if no term has one): the single-factor ones
+    (:func:`_row_norm`, relative errors only) stacked, widened and squared together, the others by
+    :func:`sq_norms_bounded`."""
     norms = RowNorms()
-    single, parts = [], []
+    single, parts, errs = [], [], []
     for terms in params_terms:
         n = _row_norm(terms, norms)
         if n is None:
-            parts.append(sq_norms(terms, norms))
+            sq, err = sq_norms_bounded(terms, norms)
+            parts.append(sq)
+            if err is not None:
+                errs.append(err)
         else:
             single.append(n)
     if single:
         parts.append(torch.stack(single).double().square().sum(0) if len(single) > 1 else single[0].double().square())
+    err = None if not errs else errs[0] if len(errs) == 1 else torch.stack(errs).sum(0)
     if not parts:
-        return torch.zeros(batch, dtype=torch.float64, device=device)
-    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+        return torch.zeros(batch, dtype=torch.float64, device=device), err
+    return (torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]), err
 
 
 def _split_sum(t: Term) -> bool:
@@ -188,17 +261,27 @@ def margins(terms: list[Term]) -> torch.Tensor | None:
     return total
 
 
-def refine(terms: list[Term], sq: torch.Tensor) -> torch.Tensor:
-    """Recompute non-finite entries of :func:`sq_norms` from float64 copies of the factors.
+def refine(terms: list[Term], sq: torch.Tensor, redo: torch.Tensor | None = None, bounded: bool = False
+           ) -> torch.Tensor:
+    """Recompute the entries ``redo`` (default: the non-finite ones) of :func:`sq_norms` from float64 copies
+    of the factors; with ``bounded``, as ‖G̃_i‖² plus its float64 rounding bound (an upper bound on ‖G_i‖²,
+    for clipping).
 
-    An outlier whose float32 arithmetic overflows gets its true (finite) norm and is clipped;
-    only truly non-finite gradients stay non-finite (and are then dropped).
+    An outlier whose float32 arithmetic overflows gets its true (finite) norm and is clipped, an example
+    whose float32 norm is uncertain (:mod:`dptrain.ghost_rounding`) its float64 one; only truly non-finite
+    gradients stay non-finite (and are then dropped).
     """
-    bad = ~torch.isfinite(sq)
+    bad = ~torch.isfinite(sq) if redo is None else redo
     if bool(bad.any()):
         sq = sq.clone()
-        sq[bad] = sq_norms([_select(t, bad, torch.float64) for t in terms])
+        wide, err = sq_norms_bounded([_select(t, bad, torch.float64) for t in terms], bound=bounded)
+        sq[bad] = wide if err is None else wide + err
     return sq
+
+
+def select(terms: list[Term], keep: torch.Tensor) -> list[Term]:
+    """The examples ``keep`` of each term, in float64 (their clipped sum then adds float64 rounding only)."""
+    return [_select(t, keep, torch.float64) for t in terms]
 
 
 # ---------------------------------------------------------------- masking and clipped sums
@@ -232,7 +315,7 @@ def _weighted_sum(f: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+    return gp.widen(x)
 
 
 def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.Tensor:

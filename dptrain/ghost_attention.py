@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ghost_layers import Dense, Outer, Term
-from .ghost_precision import narrow
+from .ghost_precision import narrow, wide_dtype, widen
 
 
 def is_plain_attention(m: nn.Module) -> bool:
@@ -174,7 +174,7 @@ def attention_terms(m: nn.MultiheadAttention, rec: AttentionRecord, outputs: lis
     # bf16 projection outputs: autocast multiplied bf16 inputs; keep bf16 factors (CUDA), else float32
     keep_narrow = all(narrow(d) and d.dtype == g[0].dtype for d in g)
     if not keep_narrow:
-        g = [d.float() for d in g]
+        g = [widen(d) for d in g]
     e, src = m.embed_dim, rec.source_len
     x_q, x_k, x_v, z = (t.to(g[0].dtype) for t in kept)
     terms: dict[str, Term] = {}
@@ -194,15 +194,15 @@ def attention_terms(m: nn.MultiheadAttention, rec: AttentionRecord, outputs: lis
             for name, d, x in (("q", dq, x_q), ("k", dk, x_k), ("v", dv, x_v)):
                 terms[f"{name}_proj_weight"] = Outer(d.unsqueeze(1), x.unsqueeze(1))
     if m.in_proj_bias is not None:
-        terms["in_proj_bias"] = Dense(torch.cat([d.sum(1, dtype=torch.float32) for d in (dq, dk, dv)], 1))
+        terms["in_proj_bias"] = Dense(torch.cat([d.sum(1, dtype=wide_dtype(d)) for d in (dq, dk, dv)], 1))
     if m.bias_k is not None:
         dk_full, dv_full = rest[0], rest[1]
-        terms["bias_k"] = Dense(dk_full[:, src].reshape(b, 1, 1, e).float())
-        terms["bias_v"] = Dense(dv_full[:, src].reshape(b, 1, 1, e).float())
+        terms["bias_k"] = Dense(widen(dk_full[:, src].reshape(b, 1, 1, e)))
+        terms["bias_v"] = Dense(widen(dv_full[:, src].reshape(b, 1, 1, e)))
         rest = rest[2:]
     dout = rest[0]
     terms["out_proj.weight"] = Outer(dout.unsqueeze(1), z.unsqueeze(1))
     if m.out_proj.bias is not None:
-        terms["out_proj.bias"] = Dense(dout.sum(1, dtype=torch.float32))
+        terms["out_proj.bias"] = Dense(dout.sum(1, dtype=wide_dtype(dout)))
     return terms
 

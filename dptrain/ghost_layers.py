@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import ghost_precision as gp
 from .ghost_rows import Rows
 
 
@@ -158,7 +159,7 @@ def linear_terms(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, Te
     b = g.shape[0]
     right = a.reshape(b, 1, -1, a.shape[-1])
     left = g.reshape(b, 1, -1, g.shape[-1])
-    bias = left.reshape(b, -1).float() if left.shape[2] == 1 else left.sum((1, 2), dtype=torch.float32)
+    bias = gp.widen(left.reshape(b, -1)) if left.shape[2] == 1 else left.sum((1, 2), dtype=gp.wide_dtype(left))
     return {"weight": Outer(left, right), "bias": Dense(bias)}
 
 
@@ -243,7 +244,7 @@ def _to_dense(term: Term, shape: torch.Size) -> torch.Tensor:
     if isinstance(term, Dense):
         return term.grads
     if isinstance(term, Outer):
-        per = torch.einsum("bgto,bgti->bgoi", term.left.float(), term.right.float())
+        per = torch.einsum("bgto,bgti->bgoi", gp.widen(term.left), gp.widen(term.right))
         return per.reshape(per.shape[0], *shape)
     if isinstance(term, Conv):
         return term.per_example()

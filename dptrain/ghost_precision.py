@@ -85,6 +85,16 @@ def margin(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (a * r).sum((1, 2)) * (_U * _U) * (1 + 1e-6)
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is narrower; float32 and float64 as they are (a float64 model's algebra stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def wide_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`widen` gives ``x``."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def sq(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     """Σ x² over all but the first ``lead`` dims (float32 arithmetic or wider, float64 result)."""
     dtype = torch.float32 if x.dtype in NARROW else None

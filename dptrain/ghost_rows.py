@@ -44,7 +44,7 @@ def segment_sums(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Te
 ROWS_GRAM_MAX_T = 16
 
 
-def rows_sq(term: Rows) -> torch.Tensor:
+def rows_sq(term: Rows, gram_max_t: int = ROWS_GRAM_MAX_T) -> torch.Tensor:
     """‖Σ_t e_{idx_t} R_tᵀ‖² per example: directly for T ≤ 2, Σ_{t,s} [idx_t = idx_s] (R_t·R_s) for T up to
     ROWS_GRAM_MAX_T, else a segment sum.
 
@@ -60,11 +60,11 @@ def rows_sq(term: Rows) -> torch.Tensor:
         together = norm(term.right[:, 0] + term.right[:, 1])
         apart = norm(term.right.reshape(b, 2 * d))
         return torch.where(term.idx[:, 0] == term.idx[:, 1], together, apart).double().square()
-    if t <= ROWS_GRAM_MAX_T:
+    if t <= gram_max_t:
         right = term.right
         gram = torch.matmul(right, right.transpose(1, 2))
         same = term.idx.unsqueeze(2) == term.idx.unsqueeze(1)
-        return torch.where(same, gram, 0.0).sum((1, 2)).double().clamp_min(0.0)  # rounding: tiny negatives
+        return torch.where(same, gram, 0.0).sum((1, 2), dtype=torch.float64).clamp_min(0.0)  # rounding: negatives
     ordered, order = torch.sort(term.idx, dim=1)
     new = torch.ones_like(ordered, dtype=torch.bool)
     new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
