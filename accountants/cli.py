@@ -89,3 +89,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="write the trade-off / ε-over-steps plot")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_report)
+
+
+if __name__ == "__main__":  # the subcommands belong to the `dptrain` command; run it
+    import sys
+
+    from dptrain.cli import main
+
+    sys.exit(main())

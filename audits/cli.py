@@ -57,3 +57,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the result as strict JSON; an infinite or undefined ε is written as null")
     p.set_defaults(func=_audit)
+
+
+if __name__ == "__main__":  # the subcommands belong to the `dptrain` command; run it
+    import sys
+
+    from dptrain.cli import main
+
+    sys.exit(main())

@@ -13,6 +13,7 @@ by :func:`dptrain.validate`.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
@@ -76,8 +77,26 @@ def iter_chunks(inputs: Inputs, targets: torch.Tensor, chunk_size: int | None
 PerExample = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
+def example_loss_fn(loss_fn: LossFn) -> LossFn:
+    """The loss of a batch of one as the per-example loss ℓ_i, with class weights kept.
+
+    A weighted ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with reduction='mean' divides by the batch's
+    Σ_i w_{y_i}; over a batch of one that cancels the example's own weight (ℓ_i = w_y·ℓ / w_y), so the
+    weights would silently do nothing. Such a loss is evaluated with reduction='sum' instead:
+    ℓ_i = w_{y_i}·ℓ(out_i, y_i), the weighted example loss (the batch normaliser Σ_i w_{y_i} depends
+    on the other examples and is not used). Every other loss is returned as it is.
+    """
+    if (type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss) and getattr(loss_fn, "weight", None) is not None
+            and loss_fn.reduction == "mean"):
+        summed = copy.copy(loss_fn)  # shares the weight tensor
+        summed.reduction = "sum"
+        return summed
+    return loss_fn
+
+
 def _vmap_grads(model: nn.Module, loss_fn: LossFn, xs: tuple[torch.Tensor, ...],
                 targets: torch.Tensor) -> PerExample:
+    loss_fn = example_loss_fn(loss_fn)
     params = {k: p.detach() for k, p in trainable_parameters(model).items()}
     frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     constants = {**frozen, **dict(model.named_buffers())}
@@ -94,6 +113,7 @@ def _vmap_grads(model: nn.Module, loss_fn: LossFn, xs: tuple[torch.Tensor, ...],
 
 def _loop_grads(model: nn.Module, loss_fn: LossFn, xs: tuple[torch.Tensor, ...],
                 targets: torch.Tensor) -> PerExample:
+    loss_fn = example_loss_fn(loss_fn)
     params = trainable_parameters(model)
     names, tensors = list(params), list(params.values())
     rows: list[tuple[torch.Tensor, ...]] = []
@@ -118,7 +138,8 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets:
     """Per-example gradients, ``{name: Tensor[batch, *param.shape]}`` for trainable parameters.
 
     ``out[name][i]`` equals ``∇_name loss_fn(model(x_i[None]), y_i[None])``. ``loss_fn``
-    follows torch's ``(output, target) -> scalar`` convention (mean over a batch of one).
+    follows torch's ``(output, target) -> scalar`` convention (mean over a batch of one; a class-weighted
+    cross-entropy keeps its weight, :func:`example_loss_fn`).
     ``inputs`` is a tensor or a tuple of tensors batched on dim 0. ``chunk_size`` caps how
     many examples are processed at once (memory ∝ chunk_size × parameters).
     ``method``: ``"auto"`` (vmap unless the model holds an RNN), ``"vmap"`` or ``"loop"``.

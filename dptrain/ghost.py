@@ -44,7 +44,7 @@ from .ghost_bag import embedding_bag_terms
 from .ghost_graph import Call, Output, Recorder, covered
 from .ghost_plan import Plan, current_plan
 from .clipping import ClippedBatch, ClippingConfig, _factor
-from .engine import Inputs, LossFn, iter_chunks
+from .engine import Inputs, LossFn, example_loss_fn, iter_chunks
 
 #: models found to modify a recorded tensor in place: record copies for them
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -60,14 +60,15 @@ def _float32(device_type: str) -> contextlib.AbstractContextManager:
 def per_example_losses(loss_fn: LossFn, output: Any, y: torch.Tensor) -> torch.Tensor:
     """ℓ_i = loss_fn(out_i[None], y_i[None]) for every i: vmap over the batch, no assumption on the reduction.
 
-    nn.CrossEntropyLoss without class weights on [B, C] logits and class indices is evaluated
-    directly with reduction='none' (the same numbers, without vmap's overhead): a batch of one
-    has mean = sum = its own loss, except that 'mean' over an ignored target is 0/0 = NaN
-    (its gradient is 0 either way).
+    nn.CrossEntropyLoss on [B, C] logits and class indices is evaluated directly with reduction='none'
+    (the same numbers, without vmap's overhead): a batch of one has mean = sum = its own loss, except
+    that 'mean' over an ignored target is 0/0 = NaN (its gradient is 0 either way). Class weights are
+    kept (ℓ_i = w_{y_i}·ℓ, :func:`dptrain.engine.example_loss_fn`).
     """
-    if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction in ("mean", "sum")
+    loss_fn = example_loss_fn(loss_fn)
+    if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction in ("mean", "sum")
             and isinstance(output, torch.Tensor) and output.dim() == 2 and y.dim() == 1 and not y.is_floating_point()):
-        losses = F.cross_entropy(output, y, reduction="none", ignore_index=loss_fn.ignore_index,
+        losses = F.cross_entropy(output, y, weight=loss_fn.weight, reduction="none", ignore_index=loss_fn.ignore_index,
                                  label_smoothing=loss_fn.label_smoothing)
         if loss_fn.reduction == "mean":  # an ignored target: value 0/0 = NaN, gradient 0 (as the batch of one's)
             losses = torch.where(y == loss_fn.ignore_index, float("nan"), losses)

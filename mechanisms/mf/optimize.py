@@ -153,6 +153,8 @@ def optimal_gram(workload: np.ndarray, mask: np.ndarray, max_iter: int = 3000,
     a_t = torch.from_numpy(np.ascontiguousarray(np.asarray(workload, dtype=np.float64).T))
     n = a_t.shape[0]
     r_np, c_np = np.nonzero(np.tril(mask, -1))
+    if r_np.size == 0:  # no free entry (one step per epoch, or one step): X = I is the only feasible point
+        return np.eye(n)
     rows, cols = torch.from_numpy(r_np), torch.from_numpy(c_np)
 
     def build(theta: torch.Tensor) -> torch.Tensor:

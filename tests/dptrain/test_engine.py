@@ -119,3 +119,21 @@ def test_per_sample_grads_match_loop_on_cuda(name):
     want = reference_grads(model, x, y)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("loss_cls", [nn.CrossEntropyLoss, nn.NLLLoss])
+@pytest.mark.parametrize("method", ["vmap", "loop", "fast"])
+def test_class_weights_of_a_mean_loss_are_kept_per_example(loss_cls, method):
+    """Over a batch of one, a weighted 'mean' divides by the example's own weight, so the weights did nothing;
+    the per-example loss is w_{y_i}·ℓ_i (the 'sum' form), on every engine."""
+    from dptrain import ClippingConfig, clip_and_sum
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.LogSoftmax(-1)) if loss_cls is nn.NLLLoss else nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    w = torch.tensor([1.0, 4.0, 0.25])
+    weighted = clip_and_sum(model, loss_cls(weight=w), x, y, ClippingConfig(1e6), method=method).sums
+    summed = clip_and_sum(model, loss_cls(weight=w, reduction="sum"), x, y, ClippingConfig(1e6), method=method).sums
+    plain = clip_and_sum(model, loss_cls(), x, y, ClippingConfig(1e6), method=method).sums
+    for k in weighted:
+        torch.testing.assert_close(weighted[k], summed[k])
+        assert not torch.allclose(weighted[k], plain[k])

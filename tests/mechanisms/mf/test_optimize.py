@@ -137,3 +137,10 @@ def test_optimiser_input_checks():
         optimal_banded_toeplitz(8, 9)
     with pytest.raises(ValueError):
         optimal_banded_toeplitz(8, 2, workload=np.ones(7))
+
+
+@pytest.mark.parametrize("n, k, b", [(3, 3, 1), (1, 1, None)])
+def test_optimal_dense_without_free_entries_is_the_identity(n, k, b):
+    """One step per epoch (or one step): diag X = 1 leaves nothing to optimise, and C = I (it raised)."""
+    s = optimal_dense(n, k, b)
+    np.testing.assert_allclose(s.dense(), np.eye(n), atol=1e-12)
