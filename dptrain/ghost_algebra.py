@@ -64,7 +64,7 @@ class RowNorms:
         return hit[1]
 
 
-Bounded = tuple[torch.Tensor, "torch.Tensor | None"]
+Bounded = tuple[torch.Tensor, "gr_.Bound | None"]
 
 
 def _token_norms(x: torch.Tensor) -> torch.Tensor:
@@ -96,21 +96,25 @@ def _outer_sq(term: Outer, norms: RowNorms, bound: bool = False) -> Bounded:
         if keep:
             term.explicit = per  # reused by the clipped sum: the contribution is f_i times this very tensor
             return sq, None
+        if not bound:
+            return sq, None
         # the norm of a float32 sum over T, and the fused sum's own rounding: 2T terms' worth
-        return sq, gr_.fused(sq, _mass(term), 2 * t, u) if bound else None
-    out, err = [], []
+        out_bound = gr_.Bound()
+        out_bound.add_norm(_mass(term), gr_.gamma(2 * t, u))
+        return sq, out_bound
+    out, raw = [], []
     for s in _slices(b, groups * t * t):
         ls, rs = left[s].reshape(-1, t, o), right[s].reshape(-1, t, i)
         gl, gr = gp.mm32(ls, ls.transpose(1, 2)), gp.mm32(rs, rs.transpose(1, 2))  # [n·G, T, T]
         n = gl.shape[0] // groups
         out.append((gl * gr).reshape(n, -1).sum(1, dtype=torch.float64))  # Σ_{g,t,s} gl·gr per example
-        if bound:
-            nl, nr = _token_norms(left[s]).reshape(-1, t), _token_norms(right[s]).reshape(-1, t)
-            err.append(gr_.gram(gl, gr, nl, nr, o, i, u).reshape(n, groups).sum(1))
+        if bound:  # token norms from the Gram diagonals: no further pass over the factors
+            raw.append(gr_.gram(gl, gr, groups))
     sq = torch.cat(out).clamp_min(0.0)  # rounding can leave a negative value
     if not bound:
         return sq, None
-    return sq, gr_.fused(sq, _mass(term), t, u, torch.cat(err))
+    q = raw[0] if len(raw) == 1 else torch.cat(raw, 1)
+    return sq, gr_.Bound(grams=[(q, gr_.gram_coefficients(o, i, t, u))])
 
 
 def _conv_sq(term: Conv, bound: bool = False) -> Bounded:
@@ -125,7 +129,9 @@ def _conv_sq(term: Conv, bound: bool = False) -> Bounded:
     # Σ_p ‖g_p‖‖patch_p‖ ≤ ‖g_i‖·‖patches_i‖ ≤ ‖g_i‖‖a_i‖√k: an input entry is in at most k = Π kernel patches
     k = term.weight_shape[2:].numel()
     mass = (_norm(term.g.reshape(b, -1)).double() * _norm(term.a.reshape(b, -1)).double()) * math.sqrt(k)
-    return sq, gr_.fused(sq, mass, 2 * term.g[0, 0].numel(), gr_.unit(term.g.dtype))
+    out = gr_.Bound()
+    out.add_norm(mass, gr_.gamma(2 * term.g[0, 0].numel(), gr_.unit(term.g.dtype)))
+    return sq, out
 
 
 def _rows_bounded(term: Rows, bound: bool) -> Bounded:
@@ -140,8 +146,11 @@ def _rows_bounded(term: Rows, bound: bool) -> Bounded:
         return sq, None
     mass = _norm(term.right.reshape(b * t, d)).reshape(b, t).sum(1).double()
     u = gr_.unit(term.right.dtype)
-    dots = gr_.gamma(d, u) * mass.square() if 2 < t <= gram_max_t else None
-    return sq, gr_.fused(sq, mass, 2 * t, u, dots)
+    out = gr_.Bound()
+    if 2 < t <= gram_max_t:
+        out.add_sq(gr_.gamma(d, u) * mass.square())
+    out.add_norm(mass, gr_.gamma(2 * t, u))
+    return sq, out
 
 
 def _cross(outer: Outer, rows: Rows) -> torch.Tensor:
@@ -174,11 +183,11 @@ def sq_norms(terms: list[Term], norms: RowNorms | None = None) -> torch.Tensor:
 
 
 def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bool = True) -> Bounded:
-    """:func:`sq_norms` and, with ``bound``, a bound on ‖G_i‖² − (the computed value) that covers what the
-    clipped sum adds for example i (float64 [B]; None where every term's error is relative only, see
-    :mod:`dptrain.ghost_rounding`)."""
+    """:func:`sq_norms` and, with ``bound``, the pieces of a bound on ‖G_i‖² − (the computed value) that covers
+    what the clipped sum adds for example i (:class:`dptrain.ghost_rounding.Bound`, combined by
+    :func:`~dptrain.ghost_rounding.excess`; None where every term's error is relative only)."""
     norms = norms if norms is not None else RowNorms()
-    total, err = None, None
+    total, err = None, gr_.Bound() if bound else None
     for term in terms:
         if isinstance(term, Outer):
             part, e = _outer_sq(term, norms, bound)
@@ -189,16 +198,18 @@ def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bo
         else:
             part, e = norms(term.grads.reshape(term.grads.shape[0], -1)).double().square(), None
         total = part if total is None else total + part
-        err = e if err is None else err if e is None else err + e
+        if err is not None:
+            err.merge(e)
     if len(terms) == 2:
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
         if bound:  # dot products R_t·Q_s of length d, weighted by |L_t[idx_s]| ≤ ‖L_t‖: ≤ γ_d S_outer S_rows
             outer, rows = terms
             b, t, d = rows.right.shape  # type: ignore[union-attr]
             rows_mass = _norm(rows.right.reshape(b * t, d)).reshape(b, t).sum(1).double()  # type: ignore[union-attr]
-            e = 2 * gr_.gamma(d + 2, gr_.unit(rows.right.dtype)) * _mass(outer) * rows_mass  # type: ignore
-            err = e if err is None else err + e
+            err.add_sq(2 * gr_.gamma(d + 2, gr_.unit(rows.right.dtype)) * _mass(outer) * rows_mass)  # type: ignore
     assert total is not None
+    if err is not None and err.empty():
+        err = None  # relative errors only
     return total, err
 
 
@@ -223,19 +234,17 @@ def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.dev
     (:func:`_row_norm`, relative errors only) stacked, widened and squared together, the others by
     :func:`sq_norms_bounded`."""
     norms = RowNorms()
-    single, parts, errs = [], [], []
+    single, parts, err = [], [], None
     for terms in params_terms:
         n = _row_norm(terms, norms)
         if n is None:
-            sq, err = sq_norms_bounded(terms, norms)
+            sq, e = sq_norms_bounded(terms, norms)
             parts.append(sq)
-            if err is not None:
-                errs.append(err)
+            err = e if err is None else err.merge(e)
         else:
             single.append(n)
     if single:
         parts.append(torch.stack(single).double().square().sum(0) if len(single) > 1 else single[0].double().square())
-    err = None if not errs else errs[0] if len(errs) == 1 else torch.stack(errs).sum(0)
     if not parts:
         return torch.zeros(batch, dtype=torch.float64, device=device), err
     return (torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]), err
@@ -275,7 +284,7 @@ def refine(terms: list[Term], sq: torch.Tensor, redo: torch.Tensor | None = None
     if bool(bad.any()):
         sq = sq.clone()
         wide, err = sq_norms_bounded([_select(t, bad, torch.float64) for t in terms], bound=bounded)
-        sq[bad] = wide if err is None else wide + err
+        sq[bad] = wide if err is None else wide + gr_.excess(wide, err)
     return sq
 
 

@@ -18,8 +18,9 @@ m_t = ‖R_t‖ and the mass S_i = Σ_t n_t m_t ≥ ‖G_i‖ (triangle inequali
 * the fused sum adds example i's T pieces with error ≤ γ_T S_i (its share of the batch product),
   a sum formed explicitly per example the same.
 
-A squared-norm bound E_i gives ‖G_i‖ ≤ (Ñ_i² + E_i)^½ + γ_T S_i; :func:`fused` turns that into
-one bound on ‖G_i‖² − Ñ_i². An example is *uncertain* when that bound exceeds TAU·max(Ñ_i², C²):
+Each term k gives ‖G_k‖ ≤ (Ñ_k² + E_k)^½ + c_k (c_k = γ_T S_k); :class:`Bound` collects Σ E_k and
+Σ c_k² over the terms of all parameters and :func:`excess` turns them into one bound on
+‖G_i‖² − Ñ_i² (Cauchy–Schwarz over the terms). An example is *uncertain* when that bound exceeds TAU·max(Ñ_i², C²):
 it is then recomputed in float64 (:mod:`dptrain.ghost_algebra`), where the same bound, added to the
 norm, is tiny unless its pieces cancel to 1e-13. Certified examples contribute at most
 C·(1 + TAU)^½ ≈ 1.004 C under worst-case float32 rounding (typical rounding is orders of magnitude
@@ -34,6 +35,7 @@ every float32 DP-SGD implementation shares.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,26 +56,110 @@ def gamma(n: int, u: float) -> float:
     return nu / (1.0 - nu) if nu < 0.5 else math.inf
 
 
-def fused(sq: torch.Tensor, mass: torch.Tensor, n: int, u: float, sq_err: torch.Tensor | None = None
-          ) -> torch.Tensor:
-    """Bound on ‖G‖² − Ñ² (float64 [B]) for a computed Ñ² = ``sq``, a squared-norm error ``sq_err`` and a
-    norm error γ_n·``mass`` (the fused sum's, or an explicit sum's): ((Ñ²(1+rel) + E)^½ + γ_n S)² − Ñ²."""
+@dataclass
+class Bound:
+    """Error pieces of a sum of squared norms Ñ² = Σ_k Ñ_k² (terms k of one or several parameters), float64 [B]:
+    ``sq_err`` = Σ_k E_k (errors on squared norms, ‖G_k‖² ≤ Ñ_k² + E_k) and ``norm_err2`` = Σ_k c_k²
+    (errors on norms: what the fused sum adds differs from G_k by at most c_k). Accumulated in place;
+    Gram terms leave their raw sums q = (nᵀ|B̃|n, mᵀ|Ã|m, S) [3, B] with their coefficients in ``grams``,
+    weighted in one product for all of them by :func:`excess` (a handful of tensor operations per clipping
+    pass, not per layer: on a GPU the per-layer launches are what a step would wait for)."""
+
+    sq_err: torch.Tensor | None = None
+    norm_err2: torch.Tensor | None = None
+    grams: list = field(default_factory=list)  # [(q [3, B] float32, (a, b, c, d))]: E = a q0 + b q1 + c q2², c² = d q2²
+
+    def add_sq(self, e: torch.Tensor) -> None:
+        self.sq_err = e if self.sq_err is None else self.sq_err.add_(e)
+
+    def add_norm(self, c: torch.Tensor, scale: float) -> None:
+        """A norm error of ``scale``·``c``."""
+        c2 = c.square().mul_(scale * scale)
+        self.norm_err2 = c2 if self.norm_err2 is None else self.norm_err2.add_(c2)
+
+    def merge(self, other: "Bound | None") -> "Bound":
+        """Add ``other``'s pieces (``other`` is not used afterwards: its tensors may be taken over)."""
+        if other is not None:
+            if other.sq_err is not None:
+                self.add_sq(other.sq_err)
+            if other.norm_err2 is not None:
+                self.norm_err2 = other.norm_err2 if self.norm_err2 is None else self.norm_err2.add_(other.norm_err2)
+            self.grams += other.grams
+        return self
+
+    def empty(self) -> bool:
+        return self.sq_err is None and self.norm_err2 is None and not self.grams
+
+
+#: coefficient matrices of :func:`excess` by (device, coefficients): made once, not copied to the device every step
+_COEFFICIENTS: dict[tuple, torch.Tensor] = {}
+
+
+def _coefficients(coefs: tuple, device: torch.device) -> torch.Tensor:
+    key = (str(device), coefs)
+    hit = _COEFFICIENTS.get(key)
+    if hit is None:
+        if len(_COEFFICIENTS) > 256:
+            _COEFFICIENTS.clear()
+        hit = _COEFFICIENTS[key] = torch.tensor(coefs, dtype=torch.float64, device=device)  # [K, 4]
+    return hit
+
+
+def _gram_pieces(bound: Bound) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_k E_k and Σ_k c_k² (float64 [B]) of the Gram terms in ``bound.grams``."""
+    q = torch.stack([g[0] for g in bound.grams]).double()  # [K, 3, B]
+    w = _coefficients(tuple(g[1] for g in bound.grams), q.device)  # [K, 4]
+    s2 = q[:, 2].square()  # [K, B]
+    e = torch.einsum("kj,kjb->b", w[:, :2], q[:, :2]) + torch.einsum("k,kb->b", w[:, 2], s2)
+    return e, torch.einsum("k,kb->b", w[:, 3], s2)
+
+
+def excess(sq: torch.Tensor, bound: Bound) -> torch.Tensor:
+    """Upper bound on ‖G‖² − Ñ² (float64 [B]) for ‖G_k‖ ≤ (Ñ_k² + E_k)^½ + c_k per term:
+    Σ_k ((Ñ_k² + E_k)^½ + c_k)² ≤ Ñ² + E + 2 (Σc_k²)^½ (Ñ² + E)^½ + Σc_k² (Cauchy–Schwarz), E = Σ_k E_k,
+    with the relative error of the float32 sums of squares (_REL) on Ñ²."""
+    sq_err, norm_err2 = bound.sq_err, bound.norm_err2
+    if bound.grams:
+        e, c2 = _gram_pieces(bound)
+        sq_err = e if sq_err is None else sq_err + e
+        norm_err2 = c2 if norm_err2 is None else norm_err2 + c2
     inner = sq * (1.0 + _REL) if sq_err is None else sq * (1.0 + _REL) + sq_err
-    return (inner.sqrt() + gamma(n, u) * mass * (1.0 + _REL)).square() - sq
+    out = inner - sq
+    if norm_err2 is not None:
+        out = out + 2.0 * (norm_err2 * inner).sqrt() + norm_err2
+    return out
 
 
-def gram(gl: torch.Tensor, gr: torch.Tensor, nl: torch.Tensor, nr: torch.Tensor, o: int, i: int, u: float
-         ) -> torch.Tensor:
-    """The Gram trick's squared-norm error bound per row of [n, T, T] Gram matrices ``gl`` = LLᵀ, ``gr`` = RRᵀ
-    and [n, T] token norms ``nl``, ``nr`` (float64 [n]; see the module docstring)."""
+def _weighted_abs_sum(g: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """nᵀ|g|n per row of [n, T, T] ``g`` and [n, T] ``n`` (an elementwise product and one reduction: faster
+    than a batched matrix-vector product on the CPU)."""
+    return (g.abs().mul_(n.unsqueeze(2)).mul_(n.unsqueeze(1))).sum((1, 2))
+
+
+def gram(gl: torch.Tensor, gr: torch.Tensor, groups: int) -> torch.Tensor:
+    """The Gram trick's raw sums q = (nᵀ|B̃|n, mᵀ|Ã|m, S = Σ_t n_t m_t) per example, [3, n] float32, for
+    [n·G, T, T] Gram matrices ``gl`` = LLᵀ, ``gr`` = RRᵀ; :func:`gram_coefficients` weights them.
+
+    The token norms n_t, m_t come from the diagonals (‖L_t‖² computed as a sum of o squares): no further
+    pass over the factors."""
+    nl = gl.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()
+    nr = gr.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()
+    q = torch.stack([_weighted_abs_sum(gr, nl), _weighted_abs_sum(gl, nr), (nl * nr).sum(1)])
+    return q.reshape(3, -1, groups).sum(2) if groups > 1 else q
+
+
+def gram_coefficients(o: int, i: int, t: int, u: float) -> tuple[float, float, float, float]:
+    """(a, b, c, d) with E = a q0 + b q1 + c q2² and c_k² = d q2² (see the module docstring):
+    E = (γ_o + 2u) nᵀ|B̃|n + γ_i mᵀ|Ã|m + 2γ_oγ_i S², and the fused sum's γ_T S. The diagonal norms'
+    relative error (≤ γ_o, γ_i on the squares) widens them by (1 + γ), folded in here, and the float32
+    sums of q by (1 + _REL)."""
     g_o, g_i = gamma(o, u), gamma(i, u)
-    q_l = (torch.bmm(gr.abs(), nl.unsqueeze(2)).squeeze(2) * nl).sum(1).double()
-    q_r = (torch.bmm(gl.abs(), nr.unsqueeze(2)).squeeze(2) * nr).sum(1).double()
-    s = (nl * nr).sum(1).double()
-    return ((g_o + 2 * u) * q_l + g_i * q_r + 2 * g_o * g_i * s.square()) * (1.0 + _REL)
+    w_o, w_i, r = (1.0 + g_o) ** 2, (1.0 + g_i) ** 2, (1.0 + _REL) ** 2
+    c = gamma(t, u) * (1.0 + g_o) * (1.0 + g_i) * (1.0 + _REL)
+    return ((g_o + 2 * u) * w_o * r, g_i * w_i * r, 2 * g_o * g_i * w_o * w_i * r, c * c)
 
 
-def uncertain(sq: torch.Tensor, bound: torch.Tensor, c: float) -> torch.Tensor:
+def uncertain(sq: torch.Tensor, bound: Bound, c: float) -> torch.Tensor:
     """Examples whose bound leaves the clipped contribution above C·(1 + TAU)^½ possible (bool [B]);
     a non-finite bound is uncertain, a non-finite norm is handled by the caller."""
-    return ~(bound <= TAU * torch.clamp(sq, min=c * c))
+    return ~(excess(sq, bound) <= TAU * torch.clamp(sq, min=c * c))
