@@ -224,3 +224,36 @@ def test_an_inference_mode_evaluation_flushes_a_table_drawn_by_several_streams()
         torch.set_num_threads(before)
     assert priv.tables.is_flushed
     assert bool((model.user.weight != init).all())  # every row got its noise
+
+
+@pytest.mark.parametrize("edit,match", [
+    # OneCycleLR cycles the group's momentum (0.85–0.95) unless cycle_momentum=False
+    (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10), "cycle_momentum=False"),
+    (lambda opt: opt.param_groups[0].update(weight_decay=0.1), "weight_decay"),
+    (lambda opt: opt.param_groups[0].update(maximize=True), "maximize"),
+], ids=["onecycle", "weight_decay", "maximize"])
+def test_a_table_group_that_leaves_plain_sgd_after_attach_is_refused_before_the_step(edit, match):
+    """Eager SGD would apply momentum / weight decay / maximize to every row; lazy noise cannot, so the
+    step is refused (before: the change was ignored and lazy no longer equalled eager)."""
+    model = Rec()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    priv = _attach(model, optimizer=opt)
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    edit(opt)
+    priv.flush()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dptrain.PrivacyConfigError, match=match):
+        priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.steps == 1 and priv.tables.step == 1  # nothing changed
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_onecycle_without_momentum_cycling_trains_lazily():
+    model = Rec()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    priv = _attach(model, optimizer=opt)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10, cycle_momentum=False)
+    for _ in range(3):
+        priv.step(*priv.loader.batch(torch.arange(5)))
+        sched.step()
+    assert priv.lazy and priv.tables.step == 3
