@@ -116,6 +116,7 @@ class LazyPrivateTraining(PrivateTraining):
         self.tables: LazyTables | None = None
         self.table_optimizer: torch.optim.Optimizer | None = None
         self._table_arg: torch.optim.Optimizer | None = None
+        self._table_step_hook: Any = None  # the handle of _refuse_table_step on a separate table optimizer
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._has_dense = False
         self._plans = LazyPlans(model)
@@ -126,14 +127,29 @@ class LazyPrivateTraining(PrivateTraining):
                table_optimizer: torch.optim.Optimizer | None = None) -> Any:
         """As :meth:`PrivateTraining.attach`; ``table_optimizer``: a plain SGD holding the tables
         (its learning rate, and any scheduler on it, sets the tables' steps) when ``optimizer`` is
-        not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9)."""
-        if self.tables is not None:
-            self.tables.remove_hooks()
-            self.tables = None
+        not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9).
+
+        Attaching again decides lazy or eager afresh (:meth:`_leave_lazy`), so a run may switch between
+        them: both record the same Poisson-sampled Gaussian step in the one ledger, and the switch
+        happens with every row flushed, i.e. holding all its noise as under eager DP-SGD.
+        """
+        self._leave_lazy()
         self._table_arg = table_optimizer
         return super().attach(dataset, batch_size, epochs, optimizer, loss_fn, sample_rate, steps, lr)
 
     # ------------------------------------------------------------------ setup
+    def _leave_lazy(self) -> None:
+        """Undo the lazy set-up of an earlier attach: flush every table (each row then has the noise of
+        every step taken, as under eager DP-SGD), remove the hooks, and forget the optimizers — the run
+        is unattached until this attach succeeds (an earlier lazy optimizer would not noise the tables)."""
+        if self.tables is not None:
+            self.tables.remove_hooks()
+        if self._table_step_hook is not None:
+            self._table_step_hook.remove()
+        self.lazy, self.tables, self.table_optimizer, self._has_dense = False, None, None, False
+        self._table_step_hook, self._rows = None, {}
+        self.optimizer = None
+
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: Any, expected_batch: float) -> DPOptimizer:
         tables = {k: m.weight for k, m in self.table_modules.items()}
@@ -164,7 +180,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert holder is not None and self.mechanism is not None
         self.lazy, self.table_optimizer, self._has_dense = True, holder, bool(dense)
         if table_opt is not None and table_opt is not optimizer:
-            table_opt.register_step_pre_hook(self._refuse_table_step)
+            self._table_step_hook = table_opt.register_step_pre_hook(self._refuse_table_step)
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
                                  None if self.config.seed is None else self.config.seed + 7919)

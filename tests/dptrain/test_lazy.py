@@ -257,3 +257,30 @@ def test_onecycle_without_momentum_cycling_trains_lazily():
         priv.step(*priv.loader.batch(torch.arange(5)))
         sched.step()
     assert priv.lazy and priv.tables.step == 3
+
+
+def test_reattaching_switches_between_lazy_and_eager_consistently():
+    """Before: an automatically lazy run re-attached with Adam fell back to eager noise but kept lazy=True
+    with no tables, and its next step failed. The switch happens with every row flushed, and the one ledger
+    records the same step event under both."""
+    from dptrain.lazy import AUTO_MIN_ROWS
+
+    model = Rec(users=AUTO_MIN_ROWS)
+
+    def attach(optimizer):
+        priv.attach(_rec_data(users=AUTO_MIN_ROWS), batch_size=10, epochs=1, optimizer=optimizer)
+
+    priv = _attach(model, mechanism="dpsgd", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    init = model.user.weight.detach().clone()
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.lazy and not priv.tables.is_flushed
+    with pytest.warns(UserWarning, match="dense noise on every row"):
+        attach(torch.optim.Adam(model.parameters()))
+    assert not priv.lazy and priv.tables is None and priv.table_optimizer is None
+    assert bool((model.user.weight != init).all())  # flushed at the switch: every row has step 1's noise
+    assert not model._forward_pre_hooks and not model.user._forward_pre_hooks  # no lazy hooks left
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    attach(torch.optim.SGD(model.parameters(), lr=0.1))  # and back to lazy
+    assert priv.lazy and priv.tables.step == 0
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.steps == 3 and len(priv.ledger.entries) == 1  # one event, three times
