@@ -19,7 +19,15 @@ cannot be summed into one draw); the table is read only by its own lookups (``ma
 a data-dependent write on read — and ``scale_grad_by_freq`` — a batch-dependent gradient — are
 refused); the learning rate of each step is read from the param group as the step runs, so any
 schedule (``torch.optim.lr_scheduler``) is exact, and the group is checked to be plain SGD at every
-step (a scheduler that cycles momentum, or a setting edited after attach, is refused). ``EmbeddingBag(mode="max")`` is refused.
+step (a scheduler that cycles momentum, or a setting edited after attach, is refused).
+``EmbeddingBag(mode="max")`` is refused.
+
+Limitation, not detected: a forward that reads a table's weight other than through the table's own
+lookup *without* gradient (``self.emb.weight.detach()``, a ``torch.no_grad()`` nearest-neighbour
+search over the rows) sees rows that still lack their deferred noise, so its output — and the dense
+gradients computed from it — differ from eager DP-SGD's. (Such a read *with* gradient is refused.)
+Train such a model eagerly — ``make_private(..., mechanism="dpsgd", engine="vmap")``, which never
+switches to lazy noise — or read the rows through the lookup.
 """
 from __future__ import annotations
 
