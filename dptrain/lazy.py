@@ -18,7 +18,16 @@ optimizers update an untouched row by an amount that depends on its history, so 
 cannot be summed into one draw); the table is read only by its own lookups (``max_norm`` —
 a data-dependent write on read — and ``scale_grad_by_freq`` — a batch-dependent gradient — are
 refused); the learning rate of each step is read from the param group as the step runs, so any
-schedule (``torch.optim.lr_scheduler``) is exact. ``EmbeddingBag(mode="max")`` is refused.
+schedule (``torch.optim.lr_scheduler``) is exact, and the group is checked to be plain SGD at every
+step (a scheduler that cycles momentum, or a setting edited after attach, is refused).
+``EmbeddingBag(mode="max")`` is refused.
+
+Limitation, not detected: a forward that reads a table's weight other than through the table's own
+lookup *without* gradient (``self.emb.weight.detach()``, a ``torch.no_grad()`` nearest-neighbour
+search over the rows) sees rows that still lack their deferred noise, so its output — and the dense
+gradients computed from it — differ from eager DP-SGD's. (Such a read *with* gradient is refused.)
+Train such a model eagerly — ``make_private(..., mechanism="dpsgd", engine="vmap")``, which never
+switches to lazy noise — or read the rows through the lookup.
 """
 from __future__ import annotations
 
@@ -77,14 +86,28 @@ def optimizer_problems(optimizer: torch.optim.Optimizer, tables: dict[str, nn.Pa
                        "train the tables with torch.optim.SGD(momentum=0, weight_decay=0), e.g. "
                        "attach(..., optimizer=Adam(dense params), table_optimizer=SGD(table params, lr))")
         else:
-            bad = {k: g.get(k) for k in ("momentum", "weight_decay") if g.get(k)}
-            if g.get("maximize"):
-                bad["maximize"] = True
-            if bad:
-                out.append(f"{name} is in an SGD param group with {bad}: momentum and weight decay move rows the "
-                           "batch did not touch by history-dependent amounts; use momentum=0, weight_decay=0 for "
-                           "the tables (a separate param group or table_optimizer=)")
+            out += sgd_group_problems(name, g)
     return out
+
+
+def sgd_group_problems(name: str, group: dict[str, Any]) -> list[str]:
+    """Why the SGD param group holding table ``name`` is not plain SGD, θ ← θ − lr·g (empty if it is).
+
+    Checked at attach and again before every step: a scheduler (``OneCycleLR``, ``CyclicLR``) or a
+    user may change a group's settings at any time. ``nesterov`` and ``dampening`` only act through
+    momentum, so with momentum = 0 they leave the update plain.
+    """
+    bad = {k: group.get(k) for k in ("momentum", "weight_decay") if group.get(k)}
+    if group.get("maximize"):
+        bad["maximize"] = True
+    if not bad:
+        return []
+    hint = (" (a scheduler that cycles momentum sets it: pass cycle_momentum=False to OneCycleLR / CyclicLR)"
+            if "momentum" in bad else "")
+    return [f"{name} is in an SGD param group with {bad}: momentum and weight decay move rows the batch did not "
+            "touch by history-dependent amounts (their skipped noise cannot be drawn at once), and the lazy step "
+            "of a table is θ ← θ − lr·g; use momentum=0, weight_decay=0, maximize=False for the tables "
+            f"(a separate param group or table_optimizer=){hint}"]
 
 
 class LazyPrivateTraining(PrivateTraining):
@@ -101,6 +124,7 @@ class LazyPrivateTraining(PrivateTraining):
         self.tables: LazyTables | None = None
         self.table_optimizer: torch.optim.Optimizer | None = None
         self._table_arg: torch.optim.Optimizer | None = None
+        self._table_step_hook: Any = None  # the handle of _refuse_table_step on a separate table optimizer
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._has_dense = False
         self._plans = LazyPlans(model)
@@ -111,14 +135,29 @@ class LazyPrivateTraining(PrivateTraining):
                table_optimizer: torch.optim.Optimizer | None = None) -> Any:
         """As :meth:`PrivateTraining.attach`; ``table_optimizer``: a plain SGD holding the tables
         (its learning rate, and any scheduler on it, sets the tables' steps) when ``optimizer`` is
-        not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9)."""
-        if self.tables is not None:
-            self.tables.remove_hooks()
-            self.tables = None
+        not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9).
+
+        Attaching again decides lazy or eager afresh (:meth:`_leave_lazy`), so a run may switch between
+        them: both record the same Poisson-sampled Gaussian step in the one ledger, and the switch
+        happens with every row flushed, i.e. holding all its noise as under eager DP-SGD.
+        """
+        self._leave_lazy()
         self._table_arg = table_optimizer
         return super().attach(dataset, batch_size, epochs, optimizer, loss_fn, sample_rate, steps, lr)
 
     # ------------------------------------------------------------------ setup
+    def _leave_lazy(self) -> None:
+        """Undo the lazy set-up of an earlier attach: flush every table (each row then has the noise of
+        every step taken, as under eager DP-SGD), remove the hooks, and forget the optimizers — the run
+        is unattached until this attach succeeds (an earlier lazy optimizer would not noise the tables)."""
+        if self.tables is not None:
+            self.tables.remove_hooks()
+        if self._table_step_hook is not None:
+            self._table_step_hook.remove()
+        self.lazy, self.tables, self.table_optimizer, self._has_dense = False, None, None, False
+        self._table_step_hook, self._rows = None, {}
+        self.optimizer = None
+
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: Any, expected_batch: float) -> DPOptimizer:
         tables = {k: m.weight for k, m in self.table_modules.items()}
@@ -149,7 +188,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert holder is not None and self.mechanism is not None
         self.lazy, self.table_optimizer, self._has_dense = True, holder, bool(dense)
         if table_opt is not None and table_opt is not optimizer:
-            table_opt.register_step_pre_hook(self._refuse_table_step)
+            self._table_step_hook = table_opt.register_step_pre_hook(self._refuse_table_step)
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
                                  None if self.config.seed is None else self.config.seed + 7919)
@@ -216,10 +255,23 @@ class LazyPrivateTraining(PrivateTraining):
         return batch.mean_loss
 
     def table_lrs(self) -> dict[str, float]:
-        """The learning rate each table gets at this step (read from its SGD param group)."""
+        """The learning rate each table gets at this step, read from its SGD param group — which must
+        still be plain SGD (:func:`sgd_group_problems`): lazy noise sums skipped steps of θ ← θ − lr·g."""
         assert self.table_optimizer is not None
         groups = {id(p): g for g in self.table_optimizer.param_groups for p in g["params"]}
-        return {k: float(groups[id(m.weight)]["lr"]) for k, m in self.table_modules.items()}
+        problems, lrs = [], {}
+        for k, m in self.table_modules.items():
+            g = groups.get(id(m.weight))
+            if g is None:
+                problems.append(f"{k} is no longer in the table optimizer (its Parameter was replaced after "
+                                "attach); call priv.attach(...) again with an optimizer that holds it")
+            else:
+                problems += sgd_group_problems(k, g)
+                lrs[k] = float(g["lr"])
+        if problems:
+            raise PrivacyConfigError("lazy tables need plain SGD at every step; since attach:\n  - "
+                                     + "\n  - ".join(problems) + "\n(no step was taken)")
+        return lrs
 
     def step(self, inputs: Any, targets: torch.Tensor | None = None) -> float:
         if not self.lazy:
@@ -227,11 +279,11 @@ class LazyPrivateTraining(PrivateTraining):
         self._require_attached()
         if targets is None:
             inputs, targets = _unpack(inputs)
+        lrs = self.table_lrs()  # before anything changes: the groups may have left plain SGD since attach
         self.check_budget()
         assert self.optimizer is not None and self.tables is not None
         self.optimizer.zero_grad()
         loss = self.backward(inputs, targets)
-        lrs = self.table_lrs()
         if self._has_dense:
             self.optimizer.apply_step()
         else:
@@ -283,4 +335,4 @@ def _mixing_error(name: str) -> PrivacyError:
 
 
 __all__ = ["LazyPrivateTraining", "AUTO_MIN_ROWS", "wants_lazy", "table_problems", "optimizer_problems",
-           "TABLE_TYPES"]
+           "sgd_group_problems", "TABLE_TYPES"]

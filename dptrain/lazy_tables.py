@@ -9,6 +9,10 @@ Hooks keep DESIGN.md invariants 3 and 7:
   (evaluation, tracing / export), and a state-dict pre-hook on each table flushes it before
   ``model.state_dict()`` (checkpoints, export of the weights).
 
+Every use (catch-up, step, flush) writes into the tensor the table's Parameter holds at that
+moment, in its dtype and on its device: ``model.half()``, ``.double()``, ``.to(device)`` and
+``.cpu()`` give a Parameter new memory, and the pending noise follows it there.
+
 Reading ``table.weight`` directly (not through a forward or ``state_dict``) bypasses the hooks:
 call :meth:`LazyTables.flush` (or ``priv.flush()``) first.
 """
@@ -83,20 +87,30 @@ class LazyTables:
     def step(self) -> int:
         return next(iter(self.noise.values())).step if self.noise else 0
 
+    def table(self, name: str) -> LazyNoiseTable:
+        """``name``'s noise table, writing into the tensor its module's Parameter holds now (a dtype or
+        device conversion of the model replaces that tensor; see :meth:`LazyNoiseTable.rebind`)."""
+        table, weight = self.noise[name], self.modules[name].weight
+        held = table.weight
+        if (weight.data_ptr() != held.data_ptr() or weight.dtype != held.dtype or weight.device != held.device
+                or weight.shape != held.shape):
+            table.rebind(weight.data, self._rng.streams(weight.device))
+        return table
+
     def _catch_up_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             idx = args[0] if args else kwargs.get("input")
             if isinstance(idx, torch.Tensor) and self._dirty:
                 if self.sync_free if self.sync_free is not None else idx.is_cuda:
-                    self.noise[name].catch_up(idx.long(), repeated=True)  # sorted entries, one draw each
+                    self.table(name).catch_up(idx.long(), repeated=True)  # sorted entries, one draw each
                 else:  # torch.unique: one draw per row read, but a host sync on a GPU
-                    self.noise[name].catch_up(torch.unique(idx).long())
+                    self.table(name).catch_up(torch.unique(idx).long())
         return hook
 
     def _flush_hook(self, name: str):
         def hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
             if self._dirty:
-                self.noise[name].flush()
+                self.table(name).flush()
         return hook
 
     def _before_model_forward(self, module: nn.Module, args: tuple) -> None:
@@ -105,16 +119,16 @@ class LazyTables:
 
     def sgd_step(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], lrs: dict[str, float]) -> None:
         """One plain-SGD step of every table: the clipped sums now, every row's noise at its next read."""
-        for k, table in self.noise.items():
+        for k in self.noise:
             idx, values = rows[k]
-            table.sgd_step(idx, values, lrs[k])
+            self.table(k).sgd_step(idx, values, lrs[k])
         self._dirty = True
 
     def flush(self) -> None:
         """Give every row all its pending noise: the tables then equal eager DP-SGD's."""
         if self._dirty:
-            for table in self.noise.values():
-                table.flush()
+            for k in self.noise:
+                self.table(k).flush()
             self._dirty = False
 
     @property
@@ -138,10 +152,11 @@ class LazyTables:
             raise ValueError(f"LazyTables.load_state_dict: checkpoint has no lazy-noise state for tables "
                              f"{sorted(missing)}; it was saved from a different model")
         # the tables of one device share one noise source: resume it once, from the first one's state
+        tables = {k: self.table(k) for k in self.noise}
         first = {}
-        for k, t in self.noise.items():
+        for k, t in tables.items():
             first.setdefault(str(t.weight.device), state[k]["generator"])
         self._rng.load_state_dict(self._rng.seed, first)
-        for k, t in self.noise.items():
+        for k, t in tables.items():
             t.load_state_dict(state[k], source=self._rng.streams(t.weight.device))
         self._dirty = False

@@ -68,6 +68,28 @@ class LazyNoiseTable:
         # _cumvar[t] = Σ_{u<t} (lr_u σC/B)², grown by doubling
         self._cumvar = torch.zeros(64, dtype=torch.float64, device=weight.device)
 
+    def rebind(self, weight: torch.Tensor, noise: NormalSource | None = None) -> None:
+        """Write into ``weight`` from now on: the table's tensor as it is now. A model's ``.half()``,
+        ``.double()``, ``.to(device)`` or ``.cpu()`` gives its Parameter new memory, and noise or updates
+        written into the old tensor would be lost (its rows would leave the process without their noise).
+
+        What a row owes is kept as step counts, not values, so nothing is lost: the next catch-up or
+        flush draws it in ``weight``'s dtype. On a new device the counters move with the table and
+        ``noise``, that device's source, draws from then on (it must be given when the device changes).
+        """
+        if weight.shape != self.weight.shape:
+            raise ValueError(f"LazyNoiseTable.rebind: the table's shape changed from {tuple(self.weight.shape)} to "
+                             f"{tuple(weight.shape)}; its pending noise belongs to the old rows. Keep the table's "
+                             "shape during a private run")
+        if weight.device != self.last_step.device:
+            if noise is None:
+                raise ValueError(f"LazyNoiseTable.rebind: the table moved from {self.last_step.device} to "
+                                 f"{weight.device}; pass the noise source of {weight.device}")
+            self.last_step = self.last_step.to(weight.device)
+            self._cumvar = self._cumvar.to(weight.device)
+            self.streams = noise
+        self.weight = weight
+
     def _owed_var(self, last_steps: torch.Tensor) -> torch.Tensor:
         """Σ of the step variances since each ``last_steps`` entry: _cumvar[step] − _cumvar[last]."""
         return self._total - self._cumvar.index_select(0, last_steps)

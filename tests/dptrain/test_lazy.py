@@ -224,3 +224,63 @@ def test_an_inference_mode_evaluation_flushes_a_table_drawn_by_several_streams()
         torch.set_num_threads(before)
     assert priv.tables.is_flushed
     assert bool((model.user.weight != init).all())  # every row got its noise
+
+
+@pytest.mark.parametrize("edit,match", [
+    # OneCycleLR cycles the group's momentum (0.85–0.95) unless cycle_momentum=False
+    (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10), "cycle_momentum=False"),
+    (lambda opt: opt.param_groups[0].update(weight_decay=0.1), "weight_decay"),
+    (lambda opt: opt.param_groups[0].update(maximize=True), "maximize"),
+], ids=["onecycle", "weight_decay", "maximize"])
+def test_a_table_group_that_leaves_plain_sgd_after_attach_is_refused_before_the_step(edit, match):
+    """Eager SGD would apply momentum / weight decay / maximize to every row; lazy noise cannot, so the
+    step is refused (before: the change was ignored and lazy no longer equalled eager)."""
+    model = Rec()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    priv = _attach(model, optimizer=opt)
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    edit(opt)
+    priv.flush()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dptrain.PrivacyConfigError, match=match):
+        priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.steps == 1 and priv.tables.step == 1  # nothing changed
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_onecycle_without_momentum_cycling_trains_lazily():
+    model = Rec()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    priv = _attach(model, optimizer=opt)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10, cycle_momentum=False)
+    for _ in range(3):
+        priv.step(*priv.loader.batch(torch.arange(5)))
+        sched.step()
+    assert priv.lazy and priv.tables.step == 3
+
+
+def test_reattaching_switches_between_lazy_and_eager_consistently():
+    """Before: an automatically lazy run re-attached with Adam fell back to eager noise but kept lazy=True
+    with no tables, and its next step failed. The switch happens with every row flushed, and the one ledger
+    records the same step event under both."""
+    from dptrain.lazy import AUTO_MIN_ROWS
+
+    model = Rec(users=AUTO_MIN_ROWS)
+
+    def attach(optimizer):
+        priv.attach(_rec_data(users=AUTO_MIN_ROWS), batch_size=10, epochs=1, optimizer=optimizer)
+
+    priv = _attach(model, mechanism="dpsgd", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    init = model.user.weight.detach().clone()
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.lazy and not priv.tables.is_flushed
+    with pytest.warns(UserWarning, match="dense noise on every row"):
+        attach(torch.optim.Adam(model.parameters()))
+    assert not priv.lazy and priv.tables is None and priv.table_optimizer is None
+    assert bool((model.user.weight != init).all())  # flushed at the switch: every row has step 1's noise
+    assert not model._forward_pre_hooks and not model.user._forward_pre_hooks  # no lazy hooks left
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    attach(torch.optim.SGD(model.parameters(), lr=0.1))  # and back to lazy
+    assert priv.lazy and priv.tables.step == 0
+    priv.step(*priv.loader.batch(torch.arange(5)))
+    assert priv.steps == 3 and len(priv.ledger.entries) == 1  # one event, three times

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -116,3 +117,93 @@ def test_copying_one_table_module_exports_it_flushed():
         clone = copy.deepcopy(table)
         assert priv.tables.is_flushed
         assert torch.equal(clone.weight, table.weight)
+
+
+# --- the model converted after lazy steps (model.double(), .half(), .to(device)) -------------------------
+WIDE, LR, B = 4000, 0.5, 4  # table width (independent coordinates), lr, expected batch size (q·N = 0.2·20)
+STEP_VAR = (LR * 1.0 * 1.0 / B) ** 2  # (lr σ C / B)² with σ = C = 1: one step's noise variance per coordinate
+NEVER_READ = [0, 3, 4, 5]  # the steps below read rows 1 and 2 only
+
+
+class Wide(nn.Module):
+    """One wide table read through its lookup, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(6, WIDE)
+        self.head = nn.Linear(WIDE, 2)
+
+    def forward(self, x):
+        return self.head(self.table(x))
+
+
+def _wide_run():
+    torch.manual_seed(0)
+    model = Wide()
+    priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, max_grad_norm=1.0, mechanism="lazy", seed=0,
+                                accountant="rdp")
+    priv.attach(TensorDataset(torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.long)), batch_size=B,
+                steps=10, optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    return model, priv
+
+
+def _lazy_steps(priv, n):
+    for _ in range(n):
+        priv.step(torch.tensor([1, 2]), torch.tensor([0, 1]))
+
+
+def _assert_noise_of_variance(residual: torch.Tensor, var: float) -> None:
+    """``residual`` (never-read rows minus their earlier values) is N(0, var) per coordinate: chi-square on
+    Σ residual² / var with 4·WIDE degrees of freedom, two-sided, false-failure probability 1e-7."""
+    from scipy import stats
+
+    df = residual.numel()
+    chi = float((residual.double() ** 2).sum()) / var
+    assert stats.chi2.ppf(5e-8, df) < chi < stats.chi2.isf(5e-8, df), chi / df
+
+
+@pytest.mark.parametrize("convert", ["double", "half"])
+def test_a_dtype_conversion_after_lazy_steps_exports_every_row_noised(convert):
+    """model.double() / .half() give the Parameter new memory; the pending noise goes there (before: into the
+    old tensor, and the exported never-read rows equalled their initial values)."""
+    model, priv = _wide_run()
+    dtype = getattr(torch, "float64" if convert == "double" else "float16")
+    init = model.table.weight.detach().to(dtype).double()
+    _lazy_steps(priv, 2)
+    getattr(model, convert)()
+    w = model.state_dict()["table.weight"]  # the state-dict hook flushes
+    assert w.dtype == dtype and priv.tables.is_flushed
+    _assert_noise_of_variance(w.double()[NEVER_READ] - init[NEVER_READ], 2 * STEP_VAR)
+
+
+def test_training_goes_on_in_the_converted_table():
+    model, priv = _wide_run()
+    _lazy_steps(priv, 2)
+    model.double()
+    priv.flush()
+    before = model.table.weight.detach().clone()
+    _lazy_steps(priv, 2)
+    assert not torch.equal(model.table.weight[1:3], before[1:3])  # the read rows got their clipped sums
+    priv.flush()
+    w = model.table.weight.detach()
+    assert w.dtype == torch.float64
+    _assert_noise_of_variance(w[NEVER_READ] - before[NEVER_READ], 2 * STEP_VAR)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_device_move_after_lazy_steps_takes_the_pending_noise_along():
+    model, priv = _wide_run()
+    init = model.table.weight.detach().clone()
+    _lazy_steps(priv, 2)
+    model.cuda()
+    model.eval()
+    model(torch.tensor([0], device="cuda"))  # an eval forward flushes, on the new device
+    assert priv.tables.is_flushed and priv.tables.noise["table.weight"].last_step.is_cuda
+    w = model.table.weight.detach().cpu()
+    _assert_noise_of_variance(w[NEVER_READ] - init[NEVER_READ], 2 * STEP_VAR)
+    model.train()
+    before = model.table.weight.detach().clone()
+    _lazy_steps(priv, 1)  # training goes on there (indices on the CPU are moved to the model's device)
+    priv.flush()
+    _assert_noise_of_variance((model.table.weight.detach() - before)[NEVER_READ].cpu(), STEP_VAR)

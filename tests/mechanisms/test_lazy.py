@@ -166,3 +166,21 @@ def test_flush_across_parallel_noise_pieces_gives_every_row_its_variance(source)
     flat = w.reshape(6, PIECE)
     assert all(not torch.equal(flat[i], flat[j]) for i in range(6) for j in range(i))
     assert table.is_flushed
+
+
+def test_rebind_writes_the_pending_noise_into_the_new_tensor():
+    """A table converted mid-run (model.double()): the noise still owed lands in the tensor bound now, in its
+    dtype, with the summed variance; the old tensor is left alone. Chi-square, false-failure probability 1e-7."""
+    old = torch.zeros(3, D)
+    table = LazyNoiseTable(old, SIGMA_C, B, torch.Generator().manual_seed(0))
+    for lr in LRS[:3]:
+        table.sgd_step(torch.tensor([1]), torch.ones(1, D), lr)
+    new = old.double()
+    table.rebind(new)
+    table.flush()
+    assert not old[[0, 2]].any()  # the dead tensor gets nothing
+    var = sum((lr * SIGMA_C / B) ** 2 for lr in LRS[:3])
+    chi = float((new[[0, 2]] ** 2).sum()) / var
+    assert stats.chi2.ppf(5e-8, 2 * D) < chi < stats.chi2.isf(5e-8, 2 * D), chi / (2 * D)
+    with pytest.raises(ValueError, match="shape changed"):
+        table.rebind(torch.zeros(4, D))
