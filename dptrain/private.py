@@ -32,6 +32,14 @@ from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
 from .validation import validate
 
+def _rows(inputs: Any, targets: Any) -> int | None:
+    """The common number of rows (leading dimension) of the batch's tensors; None if they disagree."""
+    tensors = [t for t in (*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)), targets)
+               if isinstance(t, torch.Tensor)]
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
+    return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -363,6 +371,7 @@ class PrivateTraining:
                 "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
                 "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
                 "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
+        self._take_drawn(inputs, targets)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                              chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
@@ -370,6 +379,23 @@ class PrivateTraining:
             p.grad = batch.sums[name]
         self.optimizer.arm()
         return batch.mean_loss
+
+    def _take_drawn(self, inputs: Any, targets: torch.Tensor) -> None:
+        """The batch must be one the attached Poisson loader drew and no step has used (checked by its rows).
+
+        Privacy assumption: the accountant's PoissonSampled(q, ·) event holds only for batches in
+        which each example was included independently with probability q — the loader's draws. A
+        batch from another loader (fixed size, shuffled) or a hand-picked one is not covered by ε.
+        """
+        assert self.loader is not None
+        rows = _rows(inputs, targets)
+        if rows is not None and self.loader.take(rows):
+            return
+        raise PrivacyError(
+            "priv.step needs the batch the Poisson loader returned by attach yields; a batch from another "
+            "DataLoader is not Poisson-sampled at q and would not be covered by ε. Got a batch of "
+            f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
+            "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 
     def _check_trainable(self, trainable: set[int]) -> None:
         """The trainable parameters must be those the optimizer noises (fixed at attach)."""

@@ -50,7 +50,8 @@ def _train(lazy: bool, seed: int, device: str = "cpu") -> tuple[np.ndarray, obje
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: DECAY ** t)
     ds = TensorDataset(torch.arange(N), torch.zeros(N))
     priv.attach(ds, batch_size=BATCH, steps=len(BATCHES), optimizer=opt, loss_fn=_loss)
-    for rows in BATCHES:
+    for rows in BATCHES:  # fixed batches, the same for both runs: recorded as drawn (internal)
+        priv.loader._record_drawn(len(rows))
         priv.step(torch.tensor(rows), torch.zeros(len(rows)))
         sched.step()
     if lazy:  # rows 0 and 1 are brought up to date by a read, the others by the checkpoint's flush
@@ -183,7 +184,7 @@ def test_lazy_is_chosen_automatically_for_a_large_table_under_plain_sgd():
     big = Rec(users=AUTO_MIN_ROWS)
     priv = _attach(big, mechanism="dpsgd", optimizer=torch.optim.SGD(big.parameters(), lr=0.1))
     assert isinstance(priv, LazyPrivateTraining) and priv.lazy
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
     assert priv.report().mechanism == "dpsgd"  # the same mechanism, noise written lazily
     small = Rec()
     assert type(dptrain.make_private(small, eps=3.0)) is PrivateTraining
@@ -213,7 +214,7 @@ def test_an_inference_mode_evaluation_flushes_a_table_drawn_by_several_streams()
     model = Rec(users=40_000)
     priv = _attach(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     init = model.user.weight.detach().clone()
-    priv.step(*priv.loader.batch(torch.arange(10)))
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

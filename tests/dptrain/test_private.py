@@ -195,6 +195,7 @@ def test_empty_batches_still_step_and_count():
     priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, seed=0)
     priv.attach(_data(), batch_size=20, steps=5, lr=0.1)
     before = model.weight.detach().clone()
+    priv.loader._record_drawn(0)  # an empty draw (internal: q = 0.1 rarely gives one)
     priv.step(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     assert priv.steps == 1 and not torch.equal(before, model.weight)
 
@@ -236,6 +237,7 @@ def test_each_example_contribution_is_bounded_on_every_device(device):
                                 accountant="rdp")
     priv.attach(_data(), batch_size=40, steps=2, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     x, y = _data()[:1]
+    priv.loader._record_drawn(1)  # a chosen one-example batch (internal)
     priv.step(x * 100, y)
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0.25 / 40 * 0.95 < float(moved) <= 0.25 / 40 * 1.05  # the ×100 input is clipped to C
@@ -313,7 +315,7 @@ def test_unfreezing_or_freezing_a_layer_after_attach_is_refused():
     model[0].requires_grad_(False)
     priv = dptrain.make_private(model, eps=1.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model))
-    x, y = _data()[:20]
+    x, y = priv.loader.batch(priv.loader.sampler.sample())
     priv.step(x, y)
     model[0].requires_grad_(True)
     with pytest.raises(dptrain.PrivacyConfigError, match="trainable parameters changed"):
@@ -329,26 +331,27 @@ def test_public_optimizer_step_is_checked_and_recorded():
     model = _mlp()
     priv = dptrain.make_private(model, eps=1.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
-    x, y = _data()[:20]
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
     priv.optimizer.zero_grad()
-    priv.backward(x, y)
+    priv.backward(*draw())
     priv.optimizer.step()
     assert priv.steps == 1 and priv.epsilon_spent() > 0
     with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
         priv.optimizer.step()  # no new clipped sums
     priv.optimizer.zero_grad()
+    x, y = draw()
     priv.backward(x, y)
     nn.functional.cross_entropy(model(x), y).backward()  # adds an unclipped gradient into .grad
     with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
         priv.optimizer.step()
     priv.optimizer.zero_grad()
-    priv.backward(x, y)
+    priv.backward(*draw())
     with pytest.raises(dptrain.PrivacyError, match="twice"):
-        priv.backward(x, y)
+        priv.backward(*draw())
     assert priv.steps == 1
     while True:  # the budget holds on this path too
         priv.optimizer.zero_grad()
-        priv.backward(x, y)
+        priv.backward(*draw())
         try:
             priv.optimizer.step()
         except dptrain.BudgetExceededError:
@@ -431,3 +434,29 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_loaded(saved,
     with pytest.raises(dptrain.PrivacyConfigError, match="another run"):
         second.load_state_dict(first.state_dict())
     assert second.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, second.model.parameters()))
+
+
+def test_a_step_needs_an_unused_batch_drawn_by_the_attached_loader():
+    """priv.step / priv.backward took any batch (a shuffled DataLoader's, the whole dataset, one chosen
+    example) and recorded a Poisson(q) step for it."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=2.0, seed=1)
+    loader = priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    x_all, y_all = _data().tensors
+    own = next(iter(torch.utils.data.DataLoader(_data(), batch_size=20, shuffle=True)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in (own, (x_all, y_all), (x_all[:1], y_all[:1])):
+        with pytest.raises(dptrain.PrivacyError, match="Poisson loader returned by attach"):
+            priv.step(x, y)
+        with pytest.raises(dptrain.PrivacyError, match="not Poisson-sampled at q"):
+            priv.backward(x, y)
+    assert priv.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for x, y in loader:  # the loader's own batches train, once each
+        priv.step(x, y)
+    assert priv.steps == len(loader)
+    with pytest.raises(dptrain.PrivacyError, match="no unused batch"):
+        priv.step(x, y)
+    x, y = loader.batch(loader.sampler.sample())  # drawn through the sampler: also one of the loader's batches
+    priv.backward(x, y)
+    priv.optimizer.step()
+    assert priv.steps == len(loader) + 1
