@@ -78,7 +78,14 @@ class PrivateTraining:
                optimizer: torch.optim.Optimizer | None = None, loss_fn: LossFn | None = None,
                sample_rate: float | None = None, steps: int | None = None,
                lr: float | None = None) -> PoissonLoader:
-        """Fix the data, sampling and optimizer; calibrate σ; return the Poisson loader."""
+        """Fix the data, sampling and optimizer; calibrate σ; return the Poisson loader.
+
+        Attaching again after steps continues the same ledger, judged at the same δ: ε(δ) of a
+        ledger falls as δ grows, so a δ that changed with the dataset (the default 1/N^1.1 of a
+        smaller dataset is larger) would reopen a spent budget. Such a re-attach is refused rather
+        than keeping the first δ, because a dataset of another size is another neighbouring
+        relation (q·N, δ < 1/N) than the one the recorded steps were accounted under.
+        """
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
@@ -94,6 +101,7 @@ class PrivateTraining:
                 raise PrivacyConfigError(f"attach: epochs must be > 0, got {epochs} (or pass steps=)")
             steps = max(1, round(epochs * steps_per_epoch))
         delta = self.config.delta if self.config.delta is not None else default_delta(n)
+        self._check_same_delta(n, delta)
         if delta >= 1 / n:
             warnings.warn(f"delta={delta:g} is >= 1/N = {1 / n:g}: such a δ allows leaking a whole record; "
                           f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=2)
@@ -139,6 +147,16 @@ class PrivateTraining:
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
         return self.loader
+
+    def _check_same_delta(self, n: int, delta: float) -> None:
+        """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
+        if self.steps and self.plan is not None and delta != self.plan.delta:
+            raise PrivacyConfigError(
+                f"attach: this run has taken {self.steps} steps accounted at δ={self.plan.delta:.3g} "
+                f"(N={self.plan.dataset_size}); the new dataset of N={n} gives δ={delta:.3g}, and judging the same "
+                "steps at another δ would change the budget they spent (a larger δ reopens it). Attach a dataset of "
+                f"N={self.plan.dataset_size} examples, fix δ for the whole run with make_private(..., delta=...), "
+                "or start a new make_private run.")
 
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: NoiseMechanism, expected_batch: float) -> DPOptimizer:

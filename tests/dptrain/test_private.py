@@ -460,3 +460,24 @@ def test_a_step_needs_an_unused_batch_drawn_by_the_attached_loader():
     priv.backward(x, y)
     priv.optimizer.step()
     assert priv.steps == len(loader) + 1
+
+
+def test_attaching_a_dataset_of_another_size_after_steps_cannot_change_delta():
+    """Re-attaching to a 20-example Subset recomputed δ = 1/N^1.1 from N=20 and judged the spent ledger
+    at that larger δ: 8 more steps were allowed past an exhausted ε = 1 (ε 3.49 at the first δ)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    priv.fit()
+    plan = priv.plan
+    small = torch.utils.data.Subset(_data(), list(range(20)))
+    with pytest.raises(dptrain.PrivacyConfigError, match="another δ"):
+        priv.attach(small, batch_size=2, epochs=1, optimizer=_sgd(model))
+    assert priv.plan is plan and priv.report().delta == plan.delta
+    priv.attach(_data(), batch_size=40, epochs=1, optimizer=_sgd(model))  # same N: the same δ, allowed
+    assert priv.plan.delta == plan.delta
+    fixed = dptrain.make_private(_mlp(), eps=1.0, delta=1e-3, seed=1)  # δ fixed by the user: N may change
+    fixed.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(fixed.model))
+    fixed.step(fixed.loader.batch(fixed.loader.sampler.sample()))
+    fixed.attach(small, batch_size=2, epochs=1, optimizer=_sgd(fixed.model))
+    assert fixed.plan.delta == 1e-3
