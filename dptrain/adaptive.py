@@ -122,7 +122,7 @@ class AdaptiveClipping:
         self.sample_rate = plan.sample_rate
         self.expected_batch = plan.sample_rate * plan.dataset_size
         self.reference_sensitivity = priv.config.max_grad_norm
-        seed = None if priv.config.seed is None else priv.config.seed + 7
+        seed = priv._seed(7)
         names = list(trainable_parameters(priv.model))
         self.history: list[dict[str, float]] = []
         self.guard: NoiseGuard | None = None

@@ -152,7 +152,7 @@ class LazyPrivateTraining(PrivateTraining):
             table_opt.register_step_pre_hook(self._refuse_table_step)
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
-                                 None if self.config.seed is None else self.config.seed + 7919)
+                                 self._seed(7919))
         wrapped = DPOptimizer(dense_opt, dense if dense else list(tables.values()), self.mechanism, expected_batch)
         wrapped.on_public_step = (self._before_public_step, self._after_public_step)
         return wrapped

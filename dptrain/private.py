@@ -72,6 +72,7 @@ class PrivateTraining:
         self.distributed: bool | None = None  # None: data-parallel iff torch.distributed is initialised
         self.adaptive: AdaptiveClipping | None = None
         self._trainable_ids: set[int] = set()  # the trainable parameters at attach (the ones noised)
+        self._attaches = 0  # successful attaches of this run (and of the run a checkpoint continues)
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -109,7 +110,7 @@ class PrivateTraining:
             self.clipping = ClippingConfig.per_layer(self.model, self.config.max_grad_norm)
         else:
             self.clipping = ClippingConfig(self.config.max_grad_norm)
-        seed = None if self.config.seed is None else self.config.seed + 1
+        seed = self._seed(1)
         ddp = self._distributed_setup()
         if ddp is not None:
             seed = ddp.broadcast_seed(seed)  # one global Poisson mask on every rank
@@ -128,7 +129,7 @@ class PrivateTraining:
             sample_rate = sampler.sample_rate
         else:
             sigma, planned_eps = self._calibrate(sample_rate, steps, delta)
-            self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self.config.seed)
+            self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self._seed())
             self.plan = TrainingPlan(n, sample_rate, steps_per_epoch, steps, delta, sigma, planned_eps)
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
         settings = adaptive_settings(self.config.clipping)
@@ -146,7 +147,23 @@ class PrivateTraining:
         self.optimizer = self._private_optimizer(optimizer, lr, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
+        self._attaches += 1
         return self.loader
+
+    def _seed(self, offset: int = 0) -> int | None:
+        """The seed of this attach's stream ``offset`` (noise: 0, sampling: 1, …); None: OS entropy.
+
+        The first attach uses ``config.seed``; the k-th re-attach a seed derived from (seed, k)
+        (:func:`mechanisms.rng.derived_seed`), so its noise and Poisson draws are fresh. Re-seeding
+        from ``config.seed`` would replay the first attach's noise: two releases with the same noise
+        are not the independent Gaussian steps the ledger records.
+        """
+        if self.config.seed is None:
+            return None
+        from mechanisms.rng import derived_seed
+
+        base = self.config.seed if self._attaches == 0 else derived_seed(self.config.seed, self._attaches)
+        return base + offset
 
     def _check_same_delta(self, n: int, delta: float) -> None:
         """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
@@ -216,7 +233,7 @@ class PrivateTraining:
         mech = make_mf_mechanism(self.config.mechanism, steps, steps_per_epoch, self.clipping.sensitivity,
                                  noise_multiplier=self.config.noise_multiplier, target_eps=self.config.eps,
                                  delta=delta, bands=self.config.bands, accountant=self.config.accountant,
-                                 seed=self.config.seed)
+                                 seed=self._seed())
         mf = mech.plan
         if mf.partitions is not None:
             schedule = lambda g: cyclic_poisson_batches(n, mf.partitions, mf.sample_rate, steps, g)  # noqa: E731
@@ -487,7 +504,7 @@ class PrivateTraining:
         assert self.optimizer is not None and self.loader is not None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
-                "plan": asdict(plan), "config": asdict(self.config),
+                "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -516,6 +533,7 @@ class PrivateTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
+        self._attaches = max(self._attaches, int(state.get("attaches", 1)))  # a later attach: fresh streams
         if self.adaptive is not None:
             if "adaptive" not in state:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "

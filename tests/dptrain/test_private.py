@@ -481,3 +481,27 @@ def test_attaching_a_dataset_of_another_size_after_steps_cannot_change_delta():
     fixed.step(fixed.loader.batch(fixed.loader.sampler.sample()))
     fixed.attach(small, batch_size=2, epochs=1, optimizer=_sgd(fixed.model))
     assert fixed.plan.delta == 1e-3
+
+
+def test_attaching_again_with_a_seed_draws_fresh_noise_and_batches():
+    """With seed= set, a re-attach reseeded noise and Poisson sampling from config.seed: step 2 added exactly
+    step 1's noise on exactly step 1's batch (two releases with one noise are not two Gaussian steps)."""
+    model = nn.Linear(5, 200, bias=False)
+    nn.init.zeros_(model.weight)
+    priv = dptrain.make_private(model, eps=3.0, seed=1234)
+    kw = dict(batch_size=20, epochs=2, loss_fn=lambda out, target: (out * 0).sum())  # the update is the noise
+    updates, batches = [], []
+    for _ in range(2):  # e.g. a notebook cell run twice
+        priv.attach(_data(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+        before = model.weight.detach().clone()
+        batches.append(priv.loader.sampler.sample())
+        priv.step(priv.loader.batch(batches[-1]))
+        updates.append(model.weight.detach() - before)
+    corr = torch.corrcoef(torch.stack([u.flatten() for u in updates]))[0, 1]
+    assert abs(float(corr)) < 0.2  # independent: |corr| of 1000 pairs < 0.2 w.p. 1 - 2e-10
+    assert not torch.equal(batches[0], batches[1])
+    # a checkpoint carries the attach count: attaching the resumed run again does not replay attach 2's streams
+    again = dptrain.make_private(nn.Linear(5, 200, bias=False), eps=3.0, seed=1234)
+    again.attach(_data(), optimizer=torch.optim.SGD(again.model.parameters(), lr=1.0), **kw)
+    again.load_state_dict(priv.state_dict())
+    assert again._seed() not in (1234, priv.mechanism.seed)  # the seeds of attach 1 and attach 2
