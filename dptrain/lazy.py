@@ -103,6 +103,7 @@ class LazyPrivateTraining(PrivateTraining):
         self._table_arg: torch.optim.Optimizer | None = None
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._has_dense = False
+        self._table_hook: Any = None  # the table optimizer's refusal to step on its own
         self._plans = LazyPlans(model)
 
     def attach(self, dataset: Any, batch_size: int | None = 128, epochs: float | None = 10,
@@ -112,11 +113,25 @@ class LazyPrivateTraining(PrivateTraining):
         """As :meth:`PrivateTraining.attach`; ``table_optimizer``: a plain SGD holding the tables
         (its learning rate, and any scheduler on it, sets the tables' steps) when ``optimizer`` is
         not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9)."""
-        if self.tables is not None:
+        old = self.tables
+        if old is not None:
+            old.flush()  # its hooks stay (no-ops, nothing pending) until the new attach has succeeded
+
+        def attach() -> Any:
+            self._table_arg, self.tables, self.lazy, self._table_hook = table_optimizer, None, False, None
+            return PrivateTraining._attach(self, dataset, batch_size, epochs, optimizer, loss_fn, sample_rate,
+                                           steps, lr)
+        loader = self._all_or_nothing(attach)
+        if old is not None:
+            old.remove_hooks()
+        return loader
+
+    def _undo_attach(self, snapshot: dict[str, Any]) -> None:
+        if self.tables is not None and self.tables is not snapshot.get("tables"):
             self.tables.remove_hooks()
-            self.tables = None
-        self._table_arg = table_optimizer
-        return super().attach(dataset, batch_size, epochs, optimizer, loss_fn, sample_rate, steps, lr)
+        if self._table_hook is not None and self._table_hook is not snapshot.get("_table_hook"):
+            self._table_hook.remove()
+        super()._undo_attach(snapshot)
 
     # ------------------------------------------------------------------ setup
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
@@ -149,7 +164,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert holder is not None and self.mechanism is not None
         self.lazy, self.table_optimizer, self._has_dense = True, holder, bool(dense)
         if table_opt is not None and table_opt is not optimizer:
-            table_opt.register_step_pre_hook(self._refuse_table_step)
+            self._table_hook = table_opt.register_step_pre_hook(self._refuse_table_step)
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
                                  self._seed(7919))

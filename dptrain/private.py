@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -86,7 +86,37 @@ class PrivateTraining:
         smaller dataset is larger) would reopen a spent budget. Such a re-attach is refused rather
         than keeping the first δ, because a dataset of another size is another neighbouring
         relation (q·N, δ < 1/N) than the one the recorded steps were accounted under.
+
+        All or nothing: if any check fails (the model, the optimizer, the budget), the run is left
+        exactly as it was before the call.
         """
+        return self._all_or_nothing(lambda: self._attach(dataset, batch_size, epochs, optimizer, loss_fn,
+                                                         sample_rate, steps, lr))
+
+    def _all_or_nothing(self, attach: Callable[[], PoissonLoader]) -> PoissonLoader:
+        """Run ``attach``; if it raises, leave this run exactly as it was (unattached, or its previous
+        attachment): a refused model or optimizer must not leave a half-built plan that trains, nor a new
+        plan (σ the ledger records) beside the old optimizer (σ the noise has)."""
+        snapshot = dict(self.__dict__)
+        try:
+            loader = attach()
+        except BaseException:
+            self._undo_attach(snapshot)
+            raise
+        assert self.optimizer is not None
+        self.optimizer._previous = None  # attached: the earlier wrapper is not coming back
+        return loader
+
+    def _undo_attach(self, snapshot: dict[str, Any]) -> None:
+        """Back to ``snapshot`` (this object's attributes before the attach), hooks on optimizers included."""
+        if self.optimizer is not None and self.optimizer is not snapshot.get("optimizer"):
+            self.optimizer.release()
+        self.__dict__.clear()
+        self.__dict__.update(snapshot)
+
+    def _attach(self, dataset: Dataset, batch_size: int | None, epochs: float | None,
+                optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None, sample_rate: float | None,
+                steps: int | None, lr: float | None) -> PoissonLoader:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
