@@ -189,7 +189,7 @@ class AdaptiveClipping:
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]
         scale = config.sensitivity / self.reference_sensitivity if self.settings.scale_step else 1.0
         priv.optimizer.expected_batch_size = self.expected_batch * scale  # public divisor (post-processing)
-        priv.optimizer.apply_step()
+        priv.optimizer._apply_step()
         priv.ledger.record(self.event(sigma))
         record = {"noise_multiplier": sigma, "gradient_noise_multiplier": sigma_grad,
                   "sensitivity": config.sensitivity}

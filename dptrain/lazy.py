@@ -249,7 +249,7 @@ class LazyPrivateTraining(PrivateTraining):
         loss = self.backward(inputs, targets)
         lrs = self.table_lrs()
         if self._has_dense:
-            self.optimizer.apply_step()
+            self.optimizer._apply_step()
         else:
             self.optimizer.steps += 1
         self.tables.sgd_step(self._rows, lrs)

@@ -124,14 +124,14 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("DPOptimizer.step does not take a closure: gradients come from clip_and_sum")
         if self.on_public_step is None:
-            self.apply_step()
+            self._apply_step()
             return
         before, after = self.on_public_step
         before()
-        self.apply_step()
+        self._apply_step()
         after()
 
-    def apply_step(self) -> None:
+    def _apply_step(self) -> None:
         """Noise the clipped sums and run the wrapped optimizer (the caller checks and records the step)."""
         self.privatize_grads()
         self._inside_step = True

@@ -482,7 +482,7 @@ class PrivateTraining:
         assert self.optimizer is not None and self.mechanism is not None
         self.optimizer.zero_grad()
         loss = self.backward(inputs, targets)
-        self.optimizer.apply_step()
+        self.optimizer._apply_step()
         self.ledger.record(self._step_event(self.steps))
         return loss
 
