@@ -48,6 +48,17 @@ class PrivacyLedger:
             left -= n
         return ComposedEvent(tuple(parts))
 
+    def extends(self, other: "PrivacyLedger") -> bool:
+        """Whether this ledger's steps begin with all of ``other``'s, in order (``other`` continued)."""
+        last = len(other.entries) - 1
+        for i, (event, count) in enumerate(other.entries):
+            if i >= len(self.entries) or self.entries[i][0] != event:
+                return False
+            mine = self.entries[i][1]
+            if mine < count or (i < last and mine != count):
+                return False
+        return True
+
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         check_delta(delta)
         if not self.entries:

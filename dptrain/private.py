@@ -558,6 +558,7 @@ class PrivateTraining:
             raise PrivacyConfigError(
                 f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
+        self._check_ledger_continues(state["ledger"])
         self.plan = saved
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -569,6 +570,24 @@ class PrivateTraining:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+    def _check_ledger_continues(self, saved: dict[str, Any]) -> None:
+        """A run that has recorded steps may load only a checkpoint whose ledger continues its own.
+
+        Invariant 4 (the budget never resets): loading an earlier checkpoint into a run that has
+        stepped since would replace its ledger by a shorter one, and the releases made after that
+        checkpoint would no longer be counted.
+        """
+        if not self.steps:
+            return
+        theirs = accountants.PrivacyLedger()
+        theirs.load_state_dict(saved)
+        if not theirs.extends(self.ledger):
+            raise PrivacyConfigError(
+                f"load_state_dict: this run has recorded {self.steps} steps and the checkpoint's ledger "
+                f"({theirs.steps} steps) does not continue them; loading it would roll the budget back and "
+                "leave the releases since that checkpoint uncounted. Build a new run object (make_private and "
+                "attach) to resume a checkpoint.")
 
 
 #: make_private arguments a resumed run may change (memory and compute, not privacy)

@@ -553,3 +553,27 @@ def test_a_failed_re_attach_keeps_the_previous_attachment_whole():
         opt.step()  # still guarded, by the first attach's wrapper, which still steps
     priv.step(priv.loader.batch(priv.loader.sampler.sample()))
     assert priv.ledger.entries[0][0].event.noise_multiplier == priv.optimizer.mechanism.noise_multiplier
+
+
+def test_loading_an_earlier_checkpoint_into_a_run_that_stepped_is_refused():
+    """load_state_dict replaced the ledger with the checkpoint's: reloading the step-5 checkpoint after each
+    exhausted budget gave 50 noisy releases (ε 4.73) reported as ε 1.64."""
+    import copy
+
+    _, priv = _run()
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
+    for _ in range(5):
+        priv.step(draw())
+    early = copy.deepcopy(priv.state_dict())
+    priv.load_state_dict(copy.deepcopy(early))  # its own ledger: nothing to roll back
+    for _ in range(3):
+        priv.step(draw())
+    later = copy.deepcopy(priv.state_dict())
+    with pytest.raises(dptrain.PrivacyConfigError, match="new run object"):
+        priv.load_state_dict(early)
+    assert priv.steps == 8
+    priv.load_state_dict(later)  # continues this run's ledger
+    _, fresh = _run()
+    fresh.load_state_dict(early)  # a new run object resumes any checkpoint of the run
+    assert fresh.steps == 5
+
