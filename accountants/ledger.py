@@ -59,6 +59,21 @@ class PrivacyLedger:
                 return False
         return True
 
+    def segments(self) -> list[tuple[int, int, float, float]]:
+        """(first step, last step, σ, q), 1-based, of each run of equal Poisson-sampled Gaussian steps in
+        order; empty if some recorded event is not one such step (a correlated-noise mechanism's)."""
+        from .composition import flatten
+
+        out, start = [], 1
+        for event, count in self.entries:
+            flat = flatten(event)
+            if len(flat) != 1 or flat[0][1] != 1:
+                return []
+            (q, sigma), _ = flat[0]
+            out.append((start, start + count - 1, sigma, q))
+            start += count
+        return out
+
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         check_delta(delta)
         if not self.entries:

@@ -526,7 +526,7 @@ class PrivateTraining:
             planned_steps=plan.planned_steps, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
-            warnings=warn, **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
+            warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer (+ mechanism RNG), sampler RNG, accountant history and plan."""

@@ -577,3 +577,21 @@ def test_loading_an_earlier_checkpoint_into_a_run_that_stepped_is_refused():
     fresh.load_state_dict(early)  # a new run object resumes any checkpoint of the run
     assert fresh.steps == 5
 
+
+
+def test_the_report_after_a_re_attach_states_every_plan_and_mu_of_the_ledger():
+    from accountants.backends import gdp_mu_of
+    from accountants.composition import flatten
+
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=10, optimizer=_sgd(model))
+    priv.fit(epochs=1)
+    first = priv.plan
+    priv.attach(_data(), batch_size=100, epochs=2, optimizer=_sgd(model))
+    for _ in range(3):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    r = priv.report()
+    assert r.segments == [(1, 10, first.noise_multiplier, 0.1), (11, 13, priv.plan.noise_multiplier, 0.5)]
+    assert r.gdp_mu == pytest.approx(gdp_mu_of(flatten(priv.ledger.composed())), rel=1e-12)
+    assert "mixed" in r.to_text()
