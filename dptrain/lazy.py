@@ -156,7 +156,7 @@ class LazyPrivateTraining(PrivateTraining):
                                          + "\n  - ".join(problems) + "\n(or use mechanism='dpsgd')")
             warnings.warn("embedding tables are trained with dense noise on every row (slow for large tables), "
                           "because lazy noise would not be exact here:\n  - " + "\n  - ".join(problems),
-                          stacklevel=4)
+                          stacklevel=6)
             if optimizer is None and table_opt is not None:
                 raise PrivacyConfigError("table_optimizer= is for the lazy path; pass one optimizer for all "
                                          "parameters under mechanism='dpsgd'")

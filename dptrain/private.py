@@ -10,13 +10,14 @@ that would pass the budget raises :class:`BudgetExceededError` before anything r
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
@@ -38,6 +39,21 @@ def _rows(inputs: Any, targets: Any) -> int | None:
                if isinstance(t, torch.Tensor)]
     sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
     return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+
+def _dataset_size(dataset: Any) -> int:
+    """N of a sized, indexable dataset (Poisson sampling draws each index in range(N) independently)."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset,
+                                                                                          "__getitem__"):
+        raise PrivacyConfigError(
+            f"attach: a {type(dataset).__name__} has no length or no indexing; Poisson sampling needs a sized, "
+            "indexable dataset (len(dataset) and dataset[i], as a map-style torch Dataset or TensorDataset), "
+            "since each of the N examples joins a batch independently with probability q. Load the data into "
+            "one (e.g. a list of examples, or TensorDataset) before attach.")
+    n = len(dataset)
+    if n == 0:
+        raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
+    return n
 
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
@@ -117,25 +133,28 @@ class PrivateTraining:
     def _attach(self, dataset: Dataset, batch_size: int | None, epochs: float | None,
                 optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None, sample_rate: float | None,
                 steps: int | None, lr: float | None) -> PoissonLoader:
-        n = len(dataset)  # type: ignore[arg-type]
-        if n == 0:
-            raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
+        n = _dataset_size(dataset)
         if sample_rate is None:
-            if batch_size is None or batch_size < 1:
-                raise PrivacyConfigError(f"attach: batch_size must be >= 1, got {batch_size}")
+            if batch_size is None or not batch_size >= 1 or not math.isfinite(batch_size):
+                raise PrivacyConfigError(f"attach: batch_size must be a whole number >= 1, got {batch_size}")
             sample_rate = min(1.0, batch_size / n)
         if not 0 < sample_rate <= 1:
             raise PrivacyConfigError(f"attach: sample_rate must be in (0, 1], got {sample_rate}")
         steps_per_epoch = max(1, round(1 / sample_rate))
         if steps is None:
-            if epochs is None or epochs <= 0:
-                raise PrivacyConfigError(f"attach: epochs must be > 0, got {epochs} (or pass steps=)")
+            if epochs is None or not 0 < epochs < math.inf:
+                raise PrivacyConfigError(f"attach: epochs must be a finite number > 0, got {epochs} (or pass steps=)")
             steps = max(1, round(epochs * steps_per_epoch))
+        if self.config.delta is None and n < 2:
+            raise PrivacyConfigError(
+                f"attach: the dataset has N={n} example; the default δ = 1/N^1.1 is then 1, which allows releasing "
+                "it in the clear. Pass make_private(..., delta=...) with the δ you mean (DP over one record is "
+                "rarely what is wanted: train on more data)")
         delta = self.config.delta if self.config.delta is not None else default_delta(n)
         self._check_same_delta(n, delta)
         if delta >= 1 / n:
             warnings.warn(f"delta={delta:g} is >= 1/N = {1 / n:g}: such a δ allows leaking a whole record; "
-                          f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=2)
+                          f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=5)
         if self.config.clipping == "per-layer":
             self.clipping = ClippingConfig.per_layer(self.model, self.config.max_grad_norm)
         else:
@@ -298,11 +317,18 @@ class PrivateTraining:
         acc = self.config.accountant
         if self.config.noise_multiplier is not None:
             sigma = float(self.config.noise_multiplier)
-            eps = accountants.epsilon(sigma, q, steps, delta, accountant=acc)
+            try:
+                eps = accountants.epsilon(sigma, q, steps, delta, accountant=acc)
+            except OverflowError:  # the privacy-loss domain of so small a σ does not fit the accountant's grid
+                raise PrivacyConfigError(
+                    f"make_private: noise_multiplier={sigma:g} is too small to account ({acc} accountant: ε "
+                    f"overflows for q={q:g}, {steps} steps); noise that small next to the clip norm gives no "
+                    "privacy. Use noise_multiplier of about 0.3 or more, or leave it None and give eps= to "
+                    "calibrate it.") from None
             if self.config.eps is not None and eps > self.config.eps:
                 warnings.warn(f"noise_multiplier={sigma} spends ε={eps:.3g} over {steps} steps, more than the "
                               f"target ε={self.config.eps}; training will stop when the budget is reached",
-                              stacklevel=3)
+                              stacklevel=6)
             return sigma, eps
         assert self.config.eps is not None
         sigma = accountants.calibrate_noise(self.config.eps, delta, q, steps, accountant=acc)

@@ -595,3 +595,35 @@ def test_the_report_after_a_re_attach_states_every_plan_and_mu_of_the_ledger():
     assert r.segments == [(1, 10, first.noise_multiplier, 0.1), (11, 13, priv.plan.noise_multiplier, 0.5)]
     assert r.gdp_mu == pytest.approx(gdp_mu_of(flatten(priv.ledger.composed())), rel=1e-12)
     assert "mixed" in r.to_text()
+
+
+@pytest.mark.parametrize("kwargs, attach, match", [
+    ({}, {"epochs": float("nan")}, "epochs must be a finite number"),
+    ({}, {"epochs": float("inf")}, "epochs must be a finite number"),
+    ({}, {"batch_size": float("nan")}, "batch_size must be"),
+    ({"eps": None, "noise_multiplier": 1e-9}, {}, "too small to account"),
+])
+def test_unusable_attach_arguments_are_named(kwargs, attach, match):
+    """epochs NaN / inf: ValueError / OverflowError from round(); batch_size NaN: q = 1 silently; σ = 1e-9:
+    OverflowError from the accountant's grid."""
+    model = _mlp()
+    priv = dptrain.make_private(model, **{"eps": 3.0, "seed": 1, **kwargs})
+    with pytest.raises(dptrain.PrivacyConfigError, match=match):
+        priv.attach(_data(), **{"batch_size": 20, "epochs": 1, "optimizer": _sgd(model), **attach})
+
+
+def test_a_one_example_dataset_or_an_iterable_dataset_is_refused_with_the_fix():
+    """N = 1 gave δ = 1/N^1.1 = 1 and a ValueError deep in the accountant; an IterableDataset a TypeError
+    (no len)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"N=1 .*delta="):
+        priv.attach(_data(1), batch_size=1, epochs=1, optimizer=_sgd(model))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_data())
+
+    with pytest.raises(dptrain.PrivacyConfigError, match="sized, indexable dataset"):
+        priv.attach(Stream(), batch_size=10, epochs=1, optimizer=_sgd(model))
+    assert priv.plan is None
