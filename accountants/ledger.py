@@ -48,6 +48,32 @@ class PrivacyLedger:
             left -= n
         return ComposedEvent(tuple(parts))
 
+    def extends(self, other: "PrivacyLedger") -> bool:
+        """Whether this ledger's steps begin with all of ``other``'s, in order (``other`` continued)."""
+        last = len(other.entries) - 1
+        for i, (event, count) in enumerate(other.entries):
+            if i >= len(self.entries) or self.entries[i][0] != event:
+                return False
+            mine = self.entries[i][1]
+            if mine < count or (i < last and mine != count):
+                return False
+        return True
+
+    def segments(self) -> list[tuple[int, int, float, float]]:
+        """(first step, last step, σ, q), 1-based, of each run of equal Poisson-sampled Gaussian steps in
+        order; empty if some recorded event is not one such step (a correlated-noise mechanism's)."""
+        from .composition import flatten
+
+        out, start = [], 1
+        for event, count in self.entries:
+            flat = flatten(event)
+            if len(flat) != 1 or flat[0][1] != 1:
+                return []
+            (q, sigma), _ = flat[0]
+            out.append((start, start + count - 1, sigma, q))
+            start += count
+        return out
+
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         check_delta(delta)
         if not self.entries:

@@ -30,10 +30,21 @@ class BudgetReport:
     noise_schedule: list[tuple[int, int, float]] = field(default_factory=list)
     #: how the clip norm was chosen, when it was not fixed
     clipping: str | None = None
+    #: the ledger's runs of equal steps: (first step, last step, σ, q), 1-based; more than one after a
+    #: re-attach with another plan (``noise_multiplier`` and ``sample_rate`` are then the last plan's)
+    segments: list[tuple[int, int, float, float]] = field(default_factory=list)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the steps taken had more than one (σ, q)."""
+        return len({(s, q) for _, _, s, q in self.segments}) > 1
 
     @property
     def gdp_mu(self) -> float:
-        """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019); μ² adds over the σ schedule."""
+        """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019); μ² = Σ_t q_t²(e^{1/σ_t²} − 1) adds over
+        the ledger's segments (or the σ schedule)."""
+        if self.segments:
+            return sum(gdp_mu(s, q, b - a + 1) ** 2 for a, b, s, q in self.segments) ** 0.5
         if self.noise_schedule:
             return sum(gdp_mu(s, self.sample_rate, b - a + 1) ** 2 for a, b, s in self.noise_schedule) ** 0.5
         return gdp_mu(self.noise_multiplier, self.sample_rate, self.steps)
@@ -41,11 +52,15 @@ class BudgetReport:
     def to_text(self) -> str:
         target = "none" if self.target_epsilon is None else f"{self.target_epsilon:g}"
         planned = "" if self.planned_steps is None else f" of {self.planned_steps} planned"
+        mixed = "mixed, see segments; last plan " if self.mixed else ""
+        if self.mixed and self.planned_steps is not None:
+            planned = f" (the last plan: {self.planned_steps} steps)"
         rows = [
             ("ε spent", f"{self.epsilon_spent:.4f}  (target {target}, {self.accountant} accountant)"),
             ("δ", f"{self.delta:.3g}"),
-            ("noise multiplier σ", f"{self.noise_multiplier:.4f}"),
-            ("sample rate q", f"{self.sample_rate:.5g}" + (f"  (N = {self.dataset_size})" if self.dataset_size else "")),
+            ("noise multiplier σ", f"{mixed}{self.noise_multiplier:.4f}"),
+            ("sample rate q", f"{mixed}{self.sample_rate:.5g}"
+             + (f"  (N = {self.dataset_size})" if self.dataset_size else "")),
             ("steps", f"{self.steps}{planned}"),
             ("clip norm C", "n/a" if self.max_grad_norm is None else f"{self.max_grad_norm:g}"),
             ("mechanism", self.mechanism),
@@ -54,6 +69,8 @@ class BudgetReport:
         ]
         if self.clipping is not None:
             rows.append(("clipping", self.clipping))
+        if self.mixed:
+            rows.append(("segments", "; ".join(f"steps {a}–{b}: σ {s:.4f}, q {q:.5g}" for a, b, s, q in self.segments)))
         if len(self.noise_schedule) > 1:
             sig = [s for _, _, s in self.noise_schedule]
             shown = ", ".join(f"{a}–{b}: {s:.3f}" for a, b, s in self.noise_schedule[:8])
@@ -85,6 +102,7 @@ class BudgetReport:
             data["epsilon_bounds"] = tuple(data["epsilon_bounds"])
         data["epsilon_history"] = [tuple(p) for p in data.get("epsilon_history", [])]
         data["noise_schedule"] = [tuple(p) for p in data.get("noise_schedule", [])]
+        data["segments"] = [tuple(p) for p in data.get("segments", [])]
         return cls(**data)
 
     def save(self, path: str) -> None:

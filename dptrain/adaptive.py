@@ -122,7 +122,7 @@ class AdaptiveClipping:
         self.sample_rate = plan.sample_rate
         self.expected_batch = plan.sample_rate * plan.dataset_size
         self.reference_sensitivity = priv.config.max_grad_norm
-        seed = None if priv.config.seed is None else priv.config.seed + 7
+        seed = priv._seed(7)
         names = list(trainable_parameters(priv.model))
         self.history: list[dict[str, float]] = []
         self.guard: NoiseGuard | None = None
@@ -180,6 +180,7 @@ class AdaptiveClipping:
         priv.optimizer.zero_grad()
         params = trainable_parameters(priv.model)
         priv._check_trainable({id(p) for p in params.values()})
+        priv._take_drawn(inputs, targets)
         x, y = priv._to_device(inputs, targets, params=params)
         batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size,
                              method=priv.config.engine)
@@ -188,7 +189,7 @@ class AdaptiveClipping:
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]
         scale = config.sensitivity / self.reference_sensitivity if self.settings.scale_step else 1.0
         priv.optimizer.expected_batch_size = self.expected_batch * scale  # public divisor (post-processing)
-        priv.optimizer.apply_step()
+        priv.optimizer._apply_step()
         priv.ledger.record(self.event(sigma))
         record = {"noise_multiplier": sigma, "gradient_noise_multiplier": sigma_grad,
                   "sensitivity": config.sensitivity}

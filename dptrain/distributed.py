@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from torch import nn
 from mechanisms.base import NoiseMechanism
 
 from .errors import PrivacyConfigError
+from .sampling import announce
 
 
 def is_distributed() -> bool:
@@ -106,6 +107,7 @@ class ShardedSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampler: rank {rank} is outside [0, {world_size})")
         self.sampler, self.rank, self.world_size = sampler, int(rank), int(world_size)
+        self.on_draw: Callable[[int], None] | None = None  # set by the PoissonLoader: this rank's rows per draw
 
     @property
     def sample_rate(self) -> float:
@@ -121,7 +123,7 @@ class ShardedSampler:
     def sample(self) -> torch.Tensor:
         """This rank's indices of the next global batch."""
         batch = self.sampler.sample()
-        return batch[batch % self.world_size == self.rank]
+        return announce(self, batch[batch % self.world_size == self.rank])
 
     def __iter__(self):
         for _ in range(self.steps):

@@ -124,9 +124,9 @@ class LazyPrivateTraining(PrivateTraining):
         self.tables: LazyTables | None = None
         self.table_optimizer: torch.optim.Optimizer | None = None
         self._table_arg: torch.optim.Optimizer | None = None
-        self._table_step_hook: Any = None  # the handle of _refuse_table_step on a separate table optimizer
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._has_dense = False
+        self._table_hook: Any = None  # the table optimizer's refusal to step on its own
         self._plans = LazyPlans(model)
 
     def attach(self, dataset: Any, batch_size: int | None = 128, epochs: float | None = 10,
@@ -137,27 +137,36 @@ class LazyPrivateTraining(PrivateTraining):
         (its learning rate, and any scheduler on it, sets the tables' steps) when ``optimizer`` is
         not plain SGD. With neither given, the tables get SGD(lr) and the rest SGD(lr, momentum=0.9).
 
-        Attaching again decides lazy or eager afresh (:meth:`_leave_lazy`), so a run may switch between
-        them: both record the same Poisson-sampled Gaussian step in the one ledger, and the switch
-        happens with every row flushed, i.e. holding all its noise as under eager DP-SGD.
+        Attaching again decides lazy or eager afresh, so a run may switch between them: both record the
+        same Poisson-sampled Gaussian step in the one ledger, and the switch happens with every row
+        flushed, i.e. holding all its noise as under eager DP-SGD. All or nothing: the earlier attachment's
+        table hooks stay (no-ops, nothing pending) until the new attach has succeeded, and come back whole
+        if it fails.
         """
-        self._leave_lazy()
-        self._table_arg = table_optimizer
-        return super().attach(dataset, batch_size, epochs, optimizer, loss_fn, sample_rate, steps, lr)
+        old_tables, old_hook = self.tables, self._table_hook
+        if old_tables is not None:
+            old_tables.flush()
+
+        def attach() -> Any:
+            self._table_arg, self.tables, self.lazy, self._table_hook = table_optimizer, None, False, None
+            self.table_optimizer, self._has_dense, self._rows = None, False, {}
+            return PrivateTraining._attach(self, dataset, batch_size, epochs, optimizer, loss_fn, sample_rate,
+                                           steps, lr)
+        loader = self._all_or_nothing(attach)
+        if old_tables is not None:
+            old_tables.remove_hooks()
+        if old_hook is not None:
+            old_hook.remove()
+        return loader
+
+    def _undo_attach(self, snapshot: dict[str, Any]) -> None:
+        if self.tables is not None and self.tables is not snapshot.get("tables"):
+            self.tables.remove_hooks()
+        if self._table_hook is not None and self._table_hook is not snapshot.get("_table_hook"):
+            self._table_hook.remove()
+        super()._undo_attach(snapshot)
 
     # ------------------------------------------------------------------ setup
-    def _leave_lazy(self) -> None:
-        """Undo the lazy set-up of an earlier attach: flush every table (each row then has the noise of
-        every step taken, as under eager DP-SGD), remove the hooks, and forget the optimizers — the run
-        is unattached until this attach succeeds (an earlier lazy optimizer would not noise the tables)."""
-        if self.tables is not None:
-            self.tables.remove_hooks()
-        if self._table_step_hook is not None:
-            self._table_step_hook.remove()
-        self.lazy, self.tables, self.table_optimizer, self._has_dense = False, None, None, False
-        self._table_step_hook, self._rows = None, {}
-        self.optimizer = None
-
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: Any, expected_batch: float) -> DPOptimizer:
         tables = {k: m.weight for k, m in self.table_modules.items()}
@@ -180,7 +189,7 @@ class LazyPrivateTraining(PrivateTraining):
                                          + "\n  - ".join(problems) + "\n(or use mechanism='dpsgd')")
             warnings.warn("embedding tables are trained with dense noise on every row (slow for large tables), "
                           "because lazy noise would not be exact here:\n  - " + "\n  - ".join(problems),
-                          stacklevel=4)
+                          stacklevel=6)
             if optimizer is None and table_opt is not None:
                 raise PrivacyConfigError("table_optimizer= is for the lazy path; pass one optimizer for all "
                                          "parameters under mechanism='dpsgd'")
@@ -188,10 +197,10 @@ class LazyPrivateTraining(PrivateTraining):
         assert holder is not None and self.mechanism is not None
         self.lazy, self.table_optimizer, self._has_dense = True, holder, bool(dense)
         if table_opt is not None and table_opt is not optimizer:
-            self._table_step_hook = table_opt.register_step_pre_hook(self._refuse_table_step)
+            self._table_hook = table_opt.register_step_pre_hook(self._refuse_table_step)
         dense_opt = optimizer if optimizer is not None else holder
         self.tables = LazyTables(self.model, self.table_modules, self.mechanism.noise_std, expected_batch,
-                                 None if self.config.seed is None else self.config.seed + 7919)
+                                 self._seed(7919))
         wrapped = DPOptimizer(dense_opt, dense if dense else list(tables.values()), self.mechanism, expected_batch)
         wrapped.on_public_step = (self._before_public_step, self._after_public_step)
         return wrapped
@@ -246,6 +255,7 @@ class LazyPrivateTraining(PrivateTraining):
         plan = self._plans.get()
         params = plan[0].params
         self._check_trainable(plan[0].trainable)
+        self._take_drawn(inputs, targets)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                                                         chunk_size=self.config.chunk_size, plan=plan, coalesce=False)
@@ -285,7 +295,7 @@ class LazyPrivateTraining(PrivateTraining):
         self.optimizer.zero_grad()
         loss = self.backward(inputs, targets)
         if self._has_dense:
-            self.optimizer.apply_step()
+            self.optimizer._apply_step()
         else:
             self.optimizer.steps += 1
         self.tables.sgd_step(self._rows, lrs)

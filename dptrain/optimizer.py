@@ -41,13 +41,32 @@ class DPOptimizer(torch.optim.Optimizer):
         #: clipped sums of ``priv.backward`` and that the budget allows a step; record the step in the ledger
         self.on_public_step: tuple[Callable[[], None], Callable[[], None]] | None = None
         self._armed: list[tuple[torch.nn.Parameter, Any, int]] | None = None
+        #: the wrapper that guarded ``optimizer`` before this one (an earlier run's), restored by :meth:`release`
+        self._previous: DPOptimizer | None = getattr(optimizer, "_dptrain_owner", None)
+        self._install_guard()
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    def _install_guard(self) -> None:
+        """Make the wrapped optimizer refuse to step outside this wrapper (replacing an earlier wrapper's guard)."""
+        optimizer = self.original_optimizer
         old = getattr(optimizer, "_dptrain_guard", None)
         if old is not None:  # the optimizer was wrapped by an earlier run: this wrapper replaces that one
             old.remove()
         self._hook = optimizer.register_step_pre_hook(self._guard)
-        optimizer._dptrain_guard = self._hook  # type: ignore[attr-defined]
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
+        optimizer._dptrain_guard, optimizer._dptrain_owner = self._hook, self  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        """Undo this wrapper's hold on the optimizer (an attach that failed): the earlier wrapper's guard, if
+        any, is back, else the optimizer is unguarded as before it was wrapped."""
+        optimizer = self.original_optimizer
+        if getattr(optimizer, "_dptrain_owner", None) is not self:
+            return
+        self._hook.remove()
+        if self._previous is not None:
+            self._previous._install_guard()
+        else:
+            del optimizer._dptrain_guard, optimizer._dptrain_owner  # type: ignore[attr-defined]
 
     def _guard(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._inside_step:
@@ -105,14 +124,14 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("DPOptimizer.step does not take a closure: gradients come from clip_and_sum")
         if self.on_public_step is None:
-            self.apply_step()
+            self._apply_step()
             return
         before, after = self.on_public_step
         before()
-        self.apply_step()
+        self._apply_step()
         after()
 
-    def apply_step(self) -> None:
+    def _apply_step(self) -> None:
         """Noise the clipped sums and run the wrapped optimizer (the caller checks and records the step)."""
         self.privatize_grads()
         self._inside_step = True

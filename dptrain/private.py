@@ -10,13 +10,14 @@ that would pass the budget raises :class:`BudgetExceededError` before anything r
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
@@ -31,6 +32,29 @@ from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
 from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
 from .validation import validate
+
+def _rows(inputs: Any, targets: Any) -> int | None:
+    """The common number of rows (leading dimension) of the batch's tensors; None if they disagree."""
+    tensors = [t for t in (*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)), targets)
+               if isinstance(t, torch.Tensor)]
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
+    return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+
+def _dataset_size(dataset: Any) -> int:
+    """N of a sized, indexable dataset (Poisson sampling draws each index in range(N) independently)."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset,
+                                                                                          "__getitem__"):
+        raise PrivacyConfigError(
+            f"attach: a {type(dataset).__name__} has no length or no indexing; Poisson sampling needs a sized, "
+            "indexable dataset (len(dataset) and dataset[i], as a map-style torch Dataset or TensorDataset), "
+            "since each of the N examples joins a batch independently with probability q. Load the data into "
+            "one (e.g. a list of examples, or TensorDataset) before attach.")
+    n = len(dataset)
+    if n == 0:
+        raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
+    return n
+
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -64,36 +88,78 @@ class PrivateTraining:
         self.distributed: bool | None = None  # None: data-parallel iff torch.distributed is initialised
         self.adaptive: AdaptiveClipping | None = None
         self._trainable_ids: set[int] = set()  # the trainable parameters at attach (the ones noised)
+        self._attaches = 0  # successful attaches of this run (and of the run a checkpoint continues)
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
                optimizer: torch.optim.Optimizer | None = None, loss_fn: LossFn | None = None,
                sample_rate: float | None = None, steps: int | None = None,
                lr: float | None = None) -> PoissonLoader:
-        """Fix the data, sampling and optimizer; calibrate σ; return the Poisson loader."""
-        n = len(dataset)  # type: ignore[arg-type]
-        if n == 0:
-            raise PrivacyConfigError("attach: the dataset is empty; DP training needs at least one example")
+        """Fix the data, sampling and optimizer; calibrate σ; return the Poisson loader.
+
+        Attaching again after steps continues the same ledger, judged at the same δ: ε(δ) of a
+        ledger falls as δ grows, so a δ that changed with the dataset (the default 1/N^1.1 of a
+        smaller dataset is larger) would reopen a spent budget. Such a re-attach is refused rather
+        than keeping the first δ, because a dataset of another size is another neighbouring
+        relation (q·N, δ < 1/N) than the one the recorded steps were accounted under.
+
+        All or nothing: if any check fails (the model, the optimizer, the budget), the run is left
+        exactly as it was before the call.
+        """
+        return self._all_or_nothing(lambda: self._attach(dataset, batch_size, epochs, optimizer, loss_fn,
+                                                         sample_rate, steps, lr))
+
+    def _all_or_nothing(self, attach: Callable[[], PoissonLoader]) -> PoissonLoader:
+        """Run ``attach``; if it raises, leave this run exactly as it was (unattached, or its previous
+        attachment): a refused model or optimizer must not leave a half-built plan that trains, nor a new
+        plan (σ the ledger records) beside the old optimizer (σ the noise has)."""
+        snapshot = dict(self.__dict__)
+        try:
+            loader = attach()
+        except BaseException:
+            self._undo_attach(snapshot)
+            raise
+        assert self.optimizer is not None
+        self.optimizer._previous = None  # attached: the earlier wrapper is not coming back
+        return loader
+
+    def _undo_attach(self, snapshot: dict[str, Any]) -> None:
+        """Back to ``snapshot`` (this object's attributes before the attach), hooks on optimizers included."""
+        if self.optimizer is not None and self.optimizer is not snapshot.get("optimizer"):
+            self.optimizer.release()
+        self.__dict__.clear()
+        self.__dict__.update(snapshot)
+
+    def _attach(self, dataset: Dataset, batch_size: int | None, epochs: float | None,
+                optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None, sample_rate: float | None,
+                steps: int | None, lr: float | None) -> PoissonLoader:
+        n = _dataset_size(dataset)
         if sample_rate is None:
-            if batch_size is None or batch_size < 1:
-                raise PrivacyConfigError(f"attach: batch_size must be >= 1, got {batch_size}")
+            if batch_size is None or not batch_size >= 1 or not math.isfinite(batch_size):
+                raise PrivacyConfigError(f"attach: batch_size must be a whole number >= 1, got {batch_size}")
             sample_rate = min(1.0, batch_size / n)
         if not 0 < sample_rate <= 1:
             raise PrivacyConfigError(f"attach: sample_rate must be in (0, 1], got {sample_rate}")
         steps_per_epoch = max(1, round(1 / sample_rate))
         if steps is None:
-            if epochs is None or epochs <= 0:
-                raise PrivacyConfigError(f"attach: epochs must be > 0, got {epochs} (or pass steps=)")
+            if epochs is None or not 0 < epochs < math.inf:
+                raise PrivacyConfigError(f"attach: epochs must be a finite number > 0, got {epochs} (or pass steps=)")
             steps = max(1, round(epochs * steps_per_epoch))
+        if self.config.delta is None and n < 2:
+            raise PrivacyConfigError(
+                f"attach: the dataset has N={n} example; the default δ = 1/N^1.1 is then 1, which allows releasing "
+                "it in the clear. Pass make_private(..., delta=...) with the δ you mean (DP over one record is "
+                "rarely what is wanted: train on more data)")
         delta = self.config.delta if self.config.delta is not None else default_delta(n)
+        self._check_same_delta(n, delta)
         if delta >= 1 / n:
             warnings.warn(f"delta={delta:g} is >= 1/N = {1 / n:g}: such a δ allows leaking a whole record; "
-                          f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=2)
+                          f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=5)
         if self.config.clipping == "per-layer":
             self.clipping = ClippingConfig.per_layer(self.model, self.config.max_grad_norm)
         else:
             self.clipping = ClippingConfig(self.config.max_grad_norm)
-        seed = None if self.config.seed is None else self.config.seed + 1
+        seed = self._seed(1)
         ddp = self._distributed_setup()
         if ddp is not None:
             seed = ddp.broadcast_seed(seed)  # one global Poisson mask on every rank
@@ -112,7 +178,7 @@ class PrivateTraining:
             sample_rate = sampler.sample_rate
         else:
             sigma, planned_eps = self._calibrate(sample_rate, steps, delta)
-            self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self.config.seed)
+            self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self._seed())
             self.plan = TrainingPlan(n, sample_rate, steps_per_epoch, steps, delta, sigma, planned_eps)
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
         settings = adaptive_settings(self.config.clipping)
@@ -130,7 +196,33 @@ class PrivateTraining:
         self.optimizer = self._private_optimizer(optimizer, lr, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
+        self._attaches += 1
         return self.loader
+
+    def _seed(self, offset: int = 0) -> int | None:
+        """The seed of this attach's stream ``offset`` (noise: 0, sampling: 1, …); None: OS entropy.
+
+        The first attach uses ``config.seed``; the k-th re-attach a seed derived from (seed, k)
+        (:func:`mechanisms.rng.derived_seed`), so its noise and Poisson draws are fresh. Re-seeding
+        from ``config.seed`` would replay the first attach's noise: two releases with the same noise
+        are not the independent Gaussian steps the ledger records.
+        """
+        if self.config.seed is None:
+            return None
+        from mechanisms.rng import derived_seed
+
+        base = self.config.seed if self._attaches == 0 else derived_seed(self.config.seed, self._attaches)
+        return base + offset
+
+    def _check_same_delta(self, n: int, delta: float) -> None:
+        """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
+        if self.steps and self.plan is not None and delta != self.plan.delta:
+            raise PrivacyConfigError(
+                f"attach: this run has taken {self.steps} steps accounted at δ={self.plan.delta:.3g} "
+                f"(N={self.plan.dataset_size}); the new dataset of N={n} gives δ={delta:.3g}, and judging the same "
+                "steps at another δ would change the budget they spent (a larger δ reopens it). Attach a dataset of "
+                f"N={self.plan.dataset_size} examples, fix δ for the whole run with make_private(..., delta=...), "
+                "or start a new make_private run.")
 
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: NoiseMechanism, expected_batch: float) -> DPOptimizer:
@@ -190,7 +282,7 @@ class PrivateTraining:
         mech = make_mf_mechanism(self.config.mechanism, steps, steps_per_epoch, self.clipping.sensitivity,
                                  noise_multiplier=self.config.noise_multiplier, target_eps=self.config.eps,
                                  delta=delta, bands=self.config.bands, accountant=self.config.accountant,
-                                 seed=self.config.seed)
+                                 seed=self._seed())
         mf = mech.plan
         if mf.partitions is not None:
             schedule = lambda g: cyclic_poisson_batches(n, mf.partitions, mf.sample_rate, steps, g)  # noqa: E731
@@ -225,11 +317,18 @@ class PrivateTraining:
         acc = self.config.accountant
         if self.config.noise_multiplier is not None:
             sigma = float(self.config.noise_multiplier)
-            eps = accountants.epsilon(sigma, q, steps, delta, accountant=acc)
+            try:
+                eps = accountants.epsilon(sigma, q, steps, delta, accountant=acc)
+            except OverflowError:  # the privacy-loss domain of so small a σ does not fit the accountant's grid
+                raise PrivacyConfigError(
+                    f"make_private: noise_multiplier={sigma:g} is too small to account ({acc} accountant: ε "
+                    f"overflows for q={q:g}, {steps} steps); noise that small next to the clip norm gives no "
+                    "privacy. Use noise_multiplier of about 0.3 or more, or leave it None and give eps= to "
+                    "calibrate it.") from None
             if self.config.eps is not None and eps > self.config.eps:
                 warnings.warn(f"noise_multiplier={sigma} spends ε={eps:.3g} over {steps} steps, more than the "
                               f"target ε={self.config.eps}; training will stop when the budget is reached",
-                              stacklevel=3)
+                              stacklevel=6)
             return sigma, eps
         assert self.config.eps is not None
         sigma = accountants.calibrate_noise(self.config.eps, delta, q, steps, accountant=acc)
@@ -363,6 +462,7 @@ class PrivateTraining:
                 "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
                 "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
                 "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
+        self._take_drawn(inputs, targets)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                              chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
@@ -370,6 +470,23 @@ class PrivateTraining:
             p.grad = batch.sums[name]
         self.optimizer.arm()
         return batch.mean_loss
+
+    def _take_drawn(self, inputs: Any, targets: torch.Tensor) -> None:
+        """The batch must be one the attached Poisson loader drew and no step has used (checked by its rows).
+
+        Privacy assumption: the accountant's PoissonSampled(q, ·) event holds only for batches in
+        which each example was included independently with probability q — the loader's draws. A
+        batch from another loader (fixed size, shuffled) or a hand-picked one is not covered by ε.
+        """
+        assert self.loader is not None
+        rows = _rows(inputs, targets)
+        if rows is not None and self.loader.take(rows):
+            return
+        raise PrivacyError(
+            "priv.step needs the batch the Poisson loader returned by attach yields; a batch from another "
+            "DataLoader is not Poisson-sampled at q and would not be covered by ε. Got a batch of "
+            f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
+            "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 
     def _check_trainable(self, trainable: set[int]) -> None:
         """The trainable parameters must be those the optimizer noises (fixed at attach)."""
@@ -391,7 +508,7 @@ class PrivateTraining:
         assert self.optimizer is not None and self.mechanism is not None
         self.optimizer.zero_grad()
         loss = self.backward(inputs, targets)
-        self.optimizer.apply_step()
+        self.optimizer._apply_step()
         self.ledger.record(self._step_event(self.steps))
         return loss
 
@@ -435,7 +552,7 @@ class PrivateTraining:
             planned_steps=plan.planned_steps, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
-            warnings=warn, **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
+            warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer (+ mechanism RNG), sampler RNG, accountant history and plan."""
@@ -443,7 +560,7 @@ class PrivateTraining:
         assert self.optimizer is not None and self.loader is not None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
-                "plan": asdict(plan), "config": asdict(self.config),
+                "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -467,16 +584,36 @@ class PrivateTraining:
             raise PrivacyConfigError(
                 f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
+        self._check_ledger_continues(state["ledger"])
         self.plan = saved
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
+        self._attaches = max(self._attaches, int(state.get("attaches", 1)))  # a later attach: fresh streams
         if self.adaptive is not None:
             if "adaptive" not in state:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+    def _check_ledger_continues(self, saved: dict[str, Any]) -> None:
+        """A run that has recorded steps may load only a checkpoint whose ledger continues its own.
+
+        Invariant 4 (the budget never resets): loading an earlier checkpoint into a run that has
+        stepped since would replace its ledger by a shorter one, and the releases made after that
+        checkpoint would no longer be counted.
+        """
+        if not self.steps:
+            return
+        theirs = accountants.PrivacyLedger()
+        theirs.load_state_dict(saved)
+        if not theirs.extends(self.ledger):
+            raise PrivacyConfigError(
+                f"load_state_dict: this run has recorded {self.steps} steps and the checkpoint's ledger "
+                f"({theirs.steps} steps) does not continue them; loading it would roll the budget back and "
+                "leave the releases since that checkpoint uncounted. Build a new run object (make_private and "
+                "attach) to resume a checkpoint.")
 
 
 #: make_private arguments a resumed run may change (memory and compute, not privacy)

@@ -7,7 +7,8 @@ batch size is Binomial(N, q) and may be 0. The sampling rate the accountant uses
 from __future__ import annotations
 
 import secrets
-from typing import Any, Iterator
+from collections import deque
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ class PoissonSampler:
             raise ValueError(f"PoissonSampler: steps must be >= 1, got {steps}")
         self.n, self.sample_rate, self.steps = int(n), float(sample_rate), int(steps)
         self.generator = cpu_generator(seed)  # every bit of the seed counts (torch's manual_seed keeps 32)
+        self.on_draw: Callable[[int], None] | None = None  # set by the PoissonLoader that owns this sampler
 
     def __len__(self) -> int:
         return self.steps
@@ -36,7 +38,7 @@ class PoissonSampler:
         """One batch of indices (sorted, possibly empty)."""
         # float64 uniforms: float32 ones are multiples of 2^-24, so u < q would hold w.p. ⌈q·2^24⌉/2^24 > q
         mask = torch.rand(self.n, generator=self.generator, dtype=torch.float64) < self.sample_rate
-        return torch.nonzero(mask, as_tuple=False).flatten()
+        return announce(self, torch.nonzero(mask, as_tuple=False).flatten())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for _ in range(self.steps):
@@ -52,6 +54,13 @@ class PoissonSampler:
                 f"PoissonSampler: checkpoint was made for n={state['n']}, q={state['sample_rate']}, "
                 f"but this sampler has n={self.n}, q={self.sample_rate}; attach the same dataset and batch size")
         self.generator.set_state(state["rng"])
+
+
+def announce(sampler: Any, indices: torch.Tensor) -> torch.Tensor:
+    """``indices``, after telling the loader that owns ``sampler`` (its ``on_draw``) how many rows it drew."""
+    if sampler.on_draw is not None:
+        sampler.on_draw(int(indices.shape[0]))
+    return indices
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -84,10 +93,19 @@ class PoissonLoader:
 
     Tensor datasets (``TensorDataset``) are indexed in one gather; other datasets are
     collated with ``default_collate``. Empty batches keep the structure (zero rows).
+
+    The loader records the row count of every batch its sampler draws (``iter(loader)`` or
+    ``loader.sampler.sample()``), so that a training step can check it runs on one of them
+    (:meth:`take`): the accountant's q is the rate of *these* draws, not of any other batch.
     """
+
+    #: drawn batches remembered (a longer backlog of unused draws is given up, oldest first)
+    BACKLOG = 1024
 
     def __init__(self, dataset: Dataset, sampler: PoissonSampler, steps_per_epoch: int) -> None:
         self.dataset, self.sampler, self.steps_per_epoch = dataset, sampler, int(steps_per_epoch)
+        self._drawn: deque[int] = deque(maxlen=self.BACKLOG)  # row counts of drawn, unused batches, in order
+        sampler.on_draw = self._record_drawn
         self._empty = _empty_like(dataset[0])
         # one gather for a plain TensorDataset; a subclass may transform in __getitem__, so it is called
         self._tensors = getattr(dataset, "tensors", None) if type(dataset).__getitem__ is TensorDataset.__getitem__ \
@@ -112,6 +130,24 @@ class PoissonLoader:
         for _ in range(self.steps_per_epoch):
             yield self.batch(self.sampler.sample())
 
+    def _record_drawn(self, rows: int) -> None:
+        """Record a batch of ``rows`` rows drawn by this loader's sampler. Internal: the sampler calls it; a
+        caller that itself builds batches with this loader's Poisson rate (a timing benchmark) may too."""
+        self._drawn.append(int(rows))
+
+    def take(self, rows: int) -> bool:
+        """Use up the oldest drawn, unused batch with ``rows`` rows; False if there is none.
+
+        Unused batches drawn before it are given up (skipping a drawn batch spends nothing); a batch
+        is used at most once.
+        """
+        for i, drawn in enumerate(self._drawn):
+            if drawn == rows:
+                for _ in range(i + 1):
+                    self._drawn.popleft()
+                return True
+        return False
+
 
 class ScheduleSampler:
     """Batches from a seeded schedule (e.g. cyclic Poisson or fixed epoch order for MF mechanisms).
@@ -124,6 +160,7 @@ class ScheduleSampler:
         self.schedule, self.sample_rate, self.steps = schedule, float(sample_rate), int(steps)
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
         self.drawn = 0
+        self.on_draw: Callable[[int], None] | None = None  # set by the PoissonLoader that owns this sampler
         self._restart()
 
     def _restart(self) -> None:
@@ -139,7 +176,7 @@ class ScheduleSampler:
             raise RuntimeError(f"ScheduleSampler: the schedule has only {self.steps} steps; the mechanism was "
                                "planned for that many") from None
         self.drawn += 1
-        return batch
+        return announce(self, batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The remaining batches of the schedule (as :class:`PoissonSampler` iterates its steps)."""
@@ -152,5 +189,6 @@ class ScheduleSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.drawn = int(state["seed"]), 0
         self._restart()
-        for _ in range(int(state["drawn"])):
-            self.sample()
+        for _ in range(int(state["drawn"])):  # replayed to the position, not drawn for training
+            next(self._it)
+            self.drawn += 1

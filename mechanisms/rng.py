@@ -68,6 +68,15 @@ def cpu_state(seed: int, device_key: str = "cpu", stream: int = 0) -> torch.Tens
     return state
 
 
+def derived_seed(seed: int, label: int) -> int:
+    """A 62-bit seed for the independent family of streams ``label`` of ``seed``: the first words of
+    ``SeedSequence(seed, spawn_key=(label,))``. Distinct labels (e.g. the k-th attach of a run) give
+    streams that share no draws with each other or with ``seed``'s own, where ``seed + k`` would give
+    a neighbouring seed's streams."""
+    words = np.random.SeedSequence(int(seed) % (1 << 64), spawn_key=(int(label),)).generate_state(2, np.uint64)
+    return int(words[0]) >> 2
+
+
 def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int = 0) -> torch.Generator:
     """A CPU ``torch.Generator`` whose whole mt19937 state comes from ``seed`` (:func:`cpu_state`);
     ``seed=None``: 62 bits from the OS's entropy. Use it for every stream a guarantee relies on

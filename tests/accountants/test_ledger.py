@@ -70,3 +70,14 @@ def test_fractional_counts_and_bad_delta_are_refused_and_numpy_scalars_serialise
     again = PrivacyLedger()
     again.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert again.epsilon(1e-5) == ledger.epsilon(1e-5) > 0
+
+
+def test_a_ledger_extends_the_ledgers_it_continues():
+    a, b = PrivacyLedger(), PrivacyLedger()
+    a.record(ps(0.1, 1.0), 3)
+    b.record(ps(0.1, 1.0), 5)
+    assert b.extends(a) and not a.extends(b) and a.extends(PrivacyLedger())
+    b.record(ps(0.1, 2.0))
+    assert b.extends(a)
+    a.record(ps(0.1, 2.0))
+    assert not b.extends(a)  # a: 3 steps at σ 1 then σ 2; b: 5 steps at σ 1 then σ 2

@@ -1,6 +1,11 @@
 """Budget reports: text, JSON round trip."""
 from __future__ import annotations
 
+import json
+
+import pytest
+
+import accountants
 from accountants import BudgetReport
 
 
@@ -31,3 +36,23 @@ def test_gdp_report_warns_that_it_is_an_approximation():
     assert "approximation" not in r.to_text()
     r.accountant = "gdp"
     assert "approximation" in r.to_text()
+
+
+def test_a_report_of_mixed_segments_states_each_and_composes_mu_over_all():
+    """After a re-attach the report showed only the last plan's σ and q, and μ-GDP from them (1.84 for a
+    ledger of μ 0.94)."""
+    from accountants.backends import gdp_mu_of
+    from accountants.composition import flatten
+
+    ledger = accountants.PrivacyLedger()
+    ledger.record(accountants.PoissonSampledEvent(0.1, accountants.GaussianEvent(1.2)), 10)
+    ledger.record(accountants.PoissonSampledEvent(0.5, accountants.GaussianEvent(1.18)), 3)
+    segments = ledger.segments()
+    assert segments == [(1, 10, 1.2, 0.1), (11, 13, 1.18, 0.5)]
+    r = BudgetReport(epsilon_spent=2.0, delta=1e-5, target_epsilon=3.0, noise_multiplier=1.18, sample_rate=0.5,
+                     steps=13, planned_steps=4, accountant="prv", dataset_size=200, max_grad_norm=1.0,
+                     mechanism="dpsgd", segments=segments)
+    assert r.mixed and r.gdp_mu == pytest.approx(gdp_mu_of(flatten(ledger.composed())), rel=1e-12)
+    text = r.to_text()
+    assert "mixed" in text and "steps 1–10: σ 1.2000, q 0.1" in text and "steps 11–13: σ 1.1800, q 0.5" in text
+    assert BudgetReport.from_dict(json.loads(r.to_json())) == r

@@ -147,6 +147,7 @@ def test_make_private_attaches_a_position_table_model_and_still_refuses_one_that
     priv = dptrain.make_private(PositionTable(4), eps=3.0)
     priv.attach(data, batch_size=16, epochs=1, optimizer=torch.optim.SGD(priv.model.parameters(), lr=0.1))
     x, y = data[:4]
+    priv.loader._record_drawn(4)  # the probe's batch, stepped on as if drawn (internal)
     assert torch.isfinite(torch.tensor(priv.step(x, y)))
 
     class CentresTimeMajor(nn.Module):

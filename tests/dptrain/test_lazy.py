@@ -42,6 +42,12 @@ def _loss(out, target):
     return out.sum()
 
 
+def _chosen(priv, n: int):
+    """The first n examples as a batch, recorded as drawn (internal: a fixed batch for a deterministic test)."""
+    priv.loader._record_drawn(n)
+    return priv.loader.batch(torch.arange(n))
+
+
 def _train(lazy: bool, seed: int, device: str = "cpu") -> tuple[np.ndarray, object]:
     model = Linear().to(device)
     config = PrivacyConfig(None, 0.05, C, "lazy" if lazy else "dpsgd", "rdp", "flat", SIGMA, None, seed)
@@ -50,7 +56,8 @@ def _train(lazy: bool, seed: int, device: str = "cpu") -> tuple[np.ndarray, obje
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: DECAY ** t)
     ds = TensorDataset(torch.arange(N), torch.zeros(N))
     priv.attach(ds, batch_size=BATCH, steps=len(BATCHES), optimizer=opt, loss_fn=_loss)
-    for rows in BATCHES:
+    for rows in BATCHES:  # fixed batches, the same for both runs: recorded as drawn (internal)
+        priv.loader._record_drawn(len(rows))
         priv.step(torch.tensor(rows), torch.zeros(len(rows)))
         sched.step()
     if lazy:  # rows 0 and 1 are brought up to date by a read, the others by the checkpoint's flush
@@ -183,7 +190,7 @@ def test_lazy_is_chosen_automatically_for_a_large_table_under_plain_sgd():
     big = Rec(users=AUTO_MIN_ROWS)
     priv = _attach(big, mechanism="dpsgd", optimizer=torch.optim.SGD(big.parameters(), lr=0.1))
     assert isinstance(priv, LazyPrivateTraining) and priv.lazy
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
     assert priv.report().mechanism == "dpsgd"  # the same mechanism, noise written lazily
     small = Rec()
     assert type(dptrain.make_private(small, eps=3.0)) is PrivateTraining
@@ -213,7 +220,7 @@ def test_an_inference_mode_evaluation_flushes_a_table_drawn_by_several_streams()
     model = Rec(users=40_000)
     priv = _attach(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     init = model.user.weight.detach().clone()
-    priv.step(*priv.loader.batch(torch.arange(10)))
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -238,12 +245,12 @@ def test_a_table_group_that_leaves_plain_sgd_after_attach_is_refused_before_the_
     model = Rec()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     priv = _attach(model, optimizer=opt)
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*_chosen(priv, 5))
     edit(opt)
     priv.flush()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(dptrain.PrivacyConfigError, match=match):
-        priv.step(*priv.loader.batch(torch.arange(5)))
+        priv.step(*_chosen(priv, 5))
     assert priv.steps == 1 and priv.tables.step == 1  # nothing changed
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -254,7 +261,7 @@ def test_onecycle_without_momentum_cycling_trains_lazily():
     priv = _attach(model, optimizer=opt)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10, cycle_momentum=False)
     for _ in range(3):
-        priv.step(*priv.loader.batch(torch.arange(5)))
+        priv.step(*_chosen(priv, 5))
         sched.step()
     assert priv.lazy and priv.tables.step == 3
 
@@ -272,15 +279,15 @@ def test_reattaching_switches_between_lazy_and_eager_consistently():
 
     priv = _attach(model, mechanism="dpsgd", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     init = model.user.weight.detach().clone()
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*_chosen(priv, 5))
     assert priv.lazy and not priv.tables.is_flushed
     with pytest.warns(UserWarning, match="dense noise on every row"):
         attach(torch.optim.Adam(model.parameters()))
     assert not priv.lazy and priv.tables is None and priv.table_optimizer is None
     assert bool((model.user.weight != init).all())  # flushed at the switch: every row has step 1's noise
     assert not model._forward_pre_hooks and not model.user._forward_pre_hooks  # no lazy hooks left
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*_chosen(priv, 5))
     attach(torch.optim.SGD(model.parameters(), lr=0.1))  # and back to lazy
     assert priv.lazy and priv.tables.step == 0
-    priv.step(*priv.loader.batch(torch.arange(5)))
+    priv.step(*_chosen(priv, 5))
     assert priv.steps == 3 and len(priv.ledger.entries) == 1  # one event, three times

@@ -77,11 +77,12 @@ def test_checkpoint_is_flushed_and_resume_carries_the_counters():
     model2, priv2 = _run(steps=0, seed=99)
     priv2.load_state_dict(state)
     assert priv2.steps == 3 and priv2.tables.step == 3
-    batches = [priv.loader.batch(priv.loader.sampler.sample()) for _ in range(2)]
     priv2.loader.sampler.load_state_dict(priv.loader.sampler.state_dict())
-    for b in batches:
+    for _ in range(2):
+        b, b2 = (p.loader.batch(p.loader.sampler.sample()) for p in (priv, priv2))
+        assert all(torch.equal(u, v) for u, v in zip(b, b2))
         priv.step(b)
-        priv2.step(b)
+        priv2.step(b2)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert priv2.steps == 5 and priv2.epsilon_spent() == priv.epsilon_spent()
@@ -149,6 +150,7 @@ def _wide_run():
 
 def _lazy_steps(priv, n):
     for _ in range(n):
+        priv.loader._record_drawn(2)  # a fixed batch (rows 1, 2), stepped on as if drawn (internal)
         priv.step(torch.tensor([1, 2]), torch.tensor([0, 1]))
 
 

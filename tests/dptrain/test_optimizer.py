@@ -37,3 +37,21 @@ def test_a_view_gradient_is_noised_out_of_place_with_the_same_numbers():
     assert torch.equal(sums[0], before[0])  # the view's storage is left alone
     for p, w in zip(params, want):
         assert torch.equal(p.grad, w)
+
+
+def test_the_unchecked_noise_and_step_is_not_public():
+    """DPOptimizer.apply_step() noised and stepped with no budget check and no ledger record (50 calls:
+    the model trained, ε spent 0); only step() is public, and in a run it checks and records."""
+    import dptrain
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    data = TensorDataset(torch.randn(100, 4), torch.randint(0, 2, (100,)))
+    priv.attach(data, batch_size=10, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    own = {n for n in vars(DPOptimizer) if not n.startswith("_") and callable(getattr(DPOptimizer, n))}
+    assert "apply_step" not in own and "step" in own
+    priv.backward(*priv.loader.batch(priv.loader.sampler.sample()))
+    priv.optimizer.step()
+    assert priv.steps == 1

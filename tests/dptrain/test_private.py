@@ -195,6 +195,7 @@ def test_empty_batches_still_step_and_count():
     priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, seed=0)
     priv.attach(_data(), batch_size=20, steps=5, lr=0.1)
     before = model.weight.detach().clone()
+    priv.loader._record_drawn(0)  # an empty draw (internal: q = 0.1 rarely gives one)
     priv.step(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     assert priv.steps == 1 and not torch.equal(before, model.weight)
 
@@ -236,6 +237,7 @@ def test_each_example_contribution_is_bounded_on_every_device(device):
                                 accountant="rdp")
     priv.attach(_data(), batch_size=40, steps=2, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     x, y = _data()[:1]
+    priv.loader._record_drawn(1)  # a chosen one-example batch (internal)
     priv.step(x * 100, y)
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0.25 / 40 * 0.95 < float(moved) <= 0.25 / 40 * 1.05  # the ×100 input is clipped to C
@@ -313,7 +315,7 @@ def test_unfreezing_or_freezing_a_layer_after_attach_is_refused():
     model[0].requires_grad_(False)
     priv = dptrain.make_private(model, eps=1.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=3, optimizer=_sgd(model))
-    x, y = _data()[:20]
+    x, y = priv.loader.batch(priv.loader.sampler.sample())
     priv.step(x, y)
     model[0].requires_grad_(True)
     with pytest.raises(dptrain.PrivacyConfigError, match="trainable parameters changed"):
@@ -329,26 +331,27 @@ def test_public_optimizer_step_is_checked_and_recorded():
     model = _mlp()
     priv = dptrain.make_private(model, eps=1.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
-    x, y = _data()[:20]
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
     priv.optimizer.zero_grad()
-    priv.backward(x, y)
+    priv.backward(*draw())
     priv.optimizer.step()
     assert priv.steps == 1 and priv.epsilon_spent() > 0
     with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
         priv.optimizer.step()  # no new clipped sums
     priv.optimizer.zero_grad()
+    x, y = draw()
     priv.backward(x, y)
     nn.functional.cross_entropy(model(x), y).backward()  # adds an unclipped gradient into .grad
     with pytest.raises(dptrain.PrivacyError, match="not the clipped sums"):
         priv.optimizer.step()
     priv.optimizer.zero_grad()
-    priv.backward(x, y)
+    priv.backward(*draw())
     with pytest.raises(dptrain.PrivacyError, match="twice"):
-        priv.backward(x, y)
+        priv.backward(*draw())
     assert priv.steps == 1
     while True:  # the budget holds on this path too
         priv.optimizer.zero_grad()
-        priv.backward(x, y)
+        priv.backward(*draw())
         try:
             priv.optimizer.step()
         except dptrain.BudgetExceededError:
@@ -431,3 +434,196 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_is_loaded(saved,
     with pytest.raises(dptrain.PrivacyConfigError, match="another run"):
         second.load_state_dict(first.state_dict())
     assert second.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, second.model.parameters()))
+
+
+def test_a_step_needs_an_unused_batch_drawn_by_the_attached_loader():
+    """priv.step / priv.backward took any batch (a shuffled DataLoader's, the whole dataset, one chosen
+    example) and recorded a Poisson(q) step for it."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=2.0, seed=1)
+    loader = priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    x_all, y_all = _data().tensors
+    own = next(iter(torch.utils.data.DataLoader(_data(), batch_size=20, shuffle=True)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in (own, (x_all, y_all), (x_all[:1], y_all[:1])):
+        with pytest.raises(dptrain.PrivacyError, match="Poisson loader returned by attach"):
+            priv.step(x, y)
+        with pytest.raises(dptrain.PrivacyError, match="not Poisson-sampled at q"):
+            priv.backward(x, y)
+    assert priv.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for x, y in loader:  # the loader's own batches train, once each
+        priv.step(x, y)
+    assert priv.steps == len(loader)
+    with pytest.raises(dptrain.PrivacyError, match="no unused batch"):
+        priv.step(x, y)
+    x, y = loader.batch(loader.sampler.sample())  # drawn through the sampler: also one of the loader's batches
+    priv.backward(x, y)
+    priv.optimizer.step()
+    assert priv.steps == len(loader) + 1
+
+
+def test_attaching_a_dataset_of_another_size_after_steps_cannot_change_delta():
+    """Re-attaching to a 20-example Subset recomputed δ = 1/N^1.1 from N=20 and judged the spent ledger
+    at that larger δ: 8 more steps were allowed past an exhausted ε = 1 (ε 3.49 at the first δ)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    priv.fit()
+    plan = priv.plan
+    small = torch.utils.data.Subset(_data(), list(range(20)))
+    with pytest.raises(dptrain.PrivacyConfigError, match="another δ"):
+        priv.attach(small, batch_size=2, epochs=1, optimizer=_sgd(model))
+    assert priv.plan is plan and priv.report().delta == plan.delta
+    priv.attach(_data(), batch_size=40, epochs=1, optimizer=_sgd(model))  # same N: the same δ, allowed
+    assert priv.plan.delta == plan.delta
+    fixed = dptrain.make_private(_mlp(), eps=1.0, delta=1e-3, seed=1)  # δ fixed by the user: N may change
+    fixed.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(fixed.model))
+    fixed.step(fixed.loader.batch(fixed.loader.sampler.sample()))
+    fixed.attach(small, batch_size=2, epochs=1, optimizer=_sgd(fixed.model))
+    assert fixed.plan.delta == 1e-3
+
+
+def test_attaching_again_with_a_seed_draws_fresh_noise_and_batches():
+    """With seed= set, a re-attach reseeded noise and Poisson sampling from config.seed: step 2 added exactly
+    step 1's noise on exactly step 1's batch (two releases with one noise are not two Gaussian steps)."""
+    model = nn.Linear(5, 200, bias=False)
+    nn.init.zeros_(model.weight)
+    priv = dptrain.make_private(model, eps=3.0, seed=1234)
+    kw = dict(batch_size=20, epochs=2, loss_fn=lambda out, target: (out * 0).sum())  # the update is the noise
+    updates, batches = [], []
+    for _ in range(2):  # e.g. a notebook cell run twice
+        priv.attach(_data(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0), **kw)
+        before = model.weight.detach().clone()
+        batches.append(priv.loader.sampler.sample())
+        priv.step(priv.loader.batch(batches[-1]))
+        updates.append(model.weight.detach() - before)
+    corr = torch.corrcoef(torch.stack([u.flatten() for u in updates]))[0, 1]
+    assert abs(float(corr)) < 0.2  # independent: |corr| of 1000 pairs < 0.2 w.p. 1 - 2e-10
+    assert not torch.equal(batches[0], batches[1])
+    # a checkpoint carries the attach count: attaching the resumed run again does not replay attach 2's streams
+    again = dptrain.make_private(nn.Linear(5, 200, bias=False), eps=3.0, seed=1234)
+    again.attach(_data(), optimizer=torch.optim.SGD(again.model.parameters(), lr=1.0), **kw)
+    again.load_state_dict(priv.state_dict())
+    assert again._seed() not in (1234, priv.mechanism.seed)  # the seeds of attach 1 and attach 2
+
+
+class _Centres(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0, keepdim=True))  # mixes examples: refused by the probe
+
+
+def test_a_refused_attach_leaves_the_run_unattached():
+    """The probe ran after the plan, optimizer and loader were set: after the UnsupportedModuleError,
+    priv.step trained the example-mixing model (one example moved the clipped sum by 12.7 > 2C)."""
+    model = _Centres()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    opt = _sgd(model)
+    with pytest.raises(dptrain.UnsupportedModuleError):
+        priv.attach(_data(), batch_size=20, epochs=1, optimizer=opt)
+    assert (priv.plan, priv.optimizer, priv.loader, priv.mechanism) == (None, None, None, None)
+    with pytest.raises(RuntimeError, match="call priv.attach"):
+        priv.step(*_data()[:20])
+    nn.functional.cross_entropy(model(_data()[:20][0]), _data()[:20][1]).backward()
+    opt.step()  # the optimizer is the user's again, not held by a run that does not exist
+
+
+def test_a_failed_re_attach_keeps_the_previous_attachment_whole():
+    """A re-attach refused in the optimizer check kept the new plan (σ 1.54, recorded) with the old
+    optimizer (σ 0.69, added): ε 0.38 reported for ε 2.27 spent."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    opt = _sgd(model)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=opt)
+    state = dict(vars(priv))
+    with pytest.raises(ValueError, match="none of the model's trainable parameters"):
+        priv.attach(_data(), batch_size=20, epochs=20, optimizer=_sgd(nn.Linear(3, 3)))
+    assert vars(priv) == state  # plan, mechanism, optimizer, loader: the first attach's
+
+    def broken_loss(out, target):
+        raise RuntimeError("no loss")
+
+    with pytest.raises(dptrain.UnsupportedModuleError):  # refused by the probe, after opt was wrapped again
+        priv.attach(_data(), batch_size=20, epochs=20, optimizer=opt, loss_fn=broken_loss)
+    assert vars(priv) == state
+    with pytest.raises(dptrain.PrivacyError, match="cannot step on its own"):
+        opt.step()  # still guarded, by the first attach's wrapper, which still steps
+    priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    assert priv.ledger.entries[0][0].event.noise_multiplier == priv.optimizer.mechanism.noise_multiplier
+
+
+def test_loading_an_earlier_checkpoint_into_a_run_that_stepped_is_refused():
+    """load_state_dict replaced the ledger with the checkpoint's: reloading the step-5 checkpoint after each
+    exhausted budget gave 50 noisy releases (ε 4.73) reported as ε 1.64."""
+    import copy
+
+    _, priv = _run()
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
+    for _ in range(5):
+        priv.step(draw())
+    early = copy.deepcopy(priv.state_dict())
+    priv.load_state_dict(copy.deepcopy(early))  # its own ledger: nothing to roll back
+    for _ in range(3):
+        priv.step(draw())
+    later = copy.deepcopy(priv.state_dict())
+    with pytest.raises(dptrain.PrivacyConfigError, match="new run object"):
+        priv.load_state_dict(early)
+    assert priv.steps == 8
+    priv.load_state_dict(later)  # continues this run's ledger
+    _, fresh = _run()
+    fresh.load_state_dict(early)  # a new run object resumes any checkpoint of the run
+    assert fresh.steps == 5
+
+
+
+def test_the_report_after_a_re_attach_states_every_plan_and_mu_of_the_ledger():
+    from accountants.backends import gdp_mu_of
+    from accountants.composition import flatten
+
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=10, optimizer=_sgd(model))
+    priv.fit(epochs=1)
+    first = priv.plan
+    priv.attach(_data(), batch_size=100, epochs=2, optimizer=_sgd(model))
+    for _ in range(3):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    r = priv.report()
+    assert r.segments == [(1, 10, first.noise_multiplier, 0.1), (11, 13, priv.plan.noise_multiplier, 0.5)]
+    assert r.gdp_mu == pytest.approx(gdp_mu_of(flatten(priv.ledger.composed())), rel=1e-12)
+    assert "mixed" in r.to_text()
+
+
+@pytest.mark.parametrize("kwargs, attach, match", [
+    ({}, {"epochs": float("nan")}, "epochs must be a finite number"),
+    ({}, {"epochs": float("inf")}, "epochs must be a finite number"),
+    ({}, {"batch_size": float("nan")}, "batch_size must be"),
+    ({"eps": None, "noise_multiplier": 1e-9}, {}, "too small to account"),
+])
+def test_unusable_attach_arguments_are_named(kwargs, attach, match):
+    """epochs NaN / inf: ValueError / OverflowError from round(); batch_size NaN: q = 1 silently; σ = 1e-9:
+    OverflowError from the accountant's grid."""
+    model = _mlp()
+    priv = dptrain.make_private(model, **{"eps": 3.0, "seed": 1, **kwargs})
+    with pytest.raises(dptrain.PrivacyConfigError, match=match):
+        priv.attach(_data(), **{"batch_size": 20, "epochs": 1, "optimizer": _sgd(model), **attach})
+
+
+def test_a_one_example_dataset_or_an_iterable_dataset_is_refused_with_the_fix():
+    """N = 1 gave δ = 1/N^1.1 = 1 and a ValueError deep in the accountant; an IterableDataset a TypeError
+    (no len)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"N=1 .*delta="):
+        priv.attach(_data(1), batch_size=1, epochs=1, optimizer=_sgd(model))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_data())
+
+    with pytest.raises(dptrain.PrivacyConfigError, match="sized, indexable dataset"):
+        priv.attach(Stream(), batch_size=10, epochs=1, optimizer=_sgd(model))
+    assert priv.plan is None

@@ -120,3 +120,11 @@ def test_schedule_sampler_iterates_its_remaining_batches():
     sampler = ScheduleSampler(schedule, 0.25, 4, seed=0)
     sampler.sample()
     assert [int(b) for b in sampler] == [1, 2, 3]  # was: TypeError, not iterable
+
+
+def test_loader_records_the_batches_its_sampler_draws():
+    loader = PoissonLoader(TensorDataset(torch.randn(50, 2)), PoissonSampler(50, 0.2, 10, seed=0), 5)
+    sizes = [len(loader.sampler.sample()), len(next(iter(loader))[0])]
+    loader.batch(torch.arange(7))  # indices not drawn by the sampler: not recorded
+    assert not loader.take(7) or 7 in sizes
+    assert loader.take(sizes[1]) and not loader.take(sizes[0])  # the later one used: the earlier given up

@@ -72,6 +72,8 @@ def test_fast_path_step_has_one_read_back(clipping):
     model = Net()
     priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, clipping=clipping, seed=0)
     priv.attach(TensorDataset(x, y), batch_size=10, steps=10, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):  # fixed batches (internal: recorded as drawn)
+        priv.loader._record_drawn(10)
     priv.step(x[:10], y[:10])
     ops, read_backs = _counts(lambda: priv.step(x[10:20], y[10:20]))
     assert ops == {} and read_backs == 1
@@ -108,6 +110,8 @@ def test_lazy_step_without_host_sync_but_one_read_back_per_chunk(chunk_size):
                                 chunk_size=chunk_size)
     priv.attach(TensorDataset(x, y), batch_size=8, steps=10, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     priv.tables.sync_free = True
+    for _ in range(2):  # fixed batches (internal: recorded as drawn)
+        priv.loader._record_drawn(8)
     priv.step(x[:8], y[:8])
     ops, read_backs = _counts(lambda: priv.step(x[8:16], y[8:16]))
     assert ops == {} and read_backs == (1 if chunk_size is None else 2)

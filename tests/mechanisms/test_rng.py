@@ -99,3 +99,12 @@ def test_parallel_fill_works_in_a_forked_child(source):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("a parallel fill in a forked child did not finish in 60 s")
+
+
+def test_derived_seeds_are_deterministic_distinct_and_62_bit():
+    from mechanisms.rng import derived_seed
+
+    seeds = [derived_seed(s, k) for s in (0, 1, 2 ** 63 + 5) for k in range(1, 4)]
+    assert seeds == [derived_seed(s, k) for s in (0, 1, 2 ** 63 + 5) for k in range(1, 4)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2 ** 62 for s in seeds)
+    assert derived_seed(1, 1) not in (0, 1, 2)  # not a neighbouring seed
