@@ -15,7 +15,7 @@ empirical lower bound on ε:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,12 @@ from .one_run import one_run_audit
 TrainFn = Callable[[TensorDataset, int], tuple[nn.Module, float, float]]
 
 
-def make_canaries(m: int, n_features: int = 64, n_classes: int = 10, seed: int = 0,
+def make_canaries(m: int, n_features: int | Sequence[int] = 64, n_classes: int = 10, seed: int = 0,
                   scale: float = 5.0) -> TensorDataset:
     """m out-of-distribution canaries: random sign inputs x ∈ {−scale, +scale}^d, random labels.
+
+    ``n_features``: d, or the shape of one example's input (e.g. (1, 8, 8) for images), which
+    :func:`run_canary_audit` takes from the training data.
 
     A scale above the data's range (digits lie in [0, 1]) gives canaries large gradients,
     so an implementation that does not clip them lets them be memorised (and detected).
@@ -41,7 +44,8 @@ def make_canaries(m: int, n_features: int = 64, n_classes: int = 10, seed: int =
     interfere and weaken the audit.
     """
     g = torch.Generator().manual_seed(seed)
-    signs = 2.0 * torch.randint(0, 2, (m, n_features), generator=g).float() - 1.0
+    shape = (int(n_features),) if isinstance(n_features, (int, np.integer)) else tuple(int(k) for k in n_features)
+    signs = 2.0 * torch.randint(0, 2, (m, *shape), generator=g).float() - 1.0
     return TensorDataset(scale * signs, torch.randint(0, n_classes, (m,), generator=g))
 
 
@@ -124,6 +128,14 @@ class AuditResult:
         plt.close(fig)
 
 
+def _canaries_like(base: TensorDataset, m: int, seed: int, scale: float) -> TensorDataset:
+    """Canaries with the shape and dtype of ``base``'s examples (flat features, images, …)."""
+    x = base.tensors[0]
+    canaries = make_canaries(m, tuple(x.shape[1:]), int(base.tensors[1].max()) + 1, seed=seed, scale=scale)
+    return canaries if not x.is_floating_point() or x.dtype == torch.float32 else \
+        TensorDataset(canaries.tensors[0].to(x.dtype), canaries.tensors[1])
+
+
 def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs: int = 1, seed: int = 0,
                      progress: bool = False, canary_scale: float = 5.0, confidence: float = 0.95) -> AuditResult:
     """Train ``runs`` times with m random canaries (each in w.p. ½) and audit the claim.
@@ -132,8 +144,7 @@ def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs:
     intervals are at 95 %.
     """
     rng = np.random.default_rng(seed)
-    canaries = make_canaries(m, base.tensors[0].shape[1], int(base.tensors[1].max()) + 1, seed=seed,
-                             scale=canary_scale)
+    canaries = _canaries_like(base, m, seed, canary_scale)
     all_scores, all_in = [], []
     one_run = None
     claimed = delta = float("nan")  # of the first run, whose one-run bound decides the verdict
@@ -204,8 +215,7 @@ def run_lira_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, shadows
     if shadows < 2:
         raise ValueError(f"run_lira_audit: LiRA needs at least 2 shadow models, got {shadows}")
     rng = np.random.default_rng(seed)
-    canaries = make_canaries(m, base.tensors[0].shape[1], int(base.tensors[1].max()) + 1, seed=seed,
-                             scale=canary_scale)
+    canaries = _canaries_like(base, m, seed, canary_scale)
     phis, masks = [], []
     claimed = delta = float("nan")
     for _, model, included, claimed, delta in _canary_runs(train_fn, base, canaries, shadows + 1, rng, seed,

@@ -156,3 +156,24 @@ def test_several_runs_report_the_claim_of_the_run_whose_bound_decides():
     base = TensorDataset(torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
     result = run_canary_audit(train_fn, base, m=10, runs=3, seed=0)
     assert (result.theoretical_epsilon, result.delta) == (1.0, 1e-5)
+
+
+def test_canaries_take_the_shape_of_image_examples():
+    """An audit of a model on image-shaped data ([N, 1, 8, 8]) gets canaries of that shape (they were always
+    flat: the audit failed with a shape error)."""
+    x = torch.rand(40, 1, 8, 8)
+    base = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (40,)))
+    seen = []
+
+    def train(data, seed):
+        seen.append(tuple(data.tensors[0].shape[1:]))
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 64, 3))
+        priv = dptrain.make_private(model, eps=1.0, seed=seed)
+        priv.attach(data, batch_size=20, steps=2, lr=0.1)
+        priv.fit()
+        return model, priv.epsilon_spent(), priv.plan.delta
+
+    result = run_canary_audit(train, base, m=8)
+    assert seen == [(1, 8, 8)] and result.theoretical_epsilon <= 1.0 and result.canaries == 8
+    assert make_canaries(3, (1, 2, 2)).tensors[0].shape == (3, 1, 2, 2)
