@@ -129,11 +129,16 @@ class AuditResult:
 
 
 def _canaries_like(base: TensorDataset, m: int, seed: int, scale: float) -> TensorDataset:
-    """Canaries with the shape and dtype of ``base``'s examples (flat features, images, …)."""
+    """Canaries with the shape and dtype of ``base``'s examples (flat features, images, …); for integer
+    inputs (token ids) uniformly random ids in [0, max id] with random labels."""
     x = base.tensors[0]
     canaries = make_canaries(m, tuple(x.shape[1:]), int(base.tensors[1].max()) + 1, seed=seed, scale=scale)
-    return canaries if not x.is_floating_point() or x.dtype == torch.float32 else \
-        TensorDataset(canaries.tensors[0].to(x.dtype), canaries.tensors[1])
+    if x.is_floating_point():
+        return canaries if x.dtype == torch.float32 else TensorDataset(canaries.tensors[0].to(x.dtype),
+                                                                       canaries.tensors[1])
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, int(x.max()) + 1, (m, *x.shape[1:]), generator=g).to(x.dtype)
+    return TensorDataset(ids, canaries.tensors[1])
 
 
 def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs: int = 1, seed: int = 0,

@@ -77,20 +77,35 @@ def iter_chunks(inputs: Inputs, targets: torch.Tensor, chunk_size: int | None
 PerExample = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
+class WeightedPositionMean:
+    """ℓ = Σ_t w_{y_t} ℓ_t / #{t : y_t not ignored} over one example's positions t (class-index targets);
+    class-probability targets as ``loss_fn`` gives them (their 'mean' divides by the positions already)."""
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.loss_fn = loss_fn
+        self.summed = copy.copy(loss_fn)  # shares the weight tensor
+        self.summed.reduction = "sum"
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_floating_point():
+            return self.loss_fn(output, target)
+        counted = (target != self.loss_fn.ignore_index).sum().clamp_min(1)
+        return self.summed(output, target) / counted
+
+
 def example_loss_fn(loss_fn: LossFn) -> LossFn:
     """The loss of a batch of one as the per-example loss ℓ_i, with class weights kept.
 
-    A weighted ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with reduction='mean' divides by the batch's
-    Σ_i w_{y_i}; over a batch of one that cancels the example's own weight (ℓ_i = w_y·ℓ / w_y), so the
-    weights would silently do nothing. Such a loss is evaluated with reduction='sum' instead:
-    ℓ_i = w_{y_i}·ℓ(out_i, y_i), the weighted example loss (the batch normaliser Σ_i w_{y_i} depends
-    on the other examples and is not used). Every other loss is returned as it is.
+    A weighted ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with reduction='mean' divides by Σ w_{y} over the
+    batch (and positions); over a batch of one with one position that cancels the example's own weight
+    (ℓ_i = w_y·ℓ / w_y), so the weights would silently do nothing. Such a loss is evaluated as
+    ℓ_i = Σ_t w_{y_it}·ℓ_it / (its positions not ignored): w_{y_i}·ℓ_i for [B, C] logits, the unweighted
+    mean over positions when every weight is 1 (outputs [B, C, T, …]). The batch normaliser depends on
+    the other examples and is not used. Every other loss is returned as it is.
     """
     if (type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss) and getattr(loss_fn, "weight", None) is not None
             and loss_fn.reduction == "mean"):
-        summed = copy.copy(loss_fn)  # shares the weight tensor
-        summed.reduction = "sum"
-        return summed
+        return WeightedPositionMean(loss_fn)
     return loss_fn
 
 

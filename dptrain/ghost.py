@@ -44,7 +44,7 @@ from .ghost_bag import embedding_bag_terms
 from .ghost_graph import Call, Output, Recorder, covered
 from .ghost_plan import Plan, current_plan
 from .clipping import ClippedBatch, ClippingConfig, _factor
-from .engine import Inputs, LossFn, example_loss_fn, iter_chunks
+from .engine import Inputs, LossFn, WeightedPositionMean, example_loss_fn, iter_chunks
 
 #: models found to modify a recorded tensor in place: record copies for them
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -66,12 +66,13 @@ def per_example_losses(loss_fn: LossFn, output: Any, y: torch.Tensor) -> torch.T
     kept (ℓ_i = w_{y_i}·ℓ, :func:`dptrain.engine.example_loss_fn`).
     """
     loss_fn = example_loss_fn(loss_fn)
-    if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction in ("mean", "sum")
+    base = loss_fn.loss_fn if isinstance(loss_fn, WeightedPositionMean) else loss_fn
+    if (type(base) is nn.CrossEntropyLoss and base.reduction in ("mean", "sum")
             and isinstance(output, torch.Tensor) and output.dim() == 2 and y.dim() == 1 and not y.is_floating_point()):
-        losses = F.cross_entropy(output, y, weight=loss_fn.weight, reduction="none", ignore_index=loss_fn.ignore_index,
-                                 label_smoothing=loss_fn.label_smoothing)
-        if loss_fn.reduction == "mean":  # an ignored target: value 0/0 = NaN, gradient 0 (as the batch of one's)
-            losses = torch.where(y == loss_fn.ignore_index, float("nan"), losses)
+        losses = F.cross_entropy(output, y, weight=base.weight, reduction="none", ignore_index=base.ignore_index,
+                                 label_smoothing=base.label_smoothing)
+        if base.reduction == "mean" and base.weight is None:  # an ignored target: 0/0 = NaN, gradient 0 (as the batch of one's)
+            losses = torch.where(y == base.ignore_index, float("nan"), losses)
         return losses
     return vmap(lambda o, t: loss_fn(tree_map(lambda v: v.unsqueeze(0), o), t.unsqueeze(0)))(output, y)
 

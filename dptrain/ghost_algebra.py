@@ -199,7 +199,7 @@ def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bo
             part, e = norms(term.grads.reshape(term.grads.shape[0], -1)).double().square(), None
         total = part if total is None else total + part
         if err is not None:
-            err.merge(e)
+            err.merge(e if e is None or len(terms) == 1 else e.scale_norm(float(len(terms))))
     if len(terms) == 2:
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
         if bound:  # dot products R_t·Q_s of length d, weighted by |L_t[idx_s]| ≤ ‖L_t‖: ≤ γ_d S_outer S_rows

@@ -87,6 +87,15 @@ class Bound:
             self.grams += other.grams
         return self
 
+    def scale_norm(self, k: float) -> "Bound":
+        """Multiply the norm errors' squares by ``k`` (k = 2 for two terms of one parameter: their errors
+        add on one gradient, (c_1 + c_2)² ≤ 2(c_1² + c_2²), where Cauchy–Schwarz across parameters would
+        take c_1² + c_2²)."""
+        if self.norm_err2 is not None:
+            self.norm_err2 = self.norm_err2 * k
+        self.grams = [(q, (a, b, c, d * k)) for q, (a, b, c, d) in self.grams]
+        return self
+
     def empty(self) -> bool:
         return self.sq_err is None and self.norm_err2 is None and not self.grams
 

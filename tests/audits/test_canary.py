@@ -177,3 +177,21 @@ def test_canaries_take_the_shape_of_image_examples():
     result = run_canary_audit(train, base, m=8)
     assert seen == [(1, 8, 8)] and result.theoretical_epsilon <= 1.0 and result.canaries == 8
     assert make_canaries(3, (1, 2, 2)).tensors[0].shape == (3, 1, 2, 2)
+
+
+def test_canaries_of_token_id_data_are_ids():
+    """Integer inputs (an embedding model's token ids) get id canaries of their dtype; float ±5 canaries
+    turned the merged training set into floats and the embedding lookup failed."""
+    x = torch.randint(0, 20, (40, 5))
+    base = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (40,)))
+
+    def train(data, seed):
+        assert data.tensors[0].dtype == torch.long and int(data.tensors[0].max()) < 20
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(20, 3))
+        priv = dptrain.make_private(model, eps=1.0, seed=seed)
+        priv.attach(data, batch_size=20, steps=2, lr=0.1)
+        priv.fit()
+        return model, priv.epsilon_spent(), priv.plan.delta
+
+    assert run_canary_audit(train, base, m=8).canaries == 8

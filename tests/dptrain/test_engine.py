@@ -137,3 +137,22 @@ def test_class_weights_of_a_mean_loss_are_kept_per_example(loss_cls, method):
     for k in weighted:
         torch.testing.assert_close(weighted[k], summed[k])
         assert not torch.allclose(weighted[k], plain[k])
+
+
+@pytest.mark.parametrize("method", ["vmap", "fast"])
+def test_class_weights_on_per_position_outputs_average_over_positions(method):
+    """[B, C, T] logits: weights all 1 give the unweighted loss (a mean over positions, not a sum), and
+    weights act per position: ℓ_i = Σ_t w_{y_it} ℓ_it / T."""
+    from dptrain import ClippingConfig, clip_and_sum
+    torch.manual_seed(0)
+    model = nn.Conv1d(3, 5, 1)
+    x, y = torch.randn(4, 3, 7), torch.randint(0, 5, (4, 7))
+    big = ClippingConfig(1e6)
+    ones = clip_and_sum(model, nn.CrossEntropyLoss(weight=torch.ones(5)), x, y, big, method=method).sums
+    plain = clip_and_sum(model, nn.CrossEntropyLoss(), x, y, big, method=method).sums
+    w = torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0])
+    weighted = clip_and_sum(model, nn.CrossEntropyLoss(weight=w), x, y, big, method=method).sums
+    summed = clip_and_sum(model, nn.CrossEntropyLoss(weight=w, reduction="sum"), x, y, big, method=method).sums
+    for k in plain:
+        torch.testing.assert_close(ones[k], plain[k])
+        torch.testing.assert_close(weighted[k], summed[k] / 7)

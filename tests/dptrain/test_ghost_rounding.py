@@ -137,3 +137,20 @@ def test_gamma_and_unit():
     assert gr_.unit(torch.float64) == 2.0 ** -53
     assert gr_.gamma(10, 2.0 ** -24) == pytest.approx(10 * 2.0 ** -24, rel=1e-5)
     assert math.isinf(gr_.gamma(2 ** 24, 2.0 ** -24))
+
+
+def test_two_terms_of_one_parameter_add_their_norm_errors():
+    """A tied weight's Outer and Rows pieces are one gradient: the fused sums' errors add (c_o + c_r), which
+    the bound must cover (Cauchy–Schwarz across parameters would give only √(c_o² + c_r²))."""
+    from dptrain.ghost_layers import Outer
+    from dptrain.ghost_rows import Rows
+    torch.manual_seed(0)
+    b, t, d, v = 2, 4, 8, 30
+    outer = Outer(torch.randn(b, 1, t, v), torch.randn(b, 1, t, d))
+    rows = Rows(torch.randint(0, v, (b, t)), torch.randn(b, t, d), v)
+    sq, err = ga.sq_norms_bounded([outer, rows])
+    _, eo = ga.sq_norms_bounded([outer])
+    _, er = ga.sq_norms_bounded([rows])
+    c = gr_._gram_pieces(eo)[1].sqrt() + er.norm_err2.sqrt()
+    inner = sq * (1 + gr_._REL) + gr_._gram_pieces(err)[0] + err.sq_err
+    assert bool((gr_.excess(sq, err) - (inner - sq) >= 2 * c * inner.sqrt() + c * c).all())
