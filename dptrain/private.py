@@ -89,6 +89,7 @@ class PrivateTraining:
         self.adaptive: AdaptiveClipping | None = None
         self._trainable_ids: set[int] = set()  # the trainable parameters at attach (the ones noised)
         self._attaches = 0  # successful attaches of this run (and of the run a checkpoint continues)
+        self._plan_start = 0  # steps recorded before the current plan's attach (its plan counts its own steps)
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -181,6 +182,7 @@ class PrivateTraining:
             self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self._seed())
             self.plan = TrainingPlan(n, sample_rate, steps_per_epoch, steps, delta, sigma, planned_eps)
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
+            self._warn_if_plan_passes_budget()
         settings = adaptive_settings(self.config.clipping)
         if settings is not None:
             self.adaptive = AdaptiveClipping(self, settings)
@@ -197,6 +199,7 @@ class PrivateTraining:
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
         self._attaches += 1
+        self._plan_start = self.steps
         return self.loader
 
     def _seed(self, offset: int = 0) -> int | None:
@@ -213,6 +216,23 @@ class PrivateTraining:
 
         base = self.config.seed if self._attaches == 0 else derived_seed(self.config.seed, self._attaches)
         return base + offset
+
+    def _warn_if_plan_passes_budget(self) -> None:
+        """A re-attach's plan counts its own steps, on top of those already recorded: warn when the target
+        ε stops training before the plan ends (σ is calibrated for the plan alone)."""
+        assert self.plan is not None
+        target = self.config.eps
+        if not self.steps or target is None:
+            return
+        plan, acc = self.plan, self.config.accountant
+        total = self.ledger.epsilon_if(self._step_event(0), plan.delta, accountant=acc, count=plan.planned_steps)
+        if total > target * (1 + 1e-9):
+            warnings.warn(
+                f"attach: this run has taken {self.steps} steps (ε={self.epsilon_spent():.3g}); with this plan's "
+                f"{plan.planned_steps} steps at σ={plan.noise_multiplier:.3g} it would spend ε={total:.3g} > target "
+                f"ε={target:g}, so training stops at the budget before the plan ends (σ is calibrated for the "
+                "plan's own steps, not for the budget left). Plan all steps in one attach to use the whole budget.",
+                stacklevel=6)
 
     def _check_same_delta(self, n: int, delta: float) -> None:
         """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
@@ -513,10 +533,14 @@ class PrivateTraining:
         return loss
 
     def fit(self, epochs: float | None = None, progress: bool = False) -> list[float]:
-        """Run the remaining planned steps (or ``epochs`` more epochs); return the losses."""
+        """Run the remaining steps of the current plan (or ``epochs`` more epochs); return the losses.
+
+        A plan counts its own steps: after a re-attach, the new plan's ``planned_steps`` are planned from
+        that attach on (the steps before it are in the ledger, not in this plan).
+        """
         plan = self._require_attached()
         assert self.loader is not None
-        n_steps = (plan.planned_steps - self.steps if epochs is None
+        n_steps = (plan.planned_steps - self.plan_steps if epochs is None
                    else round(epochs * plan.steps_per_epoch))
         steps: Iterable[int] = range(max(0, n_steps))
         if progress:
@@ -527,6 +551,11 @@ class PrivateTraining:
             batch = self.loader.batch(self.loader.sampler.sample())
             losses.append(self.step(batch))
         return losses
+
+    @property
+    def plan_steps(self) -> int:
+        """Steps taken since the current plan's attach (``steps`` counts the whole run)."""
+        return self.steps - self._plan_start
 
     # ------------------------------------------------------------------ report & state
     def report(self, history_points: int = 10) -> "accountants.BudgetReport":
@@ -549,7 +578,7 @@ class PrivateTraining:
         return accountants.BudgetReport(
             epsilon_spent=self.epsilon_spent(), delta=plan.delta, target_epsilon=self.config.eps,
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=self.steps,
-            planned_steps=plan.planned_steps, accountant=self.config.accountant,
+            planned_steps=plan.planned_steps, plan_start=self._plan_start, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
             warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
@@ -561,6 +590,7 @@ class PrivateTraining:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
                 "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
+                "plan_start": self._plan_start,
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -591,6 +621,7 @@ class PrivateTraining:
         self.loader.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
         self._attaches = max(self._attaches, int(state.get("attaches", 1)))  # a later attach: fresh streams
+        self._plan_start = int(state.get("plan_start", 0))
         if self.adaptive is not None:
             if "adaptive" not in state:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "

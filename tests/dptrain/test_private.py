@@ -627,3 +627,39 @@ def test_a_one_example_dataset_or_an_iterable_dataset_is_refused_with_the_fix():
     with pytest.raises(dptrain.PrivacyConfigError, match="sized, indexable dataset"):
         priv.attach(Stream(), batch_size=10, epochs=1, optimizer=_sgd(model))
     assert priv.plan is None
+
+
+def test_after_a_re_attach_fit_runs_the_new_plans_own_steps_and_the_report_says_so():
+    """fit() subtracted the earlier attach's steps from the new plan (6 taken, a 10-step plan: 4 run) and the
+    report read "10 of 10 planned"."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    for _ in range(6):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
+    assert priv.plan.planned_steps == 10 and priv.plan_steps == 0
+    assert len(priv.fit()) == 10 and priv.steps == 16 and priv.plan_steps == 10
+    assert priv.fit() == []  # the plan is done
+    rep = priv.report()
+    assert (rep.steps, rep.planned_steps, rep.plan_start) == (16, 10, 6)
+    assert "16 in total; 10 of 10 planned since the last attach (at step 6)" in rep.to_text()
+    resumed_model = _mlp()
+    resumed = dptrain.make_private(resumed_model, eps=None, noise_multiplier=1.0, seed=1)
+    resumed.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(resumed_model))
+    state = priv.state_dict()
+    resumed.load_state_dict(state)
+    assert resumed.plan_steps == 10 and resumed.fit() == []
+
+
+def test_a_re_attach_whose_plan_cannot_finish_within_the_target_warns():
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=2.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    for _ in range(6):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    with pytest.warns(UserWarning, match="stops at the budget before the plan ends"):
+        priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
+    with pytest.raises(dptrain.BudgetExceededError):
+        priv.fit()
+    assert 6 < priv.steps < 16 and priv.epsilon_spent() <= 2.0
