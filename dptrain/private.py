@@ -63,6 +63,26 @@ def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
                      f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
 
 
+#: parameter dtypes too narrow to hold clipped sums and noise (their rounding can push a contribution past C)
+NARROW_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
+    """Refuse trainable parameters in 16-bit floats (checked at make_private, attach and every step).
+
+    Privacy assumption: each example's clipped contribution has norm ≤ C. Gradients, clipped sums
+    and noise are held in the parameters' dtype; rounded to 8–11 bits of mantissa, a clipped
+    contribution can exceed C (1.0001·C was seen with fp16), so the accounted sensitivity would not hold.
+    """
+    narrow = sorted({str(p.dtype) for p in params.values() if p.dtype in NARROW_DTYPES})
+    if narrow:
+        raise PrivacyConfigError(
+            f"{where}: trainable parameters in {', '.join(narrow)}: the clipped sums and the noise would be "
+            "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
+            "parameters (model.float(); do not call model.half() / model.bfloat16() on a private model) and "
+            "train under torch.autocast(device, dtype=torch.bfloat16).")
+
+
 class PrivateTraining:
     """State of one private training run. Create it with :func:`make_private`."""
 
@@ -71,12 +91,7 @@ class PrivateTraining:
         params = trainable_parameters(model)
         if not params:
             raise PrivacyConfigError("make_private: the model has no trainable parameters")
-        narrow = sorted({str(p.dtype) for p in params.values() if p.dtype in (torch.bfloat16, torch.float16)})
-        if narrow:
-            raise PrivacyConfigError(
-                f"make_private: trainable parameters in {', '.join(narrow)}: the clipped sums and the noise would be "
-                "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
-                "parameters (model.float()) and train under torch.autocast(device, dtype=torch.bfloat16).")
+        check_precision(params, "make_private")
         self.model, self.config = model, config
         self.plan: TrainingPlan | None = None
         self.ledger = accountants.PrivacyLedger()
@@ -135,6 +150,7 @@ class PrivateTraining:
                 optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None, sample_rate: float | None,
                 steps: int | None, lr: float | None) -> PoissonLoader:
         n = _dataset_size(dataset)
+        check_precision(trainable_parameters(self.model), "attach (the model was converted after make_private)")
         if sample_rate is None:
             if batch_size is None or not batch_size >= 1 or not math.isfinite(batch_size):
                 raise PrivacyConfigError(f"attach: batch_size must be a whole number >= 1, got {batch_size}")
@@ -262,6 +278,8 @@ class PrivateTraining:
         if self.adaptive is not None:
             raise PrivacyError("with adaptive clipping, step with priv.step(x, y): the step needs more than the "
                                "optimizer (the controller)")
+        check_precision(trainable_parameters(self.model), "priv.optimizer.step() (the model was converted after "
+                        "priv.backward)")
         if not self.optimizer.grads_are_armed():
             raise PrivacyError(
                 "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y) (none were "
@@ -475,7 +493,7 @@ class PrivateTraining:
         assert self.clipping is not None
         plan = current_plan(self.model)  # one look at the model's structure for the whole step
         params = plan.params
-        self._check_trainable(plan.trainable)
+        self._check_trainable(plan.trainable, params)
         assert self.optimizer is not None
         if self.optimizer.armed:
             raise PrivacyError(
@@ -508,8 +526,10 @@ class PrivateTraining:
             f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
             "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 
-    def _check_trainable(self, trainable: set[int]) -> None:
-        """The trainable parameters must be those the optimizer noises (fixed at attach)."""
+    def _check_trainable(self, trainable: set[int], params: dict[str, nn.Parameter]) -> None:
+        """The trainable parameters (``params``, their ids ``trainable``) must be those the optimizer noises
+        (fixed at attach), still in a dtype wide enough for the clipped sums (:func:`check_precision`)."""
+        check_precision(params, "step (the model was converted after attach)")
         if trainable != self._trainable_ids:
             raise PrivacyConfigError(
                 "the model's trainable parameters changed since attach (a layer frozen or unfrozen): the noise "

@@ -663,3 +663,34 @@ def test_a_re_attach_whose_plan_cannot_finish_within_the_target_warns():
     with pytest.raises(dptrain.BudgetExceededError):
         priv.fit()
     assert 6 < priv.steps < 16 and priv.epsilon_spent() <= 2.0
+
+
+def test_converting_the_model_to_16_bit_after_make_private_or_attach_is_refused():
+    """model.half() after attach trained silently with fp16 sums (a clipped contribution reached 1.0001·C);
+    model.bfloat16() between make_private and attach was refused as "forward mixes examples"."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    model.bfloat16()
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"attach .*bfloat16.*autocast"):
+        priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    model.float()
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
+    priv.step(draw())
+    model.half()
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"step .*float16.*model.float\(\)"):
+        priv.step(draw())
+    with pytest.raises(dptrain.PrivacyConfigError, match="float16"):
+        priv.backward(*draw())
+    model.float()
+    priv.optimizer.zero_grad()
+    priv.backward(*draw())
+    model.half()
+    with pytest.raises(dptrain.PrivacyConfigError, match="float16"):
+        priv.optimizer.step()
+    model.double()  # wider is fine
+    priv.optimizer.zero_grad()
+    x, y = draw()
+    priv.step(x.double(), y)
+    assert priv.steps == 2
+
