@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
@@ -43,6 +43,12 @@ def _rows(inputs: Any, targets: Any) -> int | None:
 
 def _dataset_size(dataset: Any) -> int:
     """N of a sized, indexable dataset (Poisson sampling draws each index in range(N) independently)."""
+    if isinstance(dataset, DataLoader):
+        raise PrivacyConfigError(
+            f"attach: got a DataLoader; pass its Dataset instead (attach(loader.dataset, batch_size="
+            f"{dataset.batch_size}, ...)). dptrain draws the batches itself by Poisson sampling (each example "
+            "joins a batch independently with probability q = batch_size / N), which is what ε accounts for; a "
+            "DataLoader's fixed-size shuffled batches are not covered. Iterate the loader attach returns.")
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset,
                                                                                           "__getitem__"):
         raise PrivacyConfigError(

@@ -694,3 +694,13 @@ def test_converting_the_model_to_16_bit_after_make_private_or_attach_is_refused(
     priv.step(x.double(), y)
     assert priv.steps == 2
 
+
+def test_attaching_a_dataloader_names_the_fix():
+    """attach(DataLoader) failed with "has no length or no indexing" (a DataLoader has a length)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=20, shuffle=True)
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"DataLoader; pass its Dataset .*loader\.dataset"):
+        priv.attach(loader, batch_size=20, epochs=1, optimizer=_sgd(model))
+    priv.attach(loader.dataset, batch_size=20, epochs=1, optimizer=_sgd(model))
+    assert priv.plan.dataset_size == 200
