@@ -30,7 +30,7 @@ from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, Unsu
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
-from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
+from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, as_pair, to_device
 from .validation import validate
 
 def _rows(inputs: Any, targets: Any) -> int | None:
@@ -63,9 +63,11 @@ def _dataset_size(dataset: Any) -> int:
 
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, targets) of a batch: ``(x, y)``, or ``(x1, …, xk, y)`` with the inputs as a tuple."""
+    batch = as_pair(batch)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise ValueError("a batch must be (inputs, targets); got "
+    raise ValueError("a batch must be (inputs, targets) or (input_1, ..., input_k, targets); got "
                      f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
 
 

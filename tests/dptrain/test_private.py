@@ -704,3 +704,30 @@ def test_attaching_a_dataloader_names_the_fix():
         priv.attach(loader, batch_size=20, epochs=1, optimizer=_sgd(model))
     priv.attach(loader.dataset, batch_size=20, epochs=1, optimizer=_sgd(model))
     assert priv.plan.dataset_size == 200
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, x1, x2):
+        return self.a(x1) + self.b(x2)
+
+
+def test_a_tensor_dataset_of_several_inputs_trains_with_the_last_tensor_as_target():
+    """TensorDataset(x1, x2, y) failed with "a batch must be (inputs, targets); got tuple of length 3"."""
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(200, 3), torch.randn(200, 2)
+    data = TensorDataset(x1, x2, (x1[:, 0] > 0).long())
+    model = _TwoInputs()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = priv.attach(data, batch_size=20, epochs=2, optimizer=_sgd(model))
+    for (a, b), y in loader:
+        priv.step((a, b), y)
+    assert priv.steps == 10
+    batch = priv.loader.batch(priv.loader.sampler.sample())  # the whole batch, as one argument
+    priv.step(batch)
+    assert priv.steps == 11
+    w = model.a.weight.detach().clone()
+    assert len(priv.fit()) == 9 and not torch.equal(w, model.a.weight)
