@@ -618,7 +618,7 @@ class PrivateTraining:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
                 "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
-                "plan_start": self._plan_start,
+                "plan_start": self._plan_start, **self._order_state(),
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -643,6 +643,7 @@ class PrivateTraining:
                 f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
         self._check_ledger_continues(state["ledger"])
+        self._check_same_order(state)
         self.plan = saved
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -655,6 +656,36 @@ class PrivateTraining:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+    def _order_state(self) -> dict[str, Any]:
+        """MF runs: the fingerprint of the attached dataset's order (:mod:`dptrain.fingerprint`)."""
+        if self.config.mechanism not in MF_MECHANISMS:
+            return {}  # Poisson sampling draws every index with the same q: the order does not matter
+        from .fingerprint import order_fingerprint
+
+        assert self.loader is not None and self.plan is not None
+        return {"order_fingerprint": order_fingerprint(self.loader.dataset, self.plan.dataset_size)}
+
+    def _check_same_order(self, state: dict[str, Any]) -> None:
+        """An MF checkpoint resumes only on the dataset in the order it was saved with.
+
+        Privacy assumption: the correlated-noise accounting holds each example to its partition of the
+        schedule (at most k participations, b steps apart); the schedule replays by index, so another
+        order of the same N examples would move real examples between partitions, uncounted.
+        """
+        saved = state.get("order_fingerprint")
+        if self.config.mechanism not in MF_MECHANISMS or saved is None:
+            return
+        from .fingerprint import fingerprints_differ
+
+        differ = fingerprints_differ(saved, self._order_state()["order_fingerprint"])
+        if differ:
+            raise PrivacyConfigError(
+                f"load_state_dict: this {self.config.mechanism} checkpoint was saved with the dataset in another "
+                f"order (the {' and '.join(differ)} at fixed indices differ). Its batch schedule assigns examples "
+                "to partitions by index, and the privacy accounting assumes each example stays in its partition; "
+                "in another order examples would join more steps than accounted. Attach the same dataset in the "
+                "same order (e.g. the same random_split generator seed) before loading.")
 
     def _check_ledger_continues(self, saved: dict[str, Any]) -> None:
         """A run that has recorded steps may load only a checkpoint whose ledger continues its own.
