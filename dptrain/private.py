@@ -91,6 +91,21 @@ def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
             "train under torch.autocast(device, dtype=torch.bfloat16).")
 
 
+def _warn_if_mf_batch_differs(mechanism: str, n: int, requested: float, steps_per_epoch: int, mf: Any) -> None:
+    """Warn when an MF schedule's expected batch, E|B| = (N / b̂)·q within a partition (cyclic Poisson over b̂
+    partitions) or N / b (a fixed split into b = round(N / batch_size) batches), is more than 10 % off
+    the requested batch size."""
+    actual = n / mf.partitions * mf.sample_rate if mf.partitions is not None else n / steps_per_epoch
+    if abs(actual - requested) <= 0.1 * requested:
+        return
+    sizes = sorted({round(n / k) for k in (max(1, steps_per_epoch - 1), steps_per_epoch, steps_per_epoch + 1)})
+    warnings.warn(
+        f"attach: {mechanism} uses batches of about {actual:.4g} examples, not the {requested:.4g} requested: its "
+        f"schedule splits the N={n} examples into a whole number of batches per epoch, {steps_per_epoch} = "
+        f"round(N / batch_size){' (one full-batch step per epoch)' if steps_per_epoch == 1 else ''}. Batch sizes "
+        f"near N / k keep what is asked for (here {', '.join(map(str, sizes))}).", stacklevel=6)
+
+
 class PrivateTraining:
     """State of one private training run. Create it with :func:`make_private`."""
 
@@ -200,6 +215,8 @@ class PrivateTraining:
                     "stream cannot restart with a new plan. Plan all steps in one attach (or start a new "
                     "make_private run and account both yourself).")
             sampler, expected_batch = self._attach_mf(n, steps, steps_per_epoch, delta, seed)
+            _warn_if_mf_batch_differs(self.config.mechanism, n, sample_rate * n, steps_per_epoch,
+                                      self.mechanism.plan)  # type: ignore[union-attr]
             sample_rate = sampler.sample_rate
         else:
             sigma, planned_eps = self._calibrate(sample_rate, steps, delta)

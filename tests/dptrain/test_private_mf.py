@@ -124,3 +124,23 @@ def test_an_mf_checkpoint_resumes_only_on_the_dataset_in_the_same_order(mechanis
     _attached(mechanism, _Augmented(_data())).load_state_dict(saved)
     with pytest.raises(dptrain.PrivacyConfigError, match="another order"):
         _attached(mechanism, _Augmented(TensorDataset(x[order], y[order]))).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("mechanism", ["banded-mf", "multi-epoch-mf", "fft-mf"])
+def test_an_mf_plan_whose_batches_differ_from_the_requested_size_warns(mechanism):
+    """N=100: batch_size=40 silently gave batches of 50 and batch_size=70 full-batch steps."""
+    import warnings
+
+    data = TensorDataset(torch.randn(100, 5), torch.zeros(100, dtype=torch.long))
+    for batch_size, actual in ((40, 50), (70, 100)):
+        model = nn.Linear(5, 2)
+        priv = dptrain.make_private(model, eps=8.0, delta=1e-3, mechanism=mechanism, seed=0)
+        with pytest.warns(UserWarning, match=f"batches of about {actual} examples, not the {batch_size} requested"):
+            priv.attach(data, batch_size=batch_size, epochs=2, lr=0.1)
+        sizes = [len(priv.loader.sampler.sample()) for _ in range(priv.plan.planned_steps)]
+        assert sum(sizes) / len(sizes) == actual
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nn.Linear(5, 2)
+        priv = dptrain.make_private(model, eps=8.0, delta=1e-3, mechanism=mechanism, seed=0)
+        priv.attach(data, batch_size=48, epochs=2, lr=0.1)  # 50: within 10 %
