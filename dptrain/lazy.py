@@ -297,7 +297,7 @@ class LazyPrivateTraining(PrivateTraining):
         if self._has_dense:
             self.optimizer._apply_step()
         else:
-            self.optimizer.steps += 1
+            self.optimizer.count_step()
         self.tables.sgd_step(self._rows, lrs)
         self._rows = {}
         self.ledger.record(self._step_event(self.steps))

@@ -305,11 +305,19 @@ class PrivateTraining:
                                "optimizer (the controller)")
         check_precision(trainable_parameters(self.model), "priv.optimizer.step() (the model was converted after "
                         "priv.backward)")
+        if not self.optimizer.armed:
+            raise PrivacyError(
+                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y): none were "
+                "written since the last step or zero_grad. Call priv.backward(x, y) right before, or use "
+                "priv.step(x, y).")
         if not self.optimizer.grads_are_armed():
             raise PrivacyError(
-                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y) (none were "
-                "written since the last step or zero_grad, or they were changed after it, e.g. by "
-                "loss.backward()). Call priv.backward(x, y) right before, or use priv.step(x, y).")
+                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y): a .grad "
+                "was changed after it (by clip_grad_norm_, a scaling, or a loss.backward() adding into it). .grad "
+                "must hold the clipped sums untouched between priv.backward and the step: dptrain already clips "
+                "each example's gradient to max_grad_norm, and the noise and the division by the batch size come "
+                "in the step. Do no clipping, scaling or accumulation of your own there (set max_grad_norm in "
+                "make_private; change a step's size with the learning rate).")
         self.check_budget()
 
     def _after_public_step(self) -> None:

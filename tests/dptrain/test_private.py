@@ -731,3 +731,29 @@ def test_a_tensor_dataset_of_several_inputs_trains_with_the_last_tensor_as_targe
     assert priv.steps == 11
     w = model.a.weight.detach().clone()
     assert len(priv.fit()) == 9 and not torch.equal(w, model.a.weight)
+
+
+def test_a_scheduler_on_the_private_optimizer_sees_its_steps_and_user_clipping_is_named():
+    """A scheduler built on priv.optimizer warned "lr_scheduler.step() before optimizer.step()" although
+    priv.step had stepped; clip_grad_norm_ between priv.backward and the step was blamed on loss.backward()."""
+    import warnings
+
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    scheduler = torch.optim.lr_scheduler.StepLR(priv.optimizer, 1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for x, y in loader:
+                priv.step(x, y)
+            scheduler.step()
+    assert priv.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    with pytest.raises(dptrain.PrivacyError, match="optimizer is attached"):  # the guards still hold
+        nn.functional.cross_entropy(model(x), y).backward()
+        priv.optimizer.original_optimizer.step()
+    priv.optimizer.zero_grad()
+    priv.backward(*priv.loader.batch(priv.loader.sampler.sample()))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(dptrain.PrivacyError, match=r"clip_grad_norm_.*untouched.*already clips"):
+        priv.optimizer.step()
