@@ -33,6 +33,8 @@ class BudgetReport:
     #: the ledger's runs of equal steps: (first step, last step, σ, q), 1-based; more than one after a
     #: re-attach with another plan (``noise_multiplier`` and ``sample_rate`` are then the last plan's)
     segments: list[tuple[int, int, float, float]] = field(default_factory=list)
+    #: steps taken before the current plan's attach (``planned_steps`` counts from there; 0: one plan)
+    plan_start: int = 0
 
     @property
     def mixed(self) -> bool:
@@ -53,7 +55,10 @@ class BudgetReport:
         target = "none" if self.target_epsilon is None else f"{self.target_epsilon:g}"
         planned = "" if self.planned_steps is None else f" of {self.planned_steps} planned"
         mixed = "mixed, see segments; last plan " if self.mixed else ""
-        if self.mixed and self.planned_steps is not None:
+        if self.plan_start and self.planned_steps is not None:
+            planned = (f" in total; {self.steps - self.plan_start} of {self.planned_steps} planned since the last "
+                       f"attach (at step {self.plan_start})")
+        elif self.mixed and self.planned_steps is not None:
             planned = f" (the last plan: {self.planned_steps} steps)"
         rows = [
             ("ε spent", f"{self.epsilon_spent:.4f}  (target {target}, {self.accountant} accountant)"),

@@ -179,7 +179,7 @@ class AdaptiveClipping:
         mechanism = priv.optimizer.mechanism
         priv.optimizer.zero_grad()
         params = trainable_parameters(priv.model)
-        priv._check_trainable({id(p) for p in params.values()})
+        priv._check_trainable({id(p) for p in params.values()}, params)
         priv._take_drawn(inputs, targets)
         x, y = priv._to_device(inputs, targets, params=params)
         batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size,

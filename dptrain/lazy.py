@@ -254,7 +254,7 @@ class LazyPrivateTraining(PrivateTraining):
         assert self.clipping is not None
         plan = self._plans.get()
         params = plan[0].params
-        self._check_trainable(plan[0].trainable)
+        self._check_trainable(plan[0].trainable, params)
         self._take_drawn(inputs, targets)
         inputs, targets = self._to_device(inputs, targets, params=params)
         batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
@@ -297,7 +297,7 @@ class LazyPrivateTraining(PrivateTraining):
         if self._has_dense:
             self.optimizer._apply_step()
         else:
-            self.optimizer.steps += 1
+            self.optimizer.count_step()
         self.tables.sgd_step(self._rows, lrs)
         self._rows = {}
         self.ledger.record(self._step_event(self.steps))

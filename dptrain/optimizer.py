@@ -139,8 +139,18 @@ class DPOptimizer(torch.optim.Optimizer):
             self.original_optimizer.step()
         finally:
             self._inside_step = False
+        self.count_step()
+
+    def count_step(self) -> None:
+        """Count one private step (also a step that updated no dense parameter, e.g. lazy tables only).
+
+        torch's LR schedulers wrap ``optimizer.step`` to set ``optimizer._opt_called`` and warn
+        ("lr_scheduler.step() before optimizer.step()") when it is unset; ``priv.step`` steps through
+        :meth:`_apply_step`, so the flag is set here for a scheduler built on this wrapper.
+        """
         self.steps += 1
         self._armed = None
+        self._opt_called = True
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {"optimizer": self.original_optimizer.state_dict(),

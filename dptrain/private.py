@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import accountants
 from mechanisms import GaussianMechanism, NoiseMechanism
@@ -30,7 +30,7 @@ from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, Unsu
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
-from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, to_device
+from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, as_pair, to_device
 from .validation import validate
 
 def _rows(inputs: Any, targets: Any) -> int | None:
@@ -43,6 +43,12 @@ def _rows(inputs: Any, targets: Any) -> int | None:
 
 def _dataset_size(dataset: Any) -> int:
     """N of a sized, indexable dataset (Poisson sampling draws each index in range(N) independently)."""
+    if isinstance(dataset, DataLoader):
+        raise PrivacyConfigError(
+            f"attach: got a DataLoader; pass its Dataset instead (attach(loader.dataset, batch_size="
+            f"{dataset.batch_size}, ...)). dptrain draws the batches itself by Poisson sampling (each example "
+            "joins a batch independently with probability q = batch_size / N), which is what ε accounts for; a "
+            "DataLoader's fixed-size shuffled batches are not covered. Iterate the loader attach returns.")
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset,
                                                                                           "__getitem__"):
         raise PrivacyConfigError(
@@ -57,10 +63,47 @@ def _dataset_size(dataset: Any) -> int:
 
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, targets) of a batch: ``(x, y)``, or ``(x1, …, xk, y)`` with the inputs as a tuple."""
+    batch = as_pair(batch)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise ValueError("a batch must be (inputs, targets); got "
+    raise ValueError("a batch must be (inputs, targets) or (input_1, ..., input_k, targets); got "
                      f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
+
+
+#: parameter dtypes too narrow to hold clipped sums and noise (their rounding can push a contribution past C)
+NARROW_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
+    """Refuse trainable parameters in 16-bit floats (checked at make_private, attach and every step).
+
+    Privacy assumption: each example's clipped contribution has norm ≤ C. Gradients, clipped sums
+    and noise are held in the parameters' dtype; rounded to 8–11 bits of mantissa, a clipped
+    contribution can exceed C (1.0001·C was seen with fp16), so the accounted sensitivity would not hold.
+    """
+    narrow = sorted({str(p.dtype) for p in params.values() if p.dtype in NARROW_DTYPES})
+    if narrow:
+        raise PrivacyConfigError(
+            f"{where}: trainable parameters in {', '.join(narrow)}: the clipped sums and the noise would be "
+            "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
+            "parameters (model.float(); do not call model.half() / model.bfloat16() on a private model) and "
+            "train under torch.autocast(device, dtype=torch.bfloat16).")
+
+
+def _warn_if_mf_batch_differs(mechanism: str, n: int, requested: float, steps_per_epoch: int, mf: Any) -> None:
+    """Warn when an MF schedule's expected batch, E|B| = (N / b̂)·q within a partition (cyclic Poisson over b̂
+    partitions) or N / b (a fixed split into b = round(N / batch_size) batches), is more than 10 % off
+    the requested batch size."""
+    actual = n / mf.partitions * mf.sample_rate if mf.partitions is not None else n / steps_per_epoch
+    if abs(actual - requested) <= 0.1 * requested:
+        return
+    sizes = sorted({round(n / k) for k in (max(1, steps_per_epoch - 1), steps_per_epoch, steps_per_epoch + 1)})
+    warnings.warn(
+        f"attach: {mechanism} uses batches of about {actual:.4g} examples, not the {requested:.4g} requested: its "
+        f"schedule splits the N={n} examples into a whole number of batches per epoch, {steps_per_epoch} = "
+        f"round(N / batch_size){' (one full-batch step per epoch)' if steps_per_epoch == 1 else ''}. Batch sizes "
+        f"near N / k keep what is asked for (here {', '.join(map(str, sizes))}).", stacklevel=6)
 
 
 class PrivateTraining:
@@ -71,12 +114,7 @@ class PrivateTraining:
         params = trainable_parameters(model)
         if not params:
             raise PrivacyConfigError("make_private: the model has no trainable parameters")
-        narrow = sorted({str(p.dtype) for p in params.values() if p.dtype in (torch.bfloat16, torch.float16)})
-        if narrow:
-            raise PrivacyConfigError(
-                f"make_private: trainable parameters in {', '.join(narrow)}: the clipped sums and the noise would be "
-                "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
-                "parameters (model.float()) and train under torch.autocast(device, dtype=torch.bfloat16).")
+        check_precision(params, "make_private")
         self.model, self.config = model, config
         self.plan: TrainingPlan | None = None
         self.ledger = accountants.PrivacyLedger()
@@ -89,6 +127,7 @@ class PrivateTraining:
         self.adaptive: AdaptiveClipping | None = None
         self._trainable_ids: set[int] = set()  # the trainable parameters at attach (the ones noised)
         self._attaches = 0  # successful attaches of this run (and of the run a checkpoint continues)
+        self._plan_start = 0  # steps recorded before the current plan's attach (its plan counts its own steps)
 
     # ------------------------------------------------------------------ setup
     def attach(self, dataset: Dataset, batch_size: int | None = 128, epochs: float | None = 10,
@@ -134,6 +173,7 @@ class PrivateTraining:
                 optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None, sample_rate: float | None,
                 steps: int | None, lr: float | None) -> PoissonLoader:
         n = _dataset_size(dataset)
+        check_precision(trainable_parameters(self.model), "attach (the model was converted after make_private)")
         if sample_rate is None:
             if batch_size is None or not batch_size >= 1 or not math.isfinite(batch_size):
                 raise PrivacyConfigError(f"attach: batch_size must be a whole number >= 1, got {batch_size}")
@@ -175,12 +215,15 @@ class PrivateTraining:
                     "stream cannot restart with a new plan. Plan all steps in one attach (or start a new "
                     "make_private run and account both yourself).")
             sampler, expected_batch = self._attach_mf(n, steps, steps_per_epoch, delta, seed)
+            _warn_if_mf_batch_differs(self.config.mechanism, n, sample_rate * n, steps_per_epoch,
+                                      self.mechanism.plan)  # type: ignore[union-attr]
             sample_rate = sampler.sample_rate
         else:
             sigma, planned_eps = self._calibrate(sample_rate, steps, delta)
             self.mechanism = GaussianMechanism(sigma, self.clipping.sensitivity, seed=self._seed())
             self.plan = TrainingPlan(n, sample_rate, steps_per_epoch, steps, delta, sigma, planned_eps)
             sampler, expected_batch = PoissonSampler(n, sample_rate, steps, seed), sample_rate * n
+            self._warn_if_plan_passes_budget()
         settings = adaptive_settings(self.config.clipping)
         if settings is not None:
             self.adaptive = AdaptiveClipping(self, settings)
@@ -197,6 +240,7 @@ class PrivateTraining:
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
         self._probe(dataset)
         self._attaches += 1
+        self._plan_start = self.steps
         return self.loader
 
     def _seed(self, offset: int = 0) -> int | None:
@@ -213,6 +257,23 @@ class PrivateTraining:
 
         base = self.config.seed if self._attaches == 0 else derived_seed(self.config.seed, self._attaches)
         return base + offset
+
+    def _warn_if_plan_passes_budget(self) -> None:
+        """A re-attach's plan counts its own steps, on top of those already recorded: warn when the target
+        ε stops training before the plan ends (σ is calibrated for the plan alone)."""
+        assert self.plan is not None
+        target = self.config.eps
+        if not self.steps or target is None:
+            return
+        plan, acc = self.plan, self.config.accountant
+        total = self.ledger.epsilon_if(self._step_event(0), plan.delta, accountant=acc, count=plan.planned_steps)
+        if total > target * (1 + 1e-9):
+            warnings.warn(
+                f"attach: this run has taken {self.steps} steps (ε={self.epsilon_spent():.3g}); with this plan's "
+                f"{plan.planned_steps} steps at σ={plan.noise_multiplier:.3g} it would spend ε={total:.3g} > target "
+                f"ε={target:g}, so training stops at the budget before the plan ends (σ is calibrated for the "
+                "plan's own steps, not for the budget left). Plan all steps in one attach to use the whole budget.",
+                stacklevel=6)
 
     def _check_same_delta(self, n: int, delta: float) -> None:
         """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
@@ -242,11 +303,21 @@ class PrivateTraining:
         if self.adaptive is not None:
             raise PrivacyError("with adaptive clipping, step with priv.step(x, y): the step needs more than the "
                                "optimizer (the controller)")
+        check_precision(trainable_parameters(self.model), "priv.optimizer.step() (the model was converted after "
+                        "priv.backward)")
+        if not self.optimizer.armed:
+            raise PrivacyError(
+                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y): none were "
+                "written since the last step or zero_grad. Call priv.backward(x, y) right before, or use "
+                "priv.step(x, y).")
         if not self.optimizer.grads_are_armed():
             raise PrivacyError(
-                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y) (none were "
-                "written since the last step or zero_grad, or they were changed after it, e.g. by "
-                "loss.backward()). Call priv.backward(x, y) right before, or use priv.step(x, y).")
+                "priv.optimizer.step(): the gradients are not the clipped sums of priv.backward(x, y): a .grad "
+                "was changed after it (by clip_grad_norm_, a scaling, or a loss.backward() adding into it). .grad "
+                "must hold the clipped sums untouched between priv.backward and the step: dptrain already clips "
+                "each example's gradient to max_grad_norm, and the noise and the division by the batch size come "
+                "in the step. Do no clipping, scaling or accumulation of your own there (set max_grad_norm in "
+                "make_private; change a step's size with the learning rate).")
         self.check_budget()
 
     def _after_public_step(self) -> None:
@@ -455,7 +526,7 @@ class PrivateTraining:
         assert self.clipping is not None
         plan = current_plan(self.model)  # one look at the model's structure for the whole step
         params = plan.params
-        self._check_trainable(plan.trainable)
+        self._check_trainable(plan.trainable, params)
         assert self.optimizer is not None
         if self.optimizer.armed:
             raise PrivacyError(
@@ -488,8 +559,10 @@ class PrivateTraining:
             f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
             "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 
-    def _check_trainable(self, trainable: set[int]) -> None:
-        """The trainable parameters must be those the optimizer noises (fixed at attach)."""
+    def _check_trainable(self, trainable: set[int], params: dict[str, nn.Parameter]) -> None:
+        """The trainable parameters (``params``, their ids ``trainable``) must be those the optimizer noises
+        (fixed at attach), still in a dtype wide enough for the clipped sums (:func:`check_precision`)."""
+        check_precision(params, "step (the model was converted after attach)")
         if trainable != self._trainable_ids:
             raise PrivacyConfigError(
                 "the model's trainable parameters changed since attach (a layer frozen or unfrozen): the noise "
@@ -513,10 +586,14 @@ class PrivateTraining:
         return loss
 
     def fit(self, epochs: float | None = None, progress: bool = False) -> list[float]:
-        """Run the remaining planned steps (or ``epochs`` more epochs); return the losses."""
+        """Run the remaining steps of the current plan (or ``epochs`` more epochs); return the losses.
+
+        A plan counts its own steps: after a re-attach, the new plan's ``planned_steps`` are planned from
+        that attach on (the steps before it are in the ledger, not in this plan).
+        """
         plan = self._require_attached()
         assert self.loader is not None
-        n_steps = (plan.planned_steps - self.steps if epochs is None
+        n_steps = (plan.planned_steps - self.plan_steps if epochs is None
                    else round(epochs * plan.steps_per_epoch))
         steps: Iterable[int] = range(max(0, n_steps))
         if progress:
@@ -527,6 +604,11 @@ class PrivateTraining:
             batch = self.loader.batch(self.loader.sampler.sample())
             losses.append(self.step(batch))
         return losses
+
+    @property
+    def plan_steps(self) -> int:
+        """Steps taken since the current plan's attach (``steps`` counts the whole run)."""
+        return self.steps - self._plan_start
 
     # ------------------------------------------------------------------ report & state
     def report(self, history_points: int = 10) -> "accountants.BudgetReport":
@@ -549,7 +631,7 @@ class PrivateTraining:
         return accountants.BudgetReport(
             epsilon_spent=self.epsilon_spent(), delta=plan.delta, target_epsilon=self.config.eps,
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=self.steps,
-            planned_steps=plan.planned_steps, accountant=self.config.accountant,
+            planned_steps=plan.planned_steps, plan_start=self._plan_start, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
             warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
@@ -561,6 +643,7 @@ class PrivateTraining:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
                 "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
+                "plan_start": self._plan_start, **self._order_state(),
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -585,17 +668,49 @@ class PrivateTraining:
                 f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
         self._check_ledger_continues(state["ledger"])
+        self._check_same_order(state)
         self.plan = saved
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
         self._attaches = max(self._attaches, int(state.get("attaches", 1)))  # a later attach: fresh streams
+        self._plan_start = int(state.get("plan_start", 0))
         if self.adaptive is not None:
             if "adaptive" not in state:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+    def _order_state(self) -> dict[str, Any]:
+        """MF runs: the fingerprint of the attached dataset's order (:mod:`dptrain.fingerprint`)."""
+        if self.config.mechanism not in MF_MECHANISMS:
+            return {}  # Poisson sampling draws every index with the same q: the order does not matter
+        from .fingerprint import order_fingerprint
+
+        assert self.loader is not None and self.plan is not None
+        return {"order_fingerprint": order_fingerprint(self.loader.dataset, self.plan.dataset_size)}
+
+    def _check_same_order(self, state: dict[str, Any]) -> None:
+        """An MF checkpoint resumes only on the dataset in the order it was saved with.
+
+        Privacy assumption: the correlated-noise accounting holds each example to its partition of the
+        schedule (at most k participations, b steps apart); the schedule replays by index, so another
+        order of the same N examples would move real examples between partitions, uncounted.
+        """
+        saved = state.get("order_fingerprint")
+        if self.config.mechanism not in MF_MECHANISMS or saved is None:
+            return
+        from .fingerprint import fingerprints_differ
+
+        differ = fingerprints_differ(saved, self._order_state()["order_fingerprint"])
+        if differ:
+            raise PrivacyConfigError(
+                f"load_state_dict: this {self.config.mechanism} checkpoint was saved with the dataset in another "
+                f"order (the {' and '.join(differ)} at fixed indices differ). Its batch schedule assigns examples "
+                "to partitions by index, and the privacy accounting assumes each example stays in its partition; "
+                "in another order examples would join more steps than accounted. Attach the same dataset in the "
+                "same order (e.g. the same random_split generator seed) before loading.")
 
     def _check_ledger_continues(self, saved: dict[str, Any]) -> None:
         """A run that has recorded steps may load only a checkpoint whose ledger continues its own.

@@ -72,6 +72,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def as_pair(batch: Any) -> Any:
+    """A collated batch of examples with k > 2 parts ``(x_1, …, x_{k-1}, y)`` as ``((x_1, …, x_{k-1}), y)``.
+
+    The last part is the target and the others the model's inputs (called as ``model(x_1, …)``), as
+    for ``TensorDataset(x1, x2, y)``; batches of other shapes are returned unchanged.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return tuple(batch[:-1]), batch[-1]
+    return batch
+
+
 def _empty_like(example: Any) -> Any:
     """A zero-length batch with the structure of one collated example."""
     if isinstance(example, torch.Tensor):
@@ -92,7 +103,8 @@ class PoissonLoader:
     """Iterates ``steps_per_epoch`` Poisson-sampled batches of ``dataset`` per pass.
 
     Tensor datasets (``TensorDataset``) are indexed in one gather; other datasets are
-    collated with ``default_collate``. Empty batches keep the structure (zero rows).
+    collated with ``default_collate``. Empty batches keep the structure (zero rows). Examples
+    of more than two parts (``TensorDataset(x1, x2, y)``) give ``((x1, x2), y)`` (:func:`as_pair`).
 
     The loader records the row count of every batch its sampler draws (``iter(loader)`` or
     ``loader.sampler.sample()``), so that a training step can check it runs on one of them
@@ -106,7 +118,7 @@ class PoissonLoader:
         self.dataset, self.sampler, self.steps_per_epoch = dataset, sampler, int(steps_per_epoch)
         self._drawn: deque[int] = deque(maxlen=self.BACKLOG)  # row counts of drawn, unused batches, in order
         sampler.on_draw = self._record_drawn
-        self._empty = _empty_like(dataset[0])
+        self._empty = as_pair(_empty_like(dataset[0]))
         # one gather for a plain TensorDataset; a subclass may transform in __getitem__, so it is called
         self._tensors = getattr(dataset, "tensors", None) if type(dataset).__getitem__ is TensorDataset.__getitem__ \
             else None
@@ -123,8 +135,8 @@ class PoissonLoader:
         if indices.numel() == 0:
             return self._empty
         if self._tensors is not None:
-            return tuple(t[indices] for t in self._tensors)
-        return default_collate([self.dataset[int(i)] for i in indices])
+            return as_pair(tuple(t[indices] for t in self._tensors))
+        return as_pair(default_collate([self.dataset[int(i)] for i in indices]))
 
     def __iter__(self) -> Iterator[Any]:
         for _ in range(self.steps_per_epoch):

@@ -627,3 +627,133 @@ def test_a_one_example_dataset_or_an_iterable_dataset_is_refused_with_the_fix():
     with pytest.raises(dptrain.PrivacyConfigError, match="sized, indexable dataset"):
         priv.attach(Stream(), batch_size=10, epochs=1, optimizer=_sgd(model))
     assert priv.plan is None
+
+
+def test_after_a_re_attach_fit_runs_the_new_plans_own_steps_and_the_report_says_so():
+    """fit() subtracted the earlier attach's steps from the new plan (6 taken, a 10-step plan: 4 run) and the
+    report read "10 of 10 planned"."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=None, noise_multiplier=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    for _ in range(6):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
+    assert priv.plan.planned_steps == 10 and priv.plan_steps == 0
+    assert len(priv.fit()) == 10 and priv.steps == 16 and priv.plan_steps == 10
+    assert priv.fit() == []  # the plan is done
+    rep = priv.report()
+    assert (rep.steps, rep.planned_steps, rep.plan_start) == (16, 10, 6)
+    assert "16 in total; 10 of 10 planned since the last attach (at step 6)" in rep.to_text()
+    resumed_model = _mlp()
+    resumed = dptrain.make_private(resumed_model, eps=None, noise_multiplier=1.0, seed=1)
+    resumed.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(resumed_model))
+    state = priv.state_dict()
+    resumed.load_state_dict(state)
+    assert resumed.plan_steps == 10 and resumed.fit() == []
+
+
+def test_a_re_attach_whose_plan_cannot_finish_within_the_target_warns():
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=2.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    for _ in range(6):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    with pytest.warns(UserWarning, match="stops at the budget before the plan ends"):
+        priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
+    with pytest.raises(dptrain.BudgetExceededError):
+        priv.fit()
+    assert 6 < priv.steps < 16 and priv.epsilon_spent() <= 2.0
+
+
+def test_converting_the_model_to_16_bit_after_make_private_or_attach_is_refused():
+    """model.half() after attach trained silently with fp16 sums (a clipped contribution reached 1.0001·C);
+    model.bfloat16() between make_private and attach was refused as "forward mixes examples"."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    model.bfloat16()
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"attach .*bfloat16.*autocast"):
+        priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    model.float()
+    priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
+    draw = lambda: priv.loader.batch(priv.loader.sampler.sample())  # noqa: E731
+    priv.step(draw())
+    model.half()
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"step .*float16.*model.float\(\)"):
+        priv.step(draw())
+    with pytest.raises(dptrain.PrivacyConfigError, match="float16"):
+        priv.backward(*draw())
+    model.float()
+    priv.optimizer.zero_grad()
+    priv.backward(*draw())
+    model.half()
+    with pytest.raises(dptrain.PrivacyConfigError, match="float16"):
+        priv.optimizer.step()
+    model.double()  # wider is fine
+    priv.optimizer.zero_grad()
+    x, y = draw()
+    priv.step(x.double(), y)
+    assert priv.steps == 2
+
+
+def test_attaching_a_dataloader_names_the_fix():
+    """attach(DataLoader) failed with "has no length or no indexing" (a DataLoader has a length)."""
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=20, shuffle=True)
+    with pytest.raises(dptrain.PrivacyConfigError, match=r"DataLoader; pass its Dataset .*loader\.dataset"):
+        priv.attach(loader, batch_size=20, epochs=1, optimizer=_sgd(model))
+    priv.attach(loader.dataset, batch_size=20, epochs=1, optimizer=_sgd(model))
+    assert priv.plan.dataset_size == 200
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, x1, x2):
+        return self.a(x1) + self.b(x2)
+
+
+def test_a_tensor_dataset_of_several_inputs_trains_with_the_last_tensor_as_target():
+    """TensorDataset(x1, x2, y) failed with "a batch must be (inputs, targets); got tuple of length 3"."""
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(200, 3), torch.randn(200, 2)
+    data = TensorDataset(x1, x2, (x1[:, 0] > 0).long())
+    model = _TwoInputs()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = priv.attach(data, batch_size=20, epochs=2, optimizer=_sgd(model))
+    for (a, b), y in loader:
+        priv.step((a, b), y)
+    assert priv.steps == 10
+    batch = priv.loader.batch(priv.loader.sampler.sample())  # the whole batch, as one argument
+    priv.step(batch)
+    assert priv.steps == 11
+    w = model.a.weight.detach().clone()
+    assert len(priv.fit()) == 9 and not torch.equal(w, model.a.weight)
+
+
+def test_a_scheduler_on_the_private_optimizer_sees_its_steps_and_user_clipping_is_named():
+    """A scheduler built on priv.optimizer warned "lr_scheduler.step() before optimizer.step()" although
+    priv.step had stepped; clip_grad_norm_ between priv.backward and the step was blamed on loss.backward()."""
+    import warnings
+
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=3.0, seed=1)
+    loader = priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    scheduler = torch.optim.lr_scheduler.StepLR(priv.optimizer, 1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for x, y in loader:
+                priv.step(x, y)
+            scheduler.step()
+    assert priv.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    with pytest.raises(dptrain.PrivacyError, match="optimizer is attached"):  # the guards still hold
+        nn.functional.cross_entropy(model(x), y).backward()
+        priv.optimizer.original_optimizer.step()
+    priv.optimizer.zero_grad()
+    priv.backward(*priv.loader.batch(priv.loader.sampler.sample()))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(dptrain.PrivacyError, match=r"clip_grad_norm_.*untouched.*already clips"):
+        priv.optimizer.step()

@@ -106,6 +106,7 @@ def test_loader_calls_a_tensor_dataset_subclass_and_handles_numpy_examples():
 
     loader = PoissonLoader(Arrays(), PoissonSampler(8, 0.5, 1, seed=0), 1)
     empty, full = loader.batch(torch.tensor([], dtype=torch.long)), loader.batch(torch.tensor([1, 2]))
+    empty, full = [*empty[0], empty[1]], [*full[0], full[1]]  # three parts: ((x, i % 2), 0.5)
     assert [t.dtype for t in empty] == [t.dtype for t in full] == [torch.float32, torch.int64, torch.float64]
     assert empty[0].shape == (0, 4) and full[0].shape == (2, 4)
 
@@ -128,3 +129,26 @@ def test_loader_records_the_batches_its_sampler_draws():
     loader.batch(torch.arange(7))  # indices not drawn by the sampler: not recorded
     assert not loader.take(7) or 7 in sizes
     assert loader.take(sizes[1]) and not loader.take(sizes[0])  # the later one used: the earlier given up
+
+
+def test_examples_of_more_than_two_parts_are_inputs_then_target():
+    """TensorDataset(x1, x2, y) gave 3-tuples that priv.step refused ("a batch must be (inputs, targets)")."""
+    x1, x2, y = torch.randn(50, 3), torch.randn(50, 2), torch.arange(50)
+    idx = torch.tensor([1, 4, 7])
+
+    class Triples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            return x1[i], x2[i], y[i]
+
+    for data in (TensorDataset(x1, x2, y), Triples()):
+        loader = PoissonLoader(data, PoissonSampler(50, 0.2, 3, seed=0), 5)
+        (a, b), t = loader.batch(idx)
+        assert torch.equal(a, x1[idx]) and torch.equal(b, x2[idx]) and torch.equal(t, y[idx])
+        (a, b), t = loader.batch(torch.tensor([], dtype=torch.long))
+        assert a.shape == (0, 3) and b.shape == (0, 2) and t.shape == (0,)
+    two = PoissonLoader(TensorDataset(x1, y), PoissonSampler(50, 0.2, 3, seed=0), 5)
+    a, t = two.batch(idx)
+    assert torch.equal(a, x1[idx]) and torch.equal(t, y[idx])
