@@ -2,7 +2,7 @@
 
 Mechanisms declare events (:mod:`accountants.events`); accountants interpret them.
 """
-from .calibration import UnreachableTargetError, calibrate_noise
+from .calibration import UnreachableTargetError, calibrate_noise, calibrate_noise_after
 from .composition import flatten, poisson_gaussian
 from .epsilon import ACCOUNTANTS, epsilon, epsilon_bounds, epsilon_of_event
 from .events import (ComposedEvent, DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent,
@@ -15,7 +15,7 @@ from .tradeoff import (ShuffledLimit, shuffled_limit, tradeoff_curve, tradeoff_o
                        tradeoff_separation)
 
 __all__ = [
-    "epsilon", "epsilon_of_event", "epsilon_bounds", "calibrate_noise", "UnreachableTargetError",
+    "epsilon", "epsilon_of_event", "epsilon_bounds", "calibrate_noise", "calibrate_noise_after", "UnreachableTargetError",
     "gdp_mu", "delta_from_gdp", "eps_from_gdp", "gaussian_tradeoff", "PrivacyLedger", "BudgetReport",
     "DpEvent", "GaussianEvent", "PoissonSampledEvent", "SelfComposedEvent", "ComposedEvent", "NoOpEvent",
     "event_to_dict", "event_from_dict", "register_event", "flatten", "poisson_gaussian", "ACCOUNTANTS",

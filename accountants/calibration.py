@@ -17,7 +17,7 @@ requested accountant:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from scipy import optimize
 
@@ -25,6 +25,9 @@ from .backends import PRV_EPS_ERROR, prv_search_epsilon
 from .composition import flatten, poisson_gaussian
 from .epsilon import ACCOUNTANTS, check_delta, check_run, epsilon
 from .gdp import delta_from_gdp, eps_from_gdp, gdp_mu
+
+if TYPE_CHECKING:
+    from .ledger import PrivacyLedger
 
 _SIGMA_MAX = 1e4
 _SIGMA_MIN = 1e-3
@@ -208,3 +211,35 @@ def calibrate_noise(target_eps: float, delta: float, sample_rate: float, steps: 
             f"calibrate_noise: ε={target_eps} at δ={delta:g} is not reachable with σ ≤ {_SIGMA_MAX:g} "
             f"for q={sample_rate:g}, T={steps} ({accountant} accountant); raise ε, lower the steps or the "
             f"sampling rate.{floor}") from None
+
+
+def calibrate_noise_after(spent: "PrivacyLedger", target_eps: float, delta: float, sample_rate: float, steps: int,
+                          accountant: str = "prv", rtol: float = 0.01) -> float:
+    """Smallest σ (within ``rtol``) such that the steps already in ``spent`` followed by ``steps`` Poisson-sampled
+    Gaussian steps (σ, q) spend at most ``target_eps``: the budget that is left, for a plan that continues a run.
+
+    ε(σ) = ε(spent ∘ PoissonGaussian(σ, q)^T) decreases in σ towards ε(spent); σ is searched on that composed
+    event with the same guarantees as :func:`calibrate_noise` (ε(σ) ≤ target, ε(σ) ≥ (1 − rtol)·target or σ at
+    the plan-alone value, ε(σ/(1 + rtol)) > target). Raises :class:`UnreachableTargetError` when even
+    σ = 10⁴ would pass the target (the budget is spent).
+    """
+    check_delta(delta)
+    check_run(1.0, sample_rate, steps)
+    alone = calibrate_noise(target_eps, delta, sample_rate, steps, accountant=accountant, rtol=rtol)
+    if not spent.entries:
+        return alone
+
+    def f(sigma: float) -> float:
+        return spent.epsilon_if(poisson_gaussian(sigma, sample_rate, 1), delta, accountant=accountant, count=steps)
+
+    if f(alone) <= target_eps:  # what was spent is negligible next to the plan's rounding
+        return alone
+    lo, hi = alone, alone * 2.0
+    while f(hi) > target_eps:
+        if hi >= _SIGMA_MAX:
+            raise UnreachableTargetError(
+                f"calibrate_noise_after: {spent.steps} steps already spend ε={spent.epsilon(delta, accountant):.4g} "
+                f"of the target ε={target_eps:g} at δ={delta:g}; no σ ≤ {_SIGMA_MAX:g} fits {steps} more steps at "
+                f"q={sample_rate:g} in what is left")
+        lo, hi = hi, min(hi * 4.0, _SIGMA_MAX)
+    return _search(f, target_eps, lo, hi, rtol)

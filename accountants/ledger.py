@@ -48,6 +48,16 @@ class PrivacyLedger:
             left -= n
         return ComposedEvent(tuple(parts))
 
+    def first(self, steps: int) -> "PrivacyLedger":
+        """A ledger of the first ``steps`` recorded steps."""
+        out, left = PrivacyLedger(), int(steps)
+        for e, n in self.entries:
+            if left <= 0:
+                break
+            out.entries.append([e, min(n, left)])
+            left -= n
+        return out
+
     def extends(self, other: "PrivacyLedger") -> bool:
         """Whether this ledger's steps begin with all of ``other``'s, in order (``other`` continued)."""
         last = len(other.entries) - 1

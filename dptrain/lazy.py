@@ -319,6 +319,12 @@ class LazyPrivateTraining(PrivateTraining):
             state["table_optimizer"] = self.table_optimizer.state_dict()
         return state
 
+    def _use_sigma(self, sigma: float) -> None:
+        super()._use_sigma(sigma)
+        if self.tables is not None:  # the tables' deferred noise is drawn at the same σ·C
+            for table in self.tables.noise.values():
+                table.noise_std = self.mechanism.noise_std
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.lazy:

@@ -81,7 +81,7 @@ class TrainingPlan:
     planned_steps: int
     delta: float
     noise_multiplier: float
-    planned_epsilon: float
+    planned_epsilon: float  # the run's ε when this plan ends (with the steps of earlier attaches)
 
 
 def default_delta(n: int) -> float:

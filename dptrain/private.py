@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -260,7 +260,8 @@ class PrivateTraining:
 
     def _warn_if_plan_passes_budget(self) -> None:
         """A re-attach's plan counts its own steps, on top of those already recorded: warn when the target
-        ε stops training before the plan ends (σ is calibrated for the plan alone)."""
+        ε stops training before the plan ends (a noise_multiplier= fixed for the run; a calibrated σ fits
+        the budget left)."""
         assert self.plan is not None
         target = self.config.eps
         if not self.steps or target is None:
@@ -271,8 +272,8 @@ class PrivateTraining:
             warnings.warn(
                 f"attach: this run has taken {self.steps} steps (ε={self.epsilon_spent():.3g}); with this plan's "
                 f"{plan.planned_steps} steps at σ={plan.noise_multiplier:.3g} it would spend ε={total:.3g} > target "
-                f"ε={target:g}, so training stops at the budget before the plan ends (σ is calibrated for the "
-                "plan's own steps, not for the budget left). Plan all steps in one attach to use the whole budget.",
+                f"ε={target:g}, so training stops at the budget before the plan ends (noise_multiplier= fixes σ; "
+                "without it σ is calibrated to the budget left).",
                 stacklevel=6)
 
     def _check_same_delta(self, n: int, delta: float) -> None:
@@ -385,6 +386,9 @@ class PrivateTraining:
         return accountants.poisson_gaussian(self.plan.noise_multiplier, self.plan.sample_rate, steps)
 
     def _calibrate(self, q: float, steps: int, delta: float) -> tuple[float, float]:
+        """(σ, the run's ε when the plan ends): the given noise multiplier, or σ calibrated to the target ε —
+        for a first attach over the plan's steps, for a re-attach over the steps taken and the plan's together
+        (:func:`accountants.calibrate_noise_after`)."""
         acc = self.config.accountant
         if self.config.noise_multiplier is not None:
             sigma = float(self.config.noise_multiplier)
@@ -402,6 +406,16 @@ class PrivateTraining:
                               stacklevel=6)
             return sigma, eps
         assert self.config.eps is not None
+        if self.steps:  # a re-attach: the new plan gets the budget that is left, not a fresh one
+            try:
+                sigma = accountants.calibrate_noise_after(self.ledger, self.config.eps, delta, q, steps, accountant=acc)
+            except accountants.UnreachableTargetError as exc:
+                raise BudgetExceededError(
+                    f"attach: the {self.steps} steps taken spend ε={self.epsilon_spent():.4g} of the target "
+                    f"ε={self.config.eps:g}, and no noise level fits {steps} more steps at q={q:.4g} in what is left. "
+                    "Plan fewer steps or a smaller batch, or stop here.") from exc
+            return sigma, self.ledger.epsilon_if(accountants.poisson_gaussian(sigma, q, 1), delta, accountant=acc,
+                                                 count=steps)
         sigma = accountants.calibrate_noise(self.config.eps, delta, q, steps, accountant=acc)
         return sigma, accountants.epsilon(sigma, q, steps, delta, accountant=acc)
 
@@ -661,15 +675,18 @@ class PrivateTraining:
         mine = asdict(self.config)
         theirs = state.get("config", {})
         differ = sorted(k for k in mine if k not in RESUME_FREE and theirs.get(k, mine[k]) != mine[k])
-        if "config" not in state or differ or asdict(saved) != asdict(plan):
+        expected = self._plan_at(plan, state)
+        if "config" not in state or differ or asdict(saved) != asdict(expected):
             what = ", ".join(f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in differ) or (
-                f"plan {asdict(saved)} (this run: {asdict(plan)})")
+                f"plan {asdict(saved)} (this run: {asdict(expected)})")
             raise PrivacyConfigError(
                 f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
         self._check_ledger_continues(state["ledger"])
         self._check_same_order(state)
         self.plan = saved
+        if expected is not plan:
+            self._use_sigma(saved.noise_multiplier)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.sampler.load_state_dict(state["sampler"])
@@ -681,6 +698,32 @@ class PrivateTraining:
                 raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
                                          "controller state; load a checkpoint saved by the same kind of run")
             self.adaptive.load_state_dict(state["adaptive"])
+
+    def _plan_at(self, plan: TrainingPlan, state: dict[str, Any]) -> TrainingPlan:
+        """The plan this attach would have made where the checkpoint's plan began: a plan attached after steps
+        has σ calibrated to the budget those steps left (:meth:`_calibrate`), which a fresh attach, with no steps
+        yet, cannot know. ``plan`` itself when the checkpoint's plan began the run (or σ was given)."""
+        start = int(state.get("plan_start", 0))
+        if start <= 0 or self.config.noise_multiplier is not None or self.config.eps is None \
+                or self.config.mechanism in MF_MECHANISMS or "ledger" not in state:
+            return plan
+        saved = accountants.PrivacyLedger()
+        saved.load_state_dict(state["ledger"])
+        before = saved.first(start)
+        acc = self.config.accountant
+        try:
+            sigma = accountants.calibrate_noise_after(before, self.config.eps, plan.delta, plan.sample_rate,
+                                                      plan.planned_steps, accountant=acc)
+        except accountants.UnreachableTargetError:
+            return plan  # no such plan could have been attached: the comparison refuses the checkpoint
+        eps = before.epsilon_if(accountants.poisson_gaussian(sigma, plan.sample_rate, 1), plan.delta, accountant=acc,
+                                count=plan.planned_steps)
+        return replace(plan, noise_multiplier=sigma, planned_epsilon=eps)
+
+    def _use_sigma(self, sigma: float) -> None:
+        """Noise at the resumed plan's σ from now on (the mechanism is shared with the private optimizer)."""
+        assert isinstance(self.mechanism, GaussianMechanism)
+        self.mechanism.noise_multiplier = float(sigma)
 
     def _order_state(self) -> dict[str, Any]:
         """MF runs: the fingerprint of the attached dataset's order (:mod:`dptrain.fingerprint`)."""

@@ -81,3 +81,23 @@ def test_calibration_of_a_long_run_meets_the_target(accountant):
 def test_target_below_the_prv_error_floor_names_the_floor_and_another_accountant():
     with pytest.raises(UnreachableTargetError, match="accountant='pld'"):
         calibrate_noise(0.001, 1e-5, 1e-4, 1)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibration_after_spent_steps_fits_the_budget_left(accountant):
+    """σ for a plan that continues a run: the composed ε (steps spent, then the plan) is within [0.99, 1]·target,
+    and 1 % less noise would pass it; the budget already passed is unreachable."""
+    from accountants import calibrate_noise_after
+    ledger = accountants.PrivacyLedger()
+    ledger.record(accountants.poisson_gaussian(1.2, 0.1, 1), 10)  # ε ≈ 1.99 at δ = 1e-5
+
+    def composed(sigma):
+        return ledger.epsilon_if(accountants.poisson_gaussian(sigma, 0.05, 1), 1e-5, accountant=accountant, count=40)
+
+    sigma = calibrate_noise_after(ledger, 3.0, 1e-5, 0.05, 40, accountant=accountant)
+    assert 0.99 * 3.0 <= composed(sigma) <= 3.0 and composed(sigma / 1.01) > 3.0
+    assert sigma > calibrate_noise(3.0, 1e-5, 0.05, 40, accountant=accountant)
+    with pytest.raises(UnreachableTargetError, match="already spend"):
+        calibrate_noise_after(ledger, 1.5, 1e-5, 0.05, 40, accountant=accountant)
+    assert calibrate_noise_after(accountants.PrivacyLedger(), 3.0, 1e-5, 0.05, 40, accountant=accountant) == \
+        calibrate_noise(3.0, 1e-5, 0.05, 40, accountant=accountant)

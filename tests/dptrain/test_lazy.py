@@ -290,4 +290,7 @@ def test_reattaching_switches_between_lazy_and_eager_consistently():
     attach(torch.optim.SGD(model.parameters(), lr=0.1))  # and back to lazy
     assert priv.lazy and priv.tables.step == 0
     priv.step(*_chosen(priv, 5))
-    assert priv.steps == 3 and len(priv.ledger.entries) == 1  # one event, three times
+    # one Poisson-sampled Gaussian step per attach, each σ calibrated to the budget the earlier ones left
+    sigmas = [e.event.noise_multiplier for e, _ in priv.ledger.entries]
+    assert priv.steps == 3 and len(sigmas) == 3 and sigmas == sorted(sigmas)
+    assert priv.epsilon_spent() <= priv.config.eps

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 from scipy import stats
@@ -272,9 +274,8 @@ def test_attaching_again_does_not_restart_the_budget():
     priv = dptrain.make_private(model, eps=1.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
     priv.fit()
-    priv.attach(_data(), batch_size=20, epochs=4, optimizer=_sgd(model))
-    with pytest.raises(dptrain.BudgetExceededError):
-        priv.fit()
+    priv.attach(_data(), batch_size=20, epochs=4, optimizer=_sgd(model))  # σ for the budget left (≤ 1 %)
+    priv.fit()
     assert priv.epsilon_spent() <= 1.0
     history = priv.report().epsilon_history  # from the ledger (both plans), not from the new plan alone
     assert history[-1][0] == priv.steps and history[-1][1] == pytest.approx(priv.epsilon_spent(), rel=1e-9)
@@ -652,17 +653,44 @@ def test_after_a_re_attach_fit_runs_the_new_plans_own_steps_and_the_report_says_
     assert resumed.plan_steps == 10 and resumed.fit() == []
 
 
-def test_a_re_attach_whose_plan_cannot_finish_within_the_target_warns():
+def test_a_re_attach_calibrates_its_plan_to_the_budget_left():
+    """A re-attach calibrated σ for its own steps as if nothing were spent, so its plan could never finish
+    within the target; now σ fits the budget left: the plan runs to its end at ε within [0.99, 1]·target."""
     model = _mlp()
     priv = dptrain.make_private(model, eps=2.0, seed=1)
     priv.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(model))
     for _ in range(6):
         priv.step(priv.loader.batch(priv.loader.sampler.sample()))
-    with pytest.warns(UserWarning, match="stops at the budget before the plan ends"):
+    first_sigma = priv.plan.noise_multiplier
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "stops at the budget before the plan ends"
         priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
-    with pytest.raises(dptrain.BudgetExceededError):
-        priv.fit()
-    assert 6 < priv.steps < 16 and priv.epsilon_spent() <= 2.0
+    assert priv.plan.noise_multiplier > first_sigma
+    assert priv.plan.planned_epsilon == pytest.approx(2.0, rel=0.011) and priv.plan.planned_epsilon <= 2.0
+    priv.fit()
+    assert priv.plan_steps == priv.plan.planned_steps and priv.steps == 6 + priv.plan.planned_steps
+    assert 0.99 * 2.0 <= priv.epsilon_spent() <= 2.0
+
+
+def test_a_re_attach_with_the_budget_spent_is_refused_and_a_fixed_sigma_warns(monkeypatch):
+    model = _mlp()
+    priv = dptrain.make_private(model, eps=1.0, seed=1)
+    priv.attach(_data(), batch_size=20, epochs=2, optimizer=_sgd(model))
+    priv.fit()
+
+    def spent(*args, **kwargs):  # what calibrate_noise_after says when the target is already passed
+        raise accountants.UnreachableTargetError("spent")
+    monkeypatch.setattr(accountants, "calibrate_noise_after", spent)
+    with pytest.raises(dptrain.BudgetExceededError, match="no noise level fits"):
+        priv.attach(_data(), batch_size=100, epochs=40, optimizer=_sgd(model))
+    assert priv.plan.planned_steps == priv.steps  # the refused attach left the run as it was
+    monkeypatch.undo()
+    fixed = dptrain.make_private(_mlp(), eps=2.0, noise_multiplier=1.0, seed=1)
+    fixed.attach(_data(), batch_size=20, epochs=1, optimizer=_sgd(fixed.model))
+    for _ in range(6):
+        fixed.step(fixed.loader.batch(fixed.loader.sampler.sample()))
+    with pytest.warns(UserWarning, match="stops at the budget before the plan ends"):
+        fixed.attach(_data(), batch_size=40, epochs=20, optimizer=_sgd(fixed.model))
 
 
 def test_converting_the_model_to_16_bit_after_make_private_or_attach_is_refused():
@@ -757,3 +785,37 @@ def test_a_scheduler_on_the_private_optimizer_sees_its_steps_and_user_clipping_i
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     with pytest.raises(dptrain.PrivacyError, match=r"clip_grad_norm_.*untouched.*already clips"):
         priv.optimizer.step()
+
+
+@pytest.mark.parametrize("mechanism", ["dpsgd", "lazy"])
+def test_a_checkpoint_of_a_re_attached_plan_resumes_at_its_sigma(mechanism):
+    """A plan attached after steps has σ calibrated to the budget left; resuming it (make_private and attach
+    with the same arguments, then load_state_dict) re-derives that σ from the checkpoint's ledger and noises at
+    it, and the run ends at the same ε as without the interruption."""
+    def run():
+        if mechanism == "lazy":
+            model = nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(12, 3))
+            data = TensorDataset(torch.randint(0, 30, (200, 3)), torch.randint(0, 3, (200,)))
+        else:
+            model, data = _mlp(), _data()
+        return dptrain.make_private(model, eps=2.0, mechanism=mechanism, seed=5), data
+
+    priv, data = run()
+    priv.attach(data, batch_size=20, epochs=1, lr=0.1)
+    for _ in range(3):
+        priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    priv.attach(data, batch_size=40, epochs=1, lr=0.1)
+    sigma = priv.plan.noise_multiplier
+    priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    state = priv.state_dict()
+    priv.fit()
+    resumed, data = run()
+    resumed.attach(data, batch_size=40, epochs=1, lr=0.1)
+    assert resumed.plan.noise_multiplier != sigma  # a fresh attach cannot know the budget spent
+    resumed.load_state_dict(state)
+    assert resumed.plan.noise_multiplier == sigma and resumed.mechanism.noise_multiplier == sigma
+    if mechanism == "lazy":
+        assert all(t.noise_std == resumed.mechanism.noise_std for t in resumed.tables.noise.values())
+    resumed.fit()
+    assert resumed.steps == priv.steps and resumed.epsilon_spent() == pytest.approx(priv.epsilon_spent(), rel=1e-12)
+    assert resumed.epsilon_spent() <= 2.0
