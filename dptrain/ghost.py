@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,26 @@ from .engine import Inputs, LossFn, WeightedPositionMean, example_loss_fn, iter_
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _float32(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off for the norm / sum algebra (a no-op context when autocast is not on)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _float32(device_type: str) -> Iterator[None]:
+    """The norm / sum algebra in true float32: autocast off, and float32 matrix products and convolutions
+    without TF32 or bf16 passes (``torch.set_float32_matmul_precision('high')``, cuDNN's TF32 default), whose
+    10-bit mantissa would void the rounding bounds of :mod:`dptrain.ghost_rounding` (unit roundoff 2⁻²⁴).
+    The user's settings are restored afterwards; the model's own forward and backward keep them."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    autocast = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+        else contextlib.nullcontext()
+    try:
+        if precision != "highest":
+            torch.set_float32_matmul_precision("highest")
+        if cudnn_tf32 and device_type == "cuda":
+            torch.backends.cudnn.allow_tf32 = False
+        with autocast:
+            yield
+    finally:
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def per_example_losses(loss_fn: LossFn, output: Any, y: torch.Tensor) -> torch.Tensor:

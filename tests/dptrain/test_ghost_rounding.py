@@ -154,3 +154,23 @@ def test_two_terms_of_one_parameter_add_their_norm_errors():
     c = gr_._gram_pieces(eo)[1].sqrt() + er.norm_err2.sqrt()
     inner = sq * (1 + gr_._REL) + gr_._gram_pieces(err)[0] + err.sq_err
     assert bool((gr_.excess(sq, err) - (inner - sq) >= 2 * c * inner.sqrt() + c * c).all())
+
+
+def test_the_algebra_runs_in_full_float32_whatever_the_users_matmul_precision(monkeypatch):
+    """TF32 / bf16 passes (set_float32_matmul_precision('high'/'medium')) have a 10-bit mantissa, far beyond the
+    bound's 2^-24: the norms and sums run at 'highest', and the user's setting comes back afterwards."""
+    seen = []
+    inner = ga.total_sq_norms
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(ga, "total_sq_norms", spy)
+    model, x, y = _cancelling_linear()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        _sum(model, x, y, "fast")
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
