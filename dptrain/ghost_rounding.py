@@ -139,21 +139,17 @@ def excess(sq: torch.Tensor, bound: Bound) -> torch.Tensor:
     return out
 
 
-def _weighted_abs_sum(g: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """nᵀ|g|n per row of [n, T, T] ``g`` and [n, T] ``n`` (an elementwise product and one reduction: faster
-    than a batched matrix-vector product on the CPU)."""
-    return (g.abs().mul_(n.unsqueeze(2)).mul_(n.unsqueeze(1))).sum((1, 2))
-
-
 def gram(gl: torch.Tensor, gr: torch.Tensor, groups: int) -> torch.Tensor:
     """The Gram trick's raw sums q = (nᵀ|B̃|n, mᵀ|Ã|m, S = Σ_t n_t m_t) per example, [3, n] float32, for
     [n·G, T, T] Gram matrices ``gl`` = LLᵀ, ``gr`` = RRᵀ; :func:`gram_coefficients` weights them.
 
     The token norms n_t, m_t come from the diagonals (‖L_t‖² computed as a sum of o squares): no further
     pass over the factors."""
-    nl = gl.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()
-    nr = gr.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()
-    q = torch.stack([_weighted_abs_sum(gr, nl), _weighted_abs_sum(gl, nr), (nl * nr).sum(1)])
+    both = torch.stack([gr, gl])  # [2, n, T, T]: both sides in one set of operations (fewer launches)
+    norms = both.diagonal(dim1=2, dim2=3).sqrt()  # [2, n, T]: (m, n); sums of squares, never negative
+    w = norms.flip(0)  # |B̃| is weighted by n, |Ã| by m
+    weighted = both.abs_().mul_(w.unsqueeze(3)).mul_(w.unsqueeze(2)).sum((2, 3))  # [2, n]: nᵀ|B̃|n, mᵀ|Ã|m
+    q = torch.cat([weighted, norms.prod(0).sum(1, keepdim=True).T])
     return q.reshape(3, -1, groups).sum(2) if groups > 1 else q
 
 
