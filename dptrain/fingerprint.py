@@ -55,7 +55,8 @@ def _feed(h: "hashlib._Hash", value: Any) -> None:
 
 def _read(dataset: Any, n: int, count: int) -> dict[str, str]:
     """SHA-256 of the inputs and of the targets of the examples at ``count`` indices spread over ``range(n)``."""
-    indices = torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
+    k = min(count, n)  # integer spacing: float32 linspace rounds n − 1 up to n past 2^24 examples
+    indices = sorted({(j * (n - 1)) // max(k - 1, 1) for j in range(k)})
     parts = {"inputs": hashlib.sha256(), "targets": hashlib.sha256()}
     for i in indices:
         example = as_pair(dataset[i])

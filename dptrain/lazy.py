@@ -299,6 +299,8 @@ class LazyPrivateTraining(PrivateTraining):
         else:
             self.optimizer.count_step()
         self.tables.sgd_step(self._rows, lrs)
+        if self.table_optimizer is not None:  # its step was taken here: for a scheduler built on it
+            self.table_optimizer._opt_called = True  # type: ignore[attr-defined]
         self._rows = {}
         self.ledger.record(self._step_event(self.steps))
         return loss

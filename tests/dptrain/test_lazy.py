@@ -294,3 +294,21 @@ def test_reattaching_switches_between_lazy_and_eager_consistently():
     sigmas = [e.event.noise_multiplier for e, _ in priv.ledger.entries]
     assert priv.steps == 3 and len(sigmas) == 3 and sigmas == sorted(sigmas)
     assert priv.epsilon_spent() <= priv.config.eps
+
+
+def test_a_scheduler_on_the_table_optimizer_sees_the_lazy_steps():
+    """A lazy step updates the tables itself (not through the table optimizer's step()), so torch's scheduler
+    on that optimizer warned "lr_scheduler.step() before optimizer.step()" at every step."""
+    import warnings
+    model = Rec()
+    tables = torch.optim.SGD(_tables(model), lr=0.1)
+    dense = torch.optim.Adam(_dense(model))
+    priv = dptrain.make_private(model, eps=3.0, mechanism="lazy", seed=1)
+    priv.attach(_rec_data(), batch_size=10, epochs=1, optimizer=dense, table_optimizer=tables)
+    assert priv.lazy
+    schedule = torch.optim.lr_scheduler.StepLR(tables, 1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        priv.step(*_chosen(priv, 5))
+        schedule.step()
+    assert tables.param_groups[0]["lr"] == pytest.approx(0.05)
