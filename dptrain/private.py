@@ -585,7 +585,11 @@ class PrivateTraining:
                 "still counts).")
 
     def step(self, inputs: Any, targets: torch.Tensor | None = None) -> float:
-        """One private step on a Poisson-sampled batch; returns the batch's mean loss."""
+        """One private step on a Poisson-sampled batch; returns the batch's mean loss.
+
+        The returned loss is computed from the batch before any noise: a data-dependent number that ε does
+        not cover. Use it to watch training; do not publish it (evaluate a released model on public or
+        held-out data instead)."""
         self._require_attached()
         if targets is None:
             inputs, targets = _unpack(inputs)
