@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -24,13 +23,16 @@ from mechanisms import GaussianMechanism, NoiseMechanism
 
 from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
-from .engine import LossFn, _as_tuple, choose_method, trainable_parameters
-from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, UnsupportedModuleError,
-                     refuse_step_over_budget)
+from .engine import LossFn, trainable_parameters
+from .errors import BudgetExceededError, PrivacyConfigError, PrivacyError, refuse_step_over_budget
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
 from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
-from .sampling import PoissonLoader, PoissonSampler, ScheduleSampler, as_pair, to_device
+from .run_checkpoint import Checkpointing
+from .run_plan import Planning, warn_if_mf_batch_differs
+from .run_probe import Probing
+from .sampling import PoissonLoader, PoissonSampler, to_device
+from .sampling import unpack_batch as _unpack
 from .validation import validate
 
 def _rows(inputs: Any, targets: Any) -> int | None:
@@ -62,15 +64,6 @@ def _dataset_size(dataset: Any) -> int:
     return n
 
 
-def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
-    """(inputs, targets) of a batch: ``(x, y)``, or ``(x1, …, xk, y)`` with the inputs as a tuple."""
-    batch = as_pair(batch)
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError("a batch must be (inputs, targets) or (input_1, ..., input_k, targets); got "
-                     f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
-
-
 #: parameter dtypes too narrow to hold clipped sums and noise (their rounding can push a contribution past C)
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -91,22 +84,7 @@ def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
             "train under torch.autocast(device, dtype=torch.bfloat16).")
 
 
-def _warn_if_mf_batch_differs(mechanism: str, n: int, requested: float, steps_per_epoch: int, mf: Any) -> None:
-    """Warn when an MF schedule's expected batch, E|B| = (N / b̂)·q within a partition (cyclic Poisson over b̂
-    partitions) or N / b (a fixed split into b = round(N / batch_size) batches), is more than 10 % off
-    the requested batch size."""
-    actual = n / mf.partitions * mf.sample_rate if mf.partitions is not None else n / steps_per_epoch
-    if abs(actual - requested) <= 0.1 * requested:
-        return
-    sizes = sorted({round(n / k) for k in (max(1, steps_per_epoch - 1), steps_per_epoch, steps_per_epoch + 1)})
-    warnings.warn(
-        f"attach: {mechanism} uses batches of about {actual:.4g} examples, not the {requested:.4g} requested: its "
-        f"schedule splits the N={n} examples into a whole number of batches per epoch, {steps_per_epoch} = "
-        f"round(N / batch_size){' (one full-batch step per epoch)' if steps_per_epoch == 1 else ''}. Batch sizes "
-        f"near N / k keep what is asked for (here {', '.join(map(str, sizes))}).", stacklevel=6)
-
-
-class PrivateTraining:
+class PrivateTraining(Checkpointing, Planning, Probing):
     """State of one private training run. Create it with :func:`make_private`."""
 
     def __init__(self, model: nn.Module, config: PrivacyConfig) -> None:
@@ -215,7 +193,7 @@ class PrivateTraining:
                     "stream cannot restart with a new plan. Plan all steps in one attach (or start a new "
                     "make_private run and account both yourself).")
             sampler, expected_batch = self._attach_mf(n, steps, steps_per_epoch, delta, seed)
-            _warn_if_mf_batch_differs(self.config.mechanism, n, sample_rate * n, steps_per_epoch,
+            warn_if_mf_batch_differs(self.config.mechanism, n, sample_rate * n, steps_per_epoch,
                                       self.mechanism.plan)  # type: ignore[union-attr]
             sample_rate = sampler.sample_rate
         else:
@@ -257,34 +235,6 @@ class PrivateTraining:
 
         base = self.config.seed if self._attaches == 0 else derived_seed(self.config.seed, self._attaches)
         return base + offset
-
-    def _warn_if_plan_passes_budget(self) -> None:
-        """A re-attach's plan counts its own steps, on top of those already recorded: warn when the target
-        ε stops training before the plan ends (a noise_multiplier= fixed for the run; a calibrated σ fits
-        the budget left)."""
-        assert self.plan is not None
-        target = self.config.eps
-        if not self.steps or target is None:
-            return
-        plan, acc = self.plan, self.config.accountant
-        total = self.ledger.epsilon_if(self._step_event(0), plan.delta, accountant=acc, count=plan.planned_steps)
-        if total > target * (1 + 1e-9):
-            warnings.warn(
-                f"attach: this run has taken {self.steps} steps (ε={self.epsilon_spent():.3g}); with this plan's "
-                f"{plan.planned_steps} steps at σ={plan.noise_multiplier:.3g} it would spend ε={total:.3g} > target "
-                f"ε={target:g}, so training stops at the budget before the plan ends (noise_multiplier= fixes σ; "
-                "without it σ is calibrated to the budget left).",
-                stacklevel=6)
-
-    def _check_same_delta(self, n: int, delta: float) -> None:
-        """Once the ledger has steps, a new attach must judge it at the δ it was judged at."""
-        if self.steps and self.plan is not None and delta != self.plan.delta:
-            raise PrivacyConfigError(
-                f"attach: this run has taken {self.steps} steps accounted at δ={self.plan.delta:.3g} "
-                f"(N={self.plan.dataset_size}); the new dataset of N={n} gives δ={delta:.3g}, and judging the same "
-                "steps at another δ would change the budget they spent (a larger δ reopens it). Attach a dataset of "
-                f"N={self.plan.dataset_size} examples, fix δ for the whole run with make_private(..., delta=...), "
-                "or start a new make_private run.")
 
     def _private_optimizer(self, optimizer: torch.optim.Optimizer | None, lr: float | None,
                            mechanism: NoiseMechanism, expected_batch: float) -> DPOptimizer:
@@ -340,142 +290,6 @@ class PrivateTraining:
         ddp.check_model(self.model)
         ddp.broadcast_module(self.model)
         return ddp
-
-    def _attach_mf(self, n: int, steps: int, steps_per_epoch: int, delta: float,
-                   seed: int | None) -> tuple[ScheduleSampler, float]:
-        """Correlated-noise mechanism: σ calibrated for the whole run, batches by its schedule.
-
-        banded-mf: cyclic Poisson sampling over b̂ partitions (amplified accounting);
-        multi-epoch-mf / fft-mf: one fixed split into ``steps_per_epoch`` batches, in order.
-        """
-        from mechanisms.mf import cyclic_poisson_batches, fixed_epoch_batches, make_mf_mechanism
-
-        assert self.clipping is not None
-        mech = make_mf_mechanism(self.config.mechanism, steps, steps_per_epoch, self.clipping.sensitivity,
-                                 noise_multiplier=self.config.noise_multiplier, target_eps=self.config.eps,
-                                 delta=delta, bands=self.config.bands, accountant=self.config.accountant,
-                                 seed=self._seed())
-        mf = mech.plan
-        if mf.partitions is not None:
-            schedule = lambda g: cyclic_poisson_batches(n, mf.partitions, mf.sample_rate, steps, g)  # noqa: E731
-        else:
-            schedule = lambda g: fixed_epoch_batches(n, steps_per_epoch, steps, g)  # noqa: E731
-        planned = accountants.epsilon_of_event(mech.run_event(mf.sample_rate, steps), delta,
-                                               accountant=self.config.accountant)
-        if self.config.eps is not None and planned > self.config.eps * (1 + 1e-9):
-            raise PrivacyConfigError(
-                f"{self.config.mechanism}: noise_multiplier={mech.noise_multiplier} spends ε={planned:.3g} over the "
-                f"planned {steps} steps, more than the target ε={self.config.eps}; a correlated-noise stream cannot "
-                "stop early without its planned noise, so raise the noise or lower the steps")
-        self.mechanism = mech
-        self.plan = TrainingPlan(n, mf.sample_rate, steps_per_epoch, steps, delta, mech.noise_multiplier, planned)
-        return ScheduleSampler(schedule, mf.sample_rate, steps, seed), n / steps_per_epoch
-
-    def _step_event(self, step: int) -> "accountants.DpEvent":
-        """The event the ledger records for step ``step`` (0-based)."""
-        assert self.plan is not None and self.mechanism is not None
-        if self.config.mechanism in MF_MECHANISMS:
-            return self.mechanism.ledger_event(self.plan.sample_rate, step)
-        return self.mechanism.step_event(self.plan.sample_rate)
-
-    def _run_event(self, steps: int) -> "accountants.DpEvent":
-        """The event of the first ``steps`` steps of the planned run."""
-        assert self.plan is not None and self.mechanism is not None
-        if self.config.mechanism in MF_MECHANISMS:
-            return self.mechanism.run_event(self.plan.sample_rate, steps)
-        return accountants.poisson_gaussian(self.plan.noise_multiplier, self.plan.sample_rate, steps)
-
-    def _calibrate(self, q: float, steps: int, delta: float) -> tuple[float, float]:
-        """(σ, the run's ε when the plan ends): the given noise multiplier, or σ calibrated to the target ε —
-        for a first attach over the plan's steps, for a re-attach over the steps taken and the plan's together
-        (:func:`accountants.calibrate_noise_after`)."""
-        acc = self.config.accountant
-        if self.config.noise_multiplier is not None:
-            sigma = float(self.config.noise_multiplier)
-            try:
-                eps = accountants.epsilon(sigma, q, steps, delta, accountant=acc)
-            except OverflowError:  # the privacy-loss domain of so small a σ does not fit the accountant's grid
-                raise PrivacyConfigError(
-                    f"make_private: noise_multiplier={sigma:g} is too small to account ({acc} accountant: ε "
-                    f"overflows for q={q:g}, {steps} steps); noise that small next to the clip norm gives no "
-                    "privacy. Use noise_multiplier of about 0.3 or more, or leave it None and give eps= to "
-                    "calibrate it.") from None
-            if self.config.eps is not None and eps > self.config.eps:
-                warnings.warn(f"noise_multiplier={sigma} spends ε={eps:.3g} over {steps} steps, more than the "
-                              f"target ε={self.config.eps}; training will stop when the budget is reached",
-                              stacklevel=6)
-            return sigma, eps
-        assert self.config.eps is not None
-        if self.steps:  # a re-attach: the new plan gets the budget that is left, not a fresh one
-            try:
-                sigma = accountants.calibrate_noise_after(self.ledger, self.config.eps, delta, q, steps, accountant=acc)
-            except accountants.UnreachableTargetError as exc:
-                raise BudgetExceededError(
-                    f"attach: the {self.steps} steps taken spend ε={self.epsilon_spent():.4g} of the target "
-                    f"ε={self.config.eps:g}, and no noise level fits {steps} more steps at q={q:.4g} in what is left. "
-                    "Plan fewer steps or a smaller batch, or stop here.") from exc
-            return sigma, self.ledger.epsilon_if(accountants.poisson_gaussian(sigma, q, 1), delta, accountant=acc,
-                                                 count=steps)
-        sigma = accountants.calibrate_noise(self.config.eps, delta, q, steps, accountant=acc)
-        return sigma, accountants.epsilon(sigma, q, steps, delta, accountant=acc)
-
-    def _probe(self, dataset: Dataset) -> None:
-        """Before step 1: per-example gradients must be computable, and independent per example.
-
-        The torch.func engine evaluates each example alone, so it cannot see other examples.
-        The book-keeping fast path runs one batched forward; if the model mixes examples
-        there (batch statistics, ``x - x.mean(0)``, …) the two disagree, and clipping would
-        not bound an example's influence — that is refused.
-        """
-        assert self.loader is not None and self.clipping is not None
-        from .ghost import ghost_clip_and_sum
-
-        x, y = _unpack(self.loader.batch(torch.arange(min(4, len(dataset)))))  # type: ignore[arg-type]
-        x, y = self._to_device(x, y)
-        was_training = self.model.training
-        self.model.eval()  # same dropout masks (none) on both paths
-        try:
-            try:
-                ref = clip_and_sum(self.model, self.loss_fn, x, y, self.clipping, method="vmap" if
-                                   choose_method(self.model) == "vmap" else "loop")
-            except Exception as exc:  # noqa: BLE001 - re-raised with context
-                raise UnsupportedModuleError(
-                    f"per-example gradients cannot be computed for this model ({type(exc).__name__}: {exc}). "
-                    "Check that forward() does not mix examples (no BatchNorm, no in-place ops on inputs, "
-                    "no .item() calls) and that the loss_fn takes (output, target).") from exc
-            fast = (ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping) if self.config.engine == "auto"
-                    else None)  # engine="vmap" / "loop": the fast path is not used, the losses are compared
-        finally:
-            self.model.train(was_training)
-        fix = ("so per-example clipping would not bound each example's influence. Remove batch-level operations "
-               "(batch statistics, normalisation over dim 0) from forward().")
-        if fast is not None:
-            for name, value in ref.sums.items():
-                if not torch.allclose(fast.sums[name], value, atol=1e-4, rtol=1e-3):
-                    raise UnsupportedModuleError(
-                        f"the model's forward mixes examples within a batch (parameter {name!r} gets a different "
-                        f"gradient when examples are processed together than one by one), {fix}")
-        elif ref.example_losses is not None:  # the fast path refused: compare the losses instead
-            batched = self._batched_losses(x, y)
-            if batched is not None and not torch.allclose(batched.float(), ref.example_losses.float(),
-                                                          atol=1e-5, rtol=1e-4, equal_nan=True):
-                raise UnsupportedModuleError(
-                    "the model's forward mixes examples within a batch (the per-example losses differ when "
-                    f"examples are processed together than one by one), {fix}")
-
-    def _batched_losses(self, x: Any, y: torch.Tensor) -> torch.Tensor | None:
-        """Per-example losses of one batched forward in eval mode (None where they cannot be formed)."""
-        from .ghost import per_example_losses
-
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return per_example_losses(self.loss_fn, self.model(*_as_tuple(x)), y).reshape(-1)
-        except Exception:  # noqa: BLE001 - a model the batched forward cannot run gives no evidence either way
-            return None
-        finally:
-            self.model.train(was_training)
 
     def _to_device(self, *values: Any, params: dict[str, nn.Parameter] | None = None) -> tuple:
         """``values`` moved to the device of the model's trainable parameters (``params``, if at hand)."""
@@ -653,133 +467,6 @@ class PrivateTraining:
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
             warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer (+ mechanism RNG), sampler RNG, accountant history and plan."""
-        plan = self._require_attached()
-        assert self.optimizer is not None and self.loader is not None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
-                "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
-                "plan_start": self._plan_start, **self._order_state(),
-                **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a run: the budget already spent is restored, never reset."""
-        plan = self._require_attached()
-        assert self.optimizer is not None and self.loader is not None
-        saved = TrainingPlan(**state["plan"])
-        if (saved.dataset_size, saved.sample_rate, saved.delta) != (plan.dataset_size, plan.sample_rate, plan.delta):
-            raise PrivacyConfigError(
-                f"load_state_dict: checkpoint was trained with N={saved.dataset_size}, q={saved.sample_rate}, "
-                f"δ={saved.delta:g}, this run has N={plan.dataset_size}, q={plan.sample_rate}, δ={plan.delta:g}; "
-                "attach the same dataset and batch size before loading")
-        # Resuming continues the same run: its clip norm, target, mechanism, accountant and plan (σ, steps). A
-        # checkpoint of another run would bring its σ·C noise, its budget check or its tables' σ into this one.
-        mine = asdict(self.config)
-        theirs = state.get("config", {})
-        differ = sorted(k for k in mine if k not in RESUME_FREE and theirs.get(k, mine[k]) != mine[k])
-        expected = self._plan_at(plan, state)
-        if "config" not in state or differ or asdict(saved) != asdict(expected):
-            what = ", ".join(f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in differ) or (
-                f"plan {asdict(saved)} (this run: {asdict(expected)})")
-            raise PrivacyConfigError(
-                f"load_state_dict: the checkpoint is of another run: {what}. Resume with the same make_private and "
-                "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
-        self._check_ledger_continues(state["ledger"])
-        self._check_same_order(state)
-        self.plan = saved
-        if expected is not plan:
-            self._use_sigma(saved.noise_multiplier)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.sampler.load_state_dict(state["sampler"])
-        self.ledger.load_state_dict(state["ledger"])
-        self._attaches = max(self._attaches, int(state.get("attaches", 1)))  # a later attach: fresh streams
-        self._plan_start = int(state.get("plan_start", 0))
-        if self.adaptive is not None:
-            if "adaptive" not in state:
-                raise PrivacyConfigError("load_state_dict: this run uses adaptive clipping but the checkpoint has no "
-                                         "controller state; load a checkpoint saved by the same kind of run")
-            self.adaptive.load_state_dict(state["adaptive"])
-
-    def _plan_at(self, plan: TrainingPlan, state: dict[str, Any]) -> TrainingPlan:
-        """The plan this attach would have made where the checkpoint's plan began: a plan attached after steps
-        has σ calibrated to the budget those steps left (:meth:`_calibrate`), which a fresh attach, with no steps
-        yet, cannot know. ``plan`` itself when the checkpoint's plan began the run (or σ was given)."""
-        start = int(state.get("plan_start", 0))
-        if start <= 0 or self.config.noise_multiplier is not None or self.config.eps is None \
-                or self.config.mechanism in MF_MECHANISMS or "ledger" not in state:
-            return plan
-        saved = accountants.PrivacyLedger()
-        saved.load_state_dict(state["ledger"])
-        before = saved.first(start)
-        acc = self.config.accountant
-        try:
-            sigma = accountants.calibrate_noise_after(before, self.config.eps, plan.delta, plan.sample_rate,
-                                                      plan.planned_steps, accountant=acc)
-        except accountants.UnreachableTargetError:
-            return plan  # no such plan could have been attached: the comparison refuses the checkpoint
-        eps = before.epsilon_if(accountants.poisson_gaussian(sigma, plan.sample_rate, 1), plan.delta, accountant=acc,
-                                count=plan.planned_steps)
-        return replace(plan, noise_multiplier=sigma, planned_epsilon=eps)
-
-    def _use_sigma(self, sigma: float) -> None:
-        """Noise at the resumed plan's σ from now on (the mechanism is shared with the private optimizer)."""
-        assert isinstance(self.mechanism, GaussianMechanism)
-        self.mechanism.noise_multiplier = float(sigma)
-
-    def _order_state(self) -> dict[str, Any]:
-        """MF runs: the fingerprint of the attached dataset's order (:mod:`dptrain.fingerprint`)."""
-        if self.config.mechanism not in MF_MECHANISMS:
-            return {}  # Poisson sampling draws every index with the same q: the order does not matter
-        from .fingerprint import order_fingerprint
-
-        assert self.loader is not None and self.plan is not None
-        return {"order_fingerprint": order_fingerprint(self.loader.dataset, self.plan.dataset_size)}
-
-    def _check_same_order(self, state: dict[str, Any]) -> None:
-        """An MF checkpoint resumes only on the dataset in the order it was saved with.
-
-        Privacy assumption: the correlated-noise accounting holds each example to its partition of the
-        schedule (at most k participations, b steps apart); the schedule replays by index, so another
-        order of the same N examples would move real examples between partitions, uncounted.
-        """
-        saved = state.get("order_fingerprint")
-        if self.config.mechanism not in MF_MECHANISMS or saved is None:
-            return
-        from .fingerprint import fingerprints_differ
-
-        differ = fingerprints_differ(saved, self._order_state()["order_fingerprint"])
-        if differ:
-            raise PrivacyConfigError(
-                f"load_state_dict: this {self.config.mechanism} checkpoint was saved with the dataset in another "
-                f"order (the {' and '.join(differ)} at fixed indices differ). Its batch schedule assigns examples "
-                "to partitions by index, and the privacy accounting assumes each example stays in its partition; "
-                "in another order examples would join more steps than accounted. Attach the same dataset in the "
-                "same order (e.g. the same random_split generator seed) before loading.")
-
-    def _check_ledger_continues(self, saved: dict[str, Any]) -> None:
-        """A run that has recorded steps may load only a checkpoint whose ledger continues its own.
-
-        Invariant 4 (the budget never resets): loading an earlier checkpoint into a run that has
-        stepped since would replace its ledger by a shorter one, and the releases made after that
-        checkpoint would no longer be counted.
-        """
-        if not self.steps:
-            return
-        theirs = accountants.PrivacyLedger()
-        theirs.load_state_dict(saved)
-        if not theirs.extends(self.ledger):
-            raise PrivacyConfigError(
-                f"load_state_dict: this run has recorded {self.steps} steps and the checkpoint's ledger "
-                f"({theirs.steps} steps) does not continue them; loading it would roll the budget back and "
-                "leave the releases since that checkpoint uncounted. Build a new run object (make_private and "
-                "attach) to resume a checkpoint.")
-
-
-#: make_private arguments a resumed run may change (memory and compute, not privacy)
-RESUME_FREE = ("chunk_size", "engine", "seed")  # seed: the checkpoint carries the RNG states
 
 
 def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None = None,

@@ -204,3 +204,13 @@ class ScheduleSampler:
         for _ in range(int(state["drawn"])):  # replayed to the position, not drawn for training
             next(self._it)
             self.drawn += 1
+
+
+def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, targets) of a batch: ``(x, y)``, or ``(x1, …, xk, y)`` with the inputs as a tuple."""
+    batch = as_pair(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError("a batch must be (inputs, targets) or (input_1, ..., input_k, targets); got "
+                     f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
+
