@@ -7,6 +7,10 @@ noise multiplier σ so that T Poisson-sampled Gaussian steps spend at most ε at
 δ (default 1/N^1.1). Each ``priv.step(x, y)`` clips per-example gradients, adds
 N(0, σ²C²) noise, steps the optimizer and records the step's privacy event; a step
 that would pass the budget raises :class:`BudgetExceededError` before anything runs.
+
+:class:`PrivateTraining` is assembled from one mixin per concern: :mod:`dptrain.run_plan` (σ and the
+plan), :mod:`dptrain.run_probe` (the attach probe), :mod:`dptrain.run_guards` (what each step checks)
+and :mod:`dptrain.run_checkpoint` (state_dict / load_state_dict).
 """
 from __future__ import annotations
 
