@@ -42,6 +42,7 @@ from .lazy_clip import TABLE_TYPES, LazyPlans, SparseClippedBatch, sparse_clip_a
 from .lazy_tables import LazyTables
 from .optimizer import DPOptimizer
 from .private import PrivateTraining, _unpack
+from .run_probe import probe_tolerance
 
 #: under mechanism="dpsgd", a table with at least this many rows switches training to lazy noise
 AUTO_MIN_ROWS = 100_000
@@ -235,15 +236,16 @@ class LazyPrivateTraining(PrivateTraining):
                      for i in range(int(y.shape[0]))]
         finally:
             self.model.train(was_training)
+        rtol = probe_tolerance(self.model, 1e-3)
         for name, value in together.dense.items():
-            if not torch.allclose(sum(a.dense[name] for a in alone), value, atol=1e-4, rtol=1e-3):
+            if not torch.allclose(sum(a.dense[name] for a in alone), value, atol=0.1 * rtol, rtol=rtol):
                 raise _mixing_error(name)
         for name, (rows, vals) in together.rows.items():
             ref = torch.zeros_like(vals)
             for a in alone:
                 r, v = a.rows[name]
                 ref.index_add_(0, torch.searchsorted(rows, r), v)
-            if not torch.allclose(ref, vals, atol=1e-4, rtol=1e-3):
+            if not torch.allclose(ref, vals, atol=0.1 * rtol, rtol=rtol):
                 raise _mixing_error(name)
 
     # ------------------------------------------------------------------ training

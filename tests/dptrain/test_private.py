@@ -819,3 +819,31 @@ def test_a_checkpoint_of_a_re_attached_plan_resumes_at_its_sigma(mechanism):
     resumed.fit()
     assert resumed.steps == priv.steps and resumed.epsilon_spent() == pytest.approx(priv.epsilon_spent(), rel=1e-12)
     assert resumed.epsilon_spent() <= 2.0
+
+
+class _FrozenBf16(nn.Module):
+    """A frozen bf16 layer (and bf16 buffer) in front of a trainable float32 head; optionally mixing examples."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.head, self.mix = nn.Linear(4, 3), mix
+        self.frozen = nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False)
+        self.register_buffer("scale", torch.ones(4, dtype=torch.bfloat16))
+
+    def forward(self, x):
+        h = (self.frozen(x.bfloat16()) * self.scale).float()
+        return self.head(h - h.mean(0) if self.mix else h)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_a_frozen_bf16_layer_is_not_taken_for_mixing_but_mixing_still_is(engine):
+    """bf16 rounds a batched product differently from one example's (≈ an ulp of bf16): the probe refused such
+    models as "mixing examples"; its tolerance now follows the narrowest dtype, and real mixing is still refused."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(100, 4), torch.randint(0, 3, (100,)))
+    priv = dptrain.make_private(_FrozenBf16(), eps=3.0, seed=1, engine=engine)
+    priv.attach(data, batch_size=10, epochs=1, lr=0.1)
+    priv.step(priv.loader.batch(priv.loader.sampler.sample()))
+    mixing = dptrain.make_private(_FrozenBf16(mix=True), eps=3.0, seed=1, engine=engine)
+    with pytest.raises(dptrain.UnsupportedModuleError, match="mixes examples"):
+        mixing.attach(data, batch_size=10, epochs=1, lr=0.1)
