@@ -118,6 +118,8 @@ class PoissonLoader:
         self.dataset, self.sampler, self.steps_per_epoch = dataset, sampler, int(steps_per_epoch)
         self._drawn: deque[int] = deque(maxlen=self.BACKLOG)  # row counts of drawn, unused batches, in order
         sampler.on_draw = self._record_drawn
+        if isinstance(sampler, ScheduleSampler):
+            sampler.before_draw = self._refuse_drawing_ahead
         self._empty = as_pair(_empty_like(dataset[0]))
         # one gather for a plain TensorDataset; a subclass may transform in __getitem__, so it is called
         self._tensors = getattr(dataset, "tensors", None) if type(dataset).__getitem__ is TensorDataset.__getitem__ \
@@ -147,13 +149,28 @@ class PoissonLoader:
         caller that itself builds batches with this loader's Poisson rate (a timing benchmark) may too."""
         self._drawn.append(int(rows))
 
+    def _refuse_drawing_ahead(self) -> None:
+        """A schedule's batches are stepped on in order: its sensitivity assumes step t trains on batch t (an
+        example's steps at least b̂ apart); drawing batch t + 1 before stepping on batch t would let a step skip."""
+        if self._drawn:
+            from .errors import PrivacyError
+            raise PrivacyError(
+                "a correlated-noise run steps on its schedule's batches in order: step on the batch drawn last "
+                "(priv.step) before drawing the next one. Its sensitivity assumes step t trains on the schedule's "
+                "batch t; skipping one would bring an example's steps closer than the schedule allows.")
+
     def take(self, rows: int) -> bool:
         """Use up the oldest drawn, unused batch with ``rows`` rows; False if there is none.
 
-        Unused batches drawn before it are given up (skipping a drawn batch spends nothing); a batch
-        is used at most once.
+        Unused batches drawn before it are given up (skipping a Poisson draw spends nothing); a batch
+        is used at most once. A schedule (:class:`ScheduleSampler`, the correlated-noise mechanisms) is
+        used in order, without skipping: its sensitivity assumes step t trains on the schedule's batch t
+        (an example's steps at least b̂ apart), which a skipped draw would shift.
         """
+        in_order = isinstance(self.sampler, ScheduleSampler)
         for i, drawn in enumerate(self._drawn):
+            if in_order and i > 0:
+                return False
             if drawn == rows:
                 for _ in range(i + 1):
                     self._drawn.popleft()
@@ -173,6 +190,7 @@ class ScheduleSampler:
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
         self.drawn = 0
         self.on_draw: Callable[[int], None] | None = None  # set by the PoissonLoader that owns this sampler
+        self.before_draw: Callable[[], None] | None = None  # likewise
         self._restart()
 
     def _restart(self) -> None:
@@ -182,6 +200,8 @@ class ScheduleSampler:
         return self.steps
 
     def sample(self) -> torch.Tensor:
+        if self.before_draw is not None:  # the owning loader: no draw ahead of the steps (the schedule is in order)
+            self.before_draw()
         try:
             batch = next(self._it)
         except StopIteration:

@@ -137,6 +137,7 @@ def test_an_mf_plan_whose_batches_differ_from_the_requested_size_warns(mechanism
         priv = dptrain.make_private(model, eps=8.0, delta=1e-3, mechanism=mechanism, seed=0)
         with pytest.warns(UserWarning, match=f"batches of about {actual} examples, not the {batch_size} requested"):
             priv.attach(data, batch_size=batch_size, epochs=2, lr=0.1)
+        priv.loader.sampler.before_draw = None  # internal: read the whole schedule's sizes without stepping
         sizes = [len(priv.loader.sampler.sample()) for _ in range(priv.plan.planned_steps)]
         assert sum(sizes) / len(sizes) == actual
     with warnings.catch_warnings():
@@ -144,3 +145,25 @@ def test_an_mf_plan_whose_batches_differ_from_the_requested_size_warns(mechanism
         model = nn.Linear(5, 2)
         priv = dptrain.make_private(model, eps=8.0, delta=1e-3, mechanism=mechanism, seed=0)
         priv.attach(data, batch_size=48, epochs=2, lr=0.1)  # 50: within 10 %
+
+
+@pytest.mark.parametrize("mechanism", ["banded-mf", "multi-epoch-mf"])
+def test_an_mf_run_takes_the_schedules_batches_in_order(mechanism):
+    """The sensitivity assumes step t trains on the schedule's batch t; drawing a batch ahead of the steps (to
+    step on it instead of the one before) would move an example's steps closer than b̂ — refused; a Poisson
+    DP-SGD run may skip draws."""
+    model = nn.Linear(5, 2)
+    priv = dptrain.make_private(model, eps=3.0, mechanism=mechanism, seed=0)
+    priv.attach(_data(), batch_size=12, epochs=2, lr=0.1)
+    first = priv.loader.sampler.sample()
+    with pytest.raises(dptrain.PrivacyError, match="in order"):
+        priv.loader.sampler.sample()
+    priv.step(priv.loader.batch(first))
+    for x, y in priv.loader:  # the loader's own iteration draws one batch per step
+        priv.step(x, y)
+        break
+    assert priv.steps == 2
+    plain = dptrain.make_private(nn.Linear(5, 2), eps=3.0, seed=0)
+    plain.attach(_data(), batch_size=12, epochs=2, lr=0.1)
+    plain.loader.sampler.sample()
+    plain.step(plain.loader.batch(plain.loader.sampler.sample()))
