@@ -180,10 +180,10 @@ class AdaptiveClipping:
         priv.optimizer.zero_grad()
         params = trainable_parameters(priv.model)
         priv._check_trainable({id(p) for p in params.values()}, params)
-        priv._take_drawn(inputs, targets)
-        x, y = priv._to_device(inputs, targets, params=params)
-        batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size,
-                             method=priv.config.engine)
+        with priv._drawn_batch(inputs, targets):
+            x, y = priv._to_device(inputs, targets, params=params)
+            batch = clip_and_sum(priv.model, priv.loss_fn, x, y, config, chunk_size=priv.config.chunk_size,
+                                 method=priv.config.engine)
         for name, p in params.items():
             p.grad = batch.sums[name]
         mechanism.noise_multiplier, mechanism.max_grad_norm = sigma_grad, config.sensitivity  # type: ignore[attr-defined]

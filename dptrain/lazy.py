@@ -257,10 +257,11 @@ class LazyPrivateTraining(PrivateTraining):
         plan = self._plans.get()
         params = plan[0].params
         self._check_trainable(plan[0].trainable, params)
-        self._take_drawn(inputs, targets)
-        inputs, targets = self._to_device(inputs, targets, params=params)
-        batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                                                        chunk_size=self.config.chunk_size, plan=plan, coalesce=False)
+        with self._drawn_batch(inputs, targets):
+            inputs, targets = self._to_device(inputs, targets, params=params)
+            batch: SparseClippedBatch = sparse_clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
+                                                            chunk_size=self.config.chunk_size, plan=plan,
+                                                            coalesce=False)
         for name, g in batch.dense.items():
             params[name].grad = g
         self._rows = batch.rows

@@ -279,10 +279,10 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
                 "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
                 "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
                 "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
-        self._take_drawn(inputs, targets)
-        inputs, targets = self._to_device(inputs, targets, params=params)
-        batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
-                             chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
+        with self._drawn_batch(inputs, targets):
+            inputs, targets = self._to_device(inputs, targets, params=params)
+            batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
+                                 chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)
         for name, p in params.items():
             p.grad = batch.sums[name]
         self.optimizer.arm()

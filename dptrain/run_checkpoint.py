@@ -16,6 +16,7 @@ from mechanisms import GaussianMechanism
 
 from .errors import PrivacyConfigError
 from .privacy_config import MF_MECHANISMS, TrainingPlan
+from .sampling import ScheduleSampler
 
 #: make_private arguments a resumed run may change (memory and compute, not privacy)
 RESUME_FREE = ("chunk_size", "engine", "seed")  # seed: the checkpoint carries the RNG states
@@ -30,10 +31,33 @@ class Checkpointing:
         plan = self._require_attached()
         assert self.optimizer is not None and self.loader is not None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sampler": self.loader.sampler.state_dict(), "ledger": self.ledger.state_dict(),
+                "sampler": self._sampler_state(), "ledger": self.ledger.state_dict(),
                 "plan": asdict(plan), "config": asdict(self.config), "attaches": self._attaches,
                 "plan_start": self._plan_start, **self._order_state(),
                 **({} if self.adaptive is None else {"adaptive": self.adaptive.state_dict()})}
+
+    def _check_schedule_position(self, state: dict[str, Any]) -> None:
+        """A correlated-noise checkpoint resumes at the schedule's batch for its next step: batches drawn equal
+        steps recorded (a checkpoint saved between a draw and its step would start one batch ahead)."""
+        if self.config.mechanism not in MF_MECHANISMS:
+            return
+        drawn = int(state["sampler"].get("drawn", 0))
+        steps = sum(int(n) for _, n in state["ledger"]["entries"])
+        if drawn != steps:
+            raise PrivacyConfigError(
+                f"load_state_dict: the checkpoint's schedule has drawn {drawn} batches for {steps} recorded steps; "
+                "resuming would make step t train on another batch than the schedule's batch t, which the "
+                "correlated-noise sensitivity assumes. Save the checkpoint after a step (not between drawing a "
+                "batch and stepping on it).")
+
+    def _sampler_state(self) -> dict[str, Any]:
+        """The sampler's state; a schedule's rewound past batches drawn but not yet stepped on, so that the
+        resumed run draws them again (step t must train on the schedule's batch t)."""
+        assert self.loader is not None
+        state = self.loader.sampler.state_dict()
+        if isinstance(self.loader.sampler, ScheduleSampler):
+            state["drawn"] = int(state["drawn"]) - self.loader.pending()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run: the budget already spent is restored, never reset."""
@@ -59,6 +83,7 @@ class Checkpointing:
                 "attach arguments as the run that saved it (chunk_size, engine and seed may differ).")
         self._check_ledger_continues(state["ledger"])
         self._check_same_order(state)
+        self._check_schedule_position(state)
         self.plan = saved
         if expected is not plan:
             self._use_sigma(saved.noise_multiplier)

@@ -7,7 +7,8 @@ ledger, plan, config and adaptive controller).
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -108,8 +109,11 @@ class Guards:
         entries = self.ledger.entries
         return not entries or (len(entries) == 1 and entries[0][0] == self._step_event(0))
 
-    def _take_drawn(self, inputs: Any, targets: torch.Tensor) -> None:
-        """The batch must be one the attached Poisson loader drew and no step has used (checked by its rows).
+    @contextlib.contextmanager
+    def _drawn_batch(self, inputs: Any, targets: torch.Tensor) -> Iterator[None]:
+        """The batch must be one the attached Poisson loader drew and no step has used (checked by its rows);
+        it is used up when the block (the clipping) succeeds, so a step that raises leaves it to be retried
+        (a correlated-noise schedule must not move on without its step).
 
         Privacy assumption: the accountant's PoissonSampled(q, ·) event holds only for batches in
         which each example was included independently with probability q — the loader's draws. A
@@ -117,7 +121,10 @@ class Guards:
         """
         assert self.loader is not None
         rows = _rows(inputs, targets)
-        if rows is not None and self.loader.take(rows):
+        position = None if rows is None else self.loader.find(rows)
+        if position is not None:
+            yield
+            self.loader.use(position)
             return
         raise PrivacyError(
             "priv.step needs the batch the Poisson loader returned by attach yields; a batch from another "

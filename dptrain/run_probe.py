@@ -18,10 +18,12 @@ from .sampling import unpack_batch as _unpack
 
 
 def probe_tolerance(model: torch.nn.Module, floor: float) -> float:
-    """Relative tolerance of a probe comparison: ``floor``, or 4 ulps of the model's narrowest floating tensor
-    if that is more (a frozen bf16 layer rounds a batched product differently from one example's, by about an
-    ulp of bf16, ≈ 0.8 %: not mixing, which changes the result by order 1)."""
-    eps = [torch.finfo(t.dtype).eps for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """Relative tolerance of a probe comparison: ``floor``, or 4 ulps of the model's narrowest floating
+    parameter if that is more (a frozen bf16 layer rounds a batched product differently from one example's,
+    by about an ulp of bf16, ≈ 0.8 %). The price: with such a layer the probe cannot see mixing that moves
+    the result by less than that (e.g. ``x + 0.01 * x.mean(0)``). The probe is a check on accidents, not a
+    proof; the model must not mix examples (README, "make_private")."""
+    eps = [torch.finfo(p.dtype).eps for p in model.parameters() if p.is_floating_point()]
     return max([floor] + [4 * e for e in eps])
 
 

@@ -159,23 +159,36 @@ class PoissonLoader:
                 "(priv.step) before drawing the next one. Its sensitivity assumes step t trains on the schedule's "
                 "batch t; skipping one would bring an example's steps closer than the schedule allows.")
 
-    def take(self, rows: int) -> bool:
-        """Use up the oldest drawn, unused batch with ``rows`` rows; False if there is none.
-
-        Unused batches drawn before it are given up (skipping a Poisson draw spends nothing); a batch
-        is used at most once. A schedule (:class:`ScheduleSampler`, the correlated-noise mechanisms) is
-        used in order, without skipping: its sensitivity assumes step t trains on the schedule's batch t
-        (an example's steps at least b̂ apart), which a skipped draw would shift.
-        """
+    def find(self, rows: int) -> int | None:
+        """Position of the oldest drawn, unused batch with ``rows`` rows (None if there is none); :meth:`use`
+        it once the step has succeeded. A schedule (:class:`ScheduleSampler`, the correlated-noise
+        mechanisms) is used in order, without skipping: its sensitivity assumes step t trains on the
+        schedule's batch t (an example's steps at least b̂ apart), which a skipped draw would shift."""
         in_order = isinstance(self.sampler, ScheduleSampler)
         for i, drawn in enumerate(self._drawn):
             if in_order and i > 0:
-                return False
+                return None
             if drawn == rows:
-                for _ in range(i + 1):
-                    self._drawn.popleft()
-                return True
-        return False
+                return i
+        return None
+
+    def use(self, position: int) -> None:
+        """Use up the drawn batch at ``position`` (of :meth:`find`); the unused ones drawn before it are given
+        up (skipping a Poisson draw spends nothing). A batch is used at most once."""
+        for _ in range(position + 1):
+            self._drawn.popleft()
+
+    def take(self, rows: int) -> bool:
+        """:meth:`find` and :meth:`use` at once; False if no drawn batch has ``rows`` rows."""
+        i = self.find(rows)
+        if i is None:
+            return False
+        self.use(i)
+        return True
+
+    def pending(self) -> int:
+        """Drawn batches no step has used yet."""
+        return len(self._drawn)
 
 
 class ScheduleSampler:

@@ -167,3 +167,32 @@ def test_an_mf_run_takes_the_schedules_batches_in_order(mechanism):
     plain.attach(_data(), batch_size=12, epochs=2, lr=0.1)
     plain.loader.sampler.sample()
     plain.step(plain.loader.batch(plain.loader.sampler.sample()))
+
+
+def test_an_mf_step_that_fails_or_a_checkpoint_between_draw_and_step_does_not_skip_a_batch(monkeypatch):
+    """A step that raised had used up its drawn batch, so the next draw was allowed: step t then trained on
+    batch t + 1; a checkpoint saved between a draw and its step resumed one batch ahead."""
+    model = nn.Linear(5, 2)
+    priv = dptrain.make_private(model, eps=3.0, mechanism="multi-epoch-mf", seed=0)
+    priv.attach(_data(), batch_size=12, epochs=2, lr=0.1)
+    first = priv.loader.batch(priv.loader.sampler.sample())
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        priv.step(first)
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(dptrain.PrivacyError, match="in order"):
+        priv.loader.sampler.sample()  # the failed step's batch is still to be stepped on
+    state = priv.state_dict()  # saved between a draw and its step: rewound to the undrawn batch
+    assert state["sampler"]["drawn"] == priv.steps == 0
+    priv.step(first)
+    assert priv.steps == 1
+    resumed = dptrain.make_private(nn.Linear(5, 2), eps=3.0, mechanism="multi-epoch-mf", seed=0)
+    resumed.attach(_data(), batch_size=12, epochs=2, lr=0.1)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.loader.batch(resumed.loader.sampler.sample())[0], first[0])
+    state["sampler"]["drawn"] = 1  # as an older version saved it between the draw and the step
+    again = dptrain.make_private(nn.Linear(5, 2), eps=3.0, mechanism="multi-epoch-mf", seed=0)
+    again.attach(_data(), batch_size=12, epochs=2, lr=0.1)
+    with pytest.raises(dptrain.PrivacyConfigError, match="drawn 1 batches for 0 recorded steps"):
+        again.load_state_dict(state)
