@@ -40,13 +40,7 @@ class PrivacyLedger:
 
     def prefix(self, steps: int) -> DpEvent:
         """The composed event of the first ``steps`` recorded steps."""
-        parts, left = [], int(steps)
-        for e, n in self.entries:
-            if left <= 0:
-                break
-            parts.append(SelfComposedEvent(e, min(n, left)))
-            left -= n
-        return ComposedEvent(tuple(parts))
+        return ComposedEvent(tuple(SelfComposedEvent(e, n) for e, n in self.first(steps).entries))
 
     def first(self, steps: int) -> "PrivacyLedger":
         """A ledger of the first ``steps`` recorded steps."""

@@ -352,8 +352,9 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     redo = None
     if not finite or (unsure is not None and read[2] > 0):
         redo = ~torch.isfinite(total) if unsure is None else ~torch.isfinite(total) | unsure
-        if flat:
-            total = sum((ga.refine(t, ga.sq_norms(t), redo, bounded=True) for t in merged.values()), zero())
+        if flat:  # the recomputed examples' totals; the others' stand
+            total = total.clone()
+            total[redo] = sum(ga.wide_sq(t, redo, bounded=True) for t in merged.values())
         else:
             sq = {k: ga.refine(t, sq[k], redo, bounded=True) for k, t in merged.items()}
         finite = False  # factors from recomputed norms: NaN → 0 below

@@ -77,6 +77,12 @@ def _mass(term: Outer) -> torch.Tensor:
     return (_token_norms(term.left) * _token_norms(term.right)).sum(1).double()
 
 
+def _rows_mass(term: Rows) -> torch.Tensor:
+    """S_i = Σ_t ‖R_it‖ ≥ ‖G_i‖ of a table's rows (float64 [B])."""
+    b, t, d = term.right.shape
+    return _norm(term.right.reshape(b * t, d)).reshape(b, t).sum(1).double()
+
+
 def _outer_sq(term: Outer, norms: RowNorms, bound: bool = False) -> Bounded:
     """(‖G_i‖², its rounding bound or None: :mod:`dptrain.ghost_rounding`)."""
     left, right = term.left, term.right
@@ -144,7 +150,7 @@ def _rows_bounded(term: Rows, bound: bool) -> Bounded:
     b, t, d = term.right.shape
     if not bound or t == 1:
         return sq, None
-    mass = _norm(term.right.reshape(b * t, d)).reshape(b, t).sum(1).double()
+    mass = _rows_mass(term)
     u = gr_.unit(term.right.dtype)
     out = gr_.Bound()
     if 2 < t <= gram_max_t:
@@ -204,9 +210,8 @@ def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bo
         total = total + 2 * _cross(terms[0], terms[1])  # type: ignore[arg-type]
         if bound:  # dot products R_t·Q_s of length d, weighted by |L_t[idx_s]| ≤ ‖L_t‖: ≤ γ_d S_outer S_rows
             outer, rows = terms
-            b, t, d = rows.right.shape  # type: ignore[union-attr]
-            rows_mass = _norm(rows.right.reshape(b * t, d)).reshape(b, t).sum(1).double()  # type: ignore[union-attr]
-            err.add_sq(2 * gr_.gamma(d + 2, gr_.unit(rows.right.dtype)) * _mass(outer) * rows_mass)  # type: ignore
+            d = rows.right.shape[2]  # type: ignore[union-attr]
+            err.add_sq(2 * gr_.gamma(d + 2, gr_.unit(rows.right.dtype)) * _mass(outer) * _rows_mass(rows))  # type: ignore
     assert total is not None
     if err is not None and err.empty():
         err = None  # relative errors only
@@ -283,9 +288,15 @@ def refine(terms: list[Term], sq: torch.Tensor, redo: torch.Tensor | None = None
     bad = ~torch.isfinite(sq) if redo is None else redo
     if bool(bad.any()):
         sq = sq.clone()
-        wide, err = sq_norms_bounded([_select(t, bad, torch.float64) for t in terms], bound=bounded)
-        sq[bad] = wide if err is None else wide + gr_.excess(wide, err)
+        sq[bad] = wide_sq(terms, bad, bounded)
     return sq
+
+
+def wide_sq(terms: list[Term], rows: torch.Tensor, bounded: bool = False) -> torch.Tensor:
+    """‖G_i‖² of the examples ``rows`` (bool [B]) from float64 copies of the factors, float64 [rows.sum()];
+    with ``bounded``, plus its float64 rounding bound (an upper bound on ‖G_i‖², for clipping)."""
+    wide, err = sq_norms_bounded(select(terms, rows), bound=bounded)
+    return wide if err is None else wide + gr_.excess(wide, err)
 
 
 def select(terms: list[Term], keep: torch.Tensor) -> list[Term]:

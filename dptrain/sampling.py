@@ -178,14 +178,6 @@ class PoissonLoader:
         for _ in range(position + 1):
             self._drawn.popleft()
 
-    def take(self, rows: int) -> bool:
-        """:meth:`find` and :meth:`use` at once; False if no drawn batch has ``rows`` rows."""
-        i = self.find(rows)
-        if i is None:
-            return False
-        self.use(i)
-        return True
-
     def pending(self) -> int:
         """Drawn batches no step has used yet."""
         return len(self._drawn)

@@ -125,10 +125,18 @@ def test_schedule_sampler_iterates_its_remaining_batches():
 
 def test_loader_records_the_batches_its_sampler_draws():
     loader = PoissonLoader(TensorDataset(torch.randn(50, 2)), PoissonSampler(50, 0.2, 10, seed=0), 5)
+
+    def take(rows):  # what a step does with a batch of ``rows`` rows: find a drawn one, use it up
+        position = loader.find(rows)
+        if position is None:
+            return False
+        loader.use(position)
+        return True
+
     sizes = [len(loader.sampler.sample()), len(next(iter(loader))[0])]
     loader.batch(torch.arange(7))  # indices not drawn by the sampler: not recorded
-    assert not loader.take(7) or 7 in sizes
-    assert loader.take(sizes[1]) and not loader.take(sizes[0])  # the later one used: the earlier given up
+    assert not take(7) or 7 in sizes
+    assert take(sizes[1]) and not take(sizes[0])  # the later one used: the earlier given up
 
 
 def test_examples_of_more_than_two_parts_are_inputs_then_target():
