@@ -12,6 +12,10 @@ Units and neighbouring relation (stated in the report):
 * ``level="client"`` — client-level DP: each client's mean-loss gradient (or its difference) is
   clipped as one unit; neighbours add or remove one client with all its data.
 
+At both levels the model must keep no statistics of the data in its buffers (BatchNorm's running
+mean / var, …): the buffers are released with the model and no noise reaches them. Such modules are
+refused (``dptrain.fix(model)`` replaces BatchNorm / InstanceNorm).
+
 Clients: a sequence of ``(inputs, targets)`` — all clients in a single process, or this rank's
 clients under ``torch.distributed`` (the number of units is summed over ranks; rank 0 adds the
 noise once, one all-reduce per round; every rank holds the same model).
@@ -31,7 +35,7 @@ from mechanisms.diff2 import Diff2Config, Diff2Mechanism, calibrate_diff2
 
 from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError
+from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
 from .private import default_delta
 from .validation import validate
 
@@ -77,6 +81,44 @@ def _parameters_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterato
                 p.copy_(saved[k])
 
 
+class _BufferGuard:
+    """The model's buffers before the forwards of one round; :meth:`check` refuses (and undoes) any change.
+
+    DIFF2 releases the model with its buffers, and noise reaches the trainable parameters only: a buffer
+    that a forward updates from the data (a running statistic of a custom module) would be released
+    un-noised. :func:`validate` refuses the known such modules (BatchNorm, InstanceNorm with running
+    stats) when the trainer is built; this catches the others at their first update, in place (version
+    counter) or by reassignment.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.slots = [(m, name, b, b._version, b.detach().clone()) for m in model.modules()
+                      for name, b in m._buffers.items() if b is not None]
+
+    def check(self) -> None:
+        now = {(id(m), name) for m in self.model.modules() for name, b in m._buffers.items() if b is not None}
+        if (now == {(id(m), name) for m, name, *_ in self.slots}
+                and all(m._buffers[name] is b and b._version == v for m, name, b, v, _ in self.slots)):
+            return
+        changed = [name for m, name, b, v, _ in self.slots if m._buffers.get(name) is not b or b._version != v]
+        with torch.no_grad():  # undo the update: the buffers hold the data's statistics now
+            for m, name, b, v, saved in self.slots:
+                if b._version != v:
+                    b.copy_(saved)
+                m._buffers[name] = b
+            known = {(id(m), name) for m, name, *_ in self.slots}
+            for m in self.model.modules():
+                for name in [n for n, b in m._buffers.items() if b is not None and (id(m), n) not in known]:
+                    changed.append(name)
+                    del m._buffers[name]
+        raise UnsupportedModuleError(
+            f"DIFF2: the model's forward updated its buffers ({', '.join(sorted(set(changed)))}) from the training "
+            "data; buffers are released with the model and receive no noise, so they are refused at both levels. "
+            "Use modules that keep no statistics of their inputs (dptrain.fix(model) replaces BatchNorm / "
+            "InstanceNorm).")
+
+
 class Diff2Trainer:
     """State of one DIFF2 run (model, previous iterate, estimator, ledger)."""
 
@@ -92,8 +134,10 @@ class Diff2Trainer:
             raise PrivacyConfigError(f"DIFF2: lr must be a positive finite step size, got {lr}")
         if not trainable_parameters(model):
             raise PrivacyConfigError("DIFF2: the model has no trainable parameters")
-        if level == "example":
-            validate(model)  # per-example gradients must depend on their own example only
+        # per-example gradients must depend on their own example only; and at both levels no module may keep
+        # statistics of the data it sees (BatchNorm's running mean / var): the model's buffers are released
+        # with it and receive no noise
+        validate(model)
         self.model, self.clients, self.config, self.lr = model, list(clients), config, float(lr)
         self.level, self.accountant, self.chunk_size = level, accountant, chunk_size
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -160,6 +204,7 @@ class Diff2Trainer:
             return total
         clip = ClippingConfig(threshold)
         unit_grads = self._example_grads if self.level == "example" else self._client_grad
+        buffers = _BufferGuard(self.model)
         cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for c, (x, y) in enumerate(self.clients):
             parts = iter_chunks(x, y, self.chunk_size) if self.level == "example" else [((x,), y)]
@@ -167,6 +212,7 @@ class Diff2Trainer:
                 if int(yc.shape[0]) == 0:
                     continue
                 g = unit_grads(xc, yc)
+                buffers.check()
                 if self.cache_gradients:
                     cache[(c, j)] = g
                 if not refresh:
@@ -175,6 +221,7 @@ class Diff2Trainer:
                         assert self.previous is not None
                         with _parameters_at(self.model, self.previous):
                             g_prev = unit_grads(xc, yc)
+                        buffers.check()
                     g = {k: g[k] - g_prev[k] for k in g}
                 part = clipped_sum(g, clip)
                 for k in total:

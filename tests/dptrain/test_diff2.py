@@ -124,6 +124,46 @@ def test_example_level_refuses_batchnorm():
         Diff2Trainer(net, clients(), Diff2Config(2, 1, 1.0, 1.0, 1.0, 1.0), lr=0.1)
 
 
+def test_client_level_refuses_batchnorm_and_names_the_fix():
+    """level="client" skipped the model check: BatchNorm's running mean / var became a moving average of the
+    clients' raw batches and was released un-noised with the model (one client shifted by 100 moved it by 12.6)."""
+    from dptrain.errors import UnsupportedModuleError
+
+    for norm in (nn.BatchNorm1d(4), nn.InstanceNorm1d(4, track_running_stats=True)):
+        net = nn.Sequential(nn.Linear(5, 4), norm, nn.Linear(4, 3)).double()
+        with pytest.raises(UnsupportedModuleError, match=r"dptrain\.fix\(model\)"):
+            make_diff2(net, clients(), eps=1.0, rounds=4, refresh_every=2, level="client")
+
+
+class _RunningMean(nn.Module):
+    """Keeps a running mean of its inputs in a buffer (a statistic of the data no model check knows)."""
+
+    def __init__(self, width: int, reassign: bool) -> None:
+        super().__init__()
+        self.reassign = reassign
+        self.register_buffer("seen", torch.zeros(width, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.reassign:
+                self.seen = 0.9 * self.seen + 0.1 * x.detach().mean(0)
+            else:
+                self.seen.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x - self.seen
+
+
+@pytest.mark.parametrize("reassign", [False, True])
+def test_client_level_refuses_a_forward_that_updates_a_buffer_and_undoes_it(reassign):
+    from dptrain.errors import UnsupportedModuleError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_RunningMean(5, reassign), nn.Linear(5, 3)).double()
+    trainer = make_diff2(net, clients(), eps=1.0, rounds=4, refresh_every=2, level="client")
+    with pytest.raises(UnsupportedModuleError, match="seen"):
+        trainer.fit()
+    assert float(net[0].seen.abs().max()) == 0.0  # the update from the client's data is not left in the model
+
+
 def test_no_step_means_a_zero_difference_round():
     # x_t = x_{t−1}: the radius C2·0 releases exactly zero; the estimate carries over unchanged
     trainer = Diff2Trainer(model(), clients(), Diff2Config(3, 2, 1.0, 5.0, 1.0, 1.0), lr=0.5, cache_bytes=0)
