@@ -10,7 +10,10 @@ defaults to 62 bits from the OS's entropy.
 Seed entropy: torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``, so
 2^32 seeds would cover every CPU noise stream. Here a CPU generator's whole 624-word state is
 expanded from (seed, device name) by numpy's ``SeedSequence`` instead, so every bit of the seed
-counts. CUDA generators (Philox) take a 64-bit seed: ``seed + Σ ord(device name)``.
+counts. CUDA generators (Philox) take a 64-bit seed, likewise drawn from a ``SeedSequence`` of
+(seed, device name) (:func:`cuda_seed`): an affine ``seed + offset(device)`` would give seed s on
+``cuda:r`` the stream of seed s + 1 on ``cuda:r-1``, so runs with neighbouring seeds (e.g. one per
+client) on different devices would share their noise.
 """
 from __future__ import annotations
 
@@ -66,6 +69,20 @@ def cpu_state(seed: int, device_key: str = "cpu", stream: int = 0) -> torch.Tens
     state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS] = torch.from_numpy(words.view(np.uint8))
     state[:8] = torch.from_numpy(np.array([seed64], dtype="<u8").view(np.uint8))
     return state
+
+
+#: spawn-key tag of a CUDA generator's seed (the CPU's Philox stream has its own, "phlx")
+_CUDA_TAG = int.from_bytes(b"cuda", "little")
+
+
+def cuda_seed(seed: int, device_key: str) -> int:
+    """The 64-bit seed of CUDA device ``device_key``'s generator for ``seed``: the first word of
+    ``SeedSequence([seed, Σ ord(key)], spawn_key=(tag, *the key's bytes))``. Every bit of the seed
+    counts, and distinct (seed, device) pairs give unrelated seeds (the key's bytes also tell apart
+    names with the same Σ ord, e.g. ``cuda:19`` and ``cuda:28``)."""
+    words = np.random.SeedSequence([int(seed) % (1 << 64), _device_offset(device_key)],
+                                   spawn_key=(_CUDA_TAG, *device_key.encode())).generate_state(1, np.uint64)
+    return int(words[0])
 
 
 def derived_seed(seed: int, label: int) -> int:
@@ -126,7 +143,7 @@ class DeviceGenerators:
                 return PhiloxNormals.from_seed(self.seed, key)
             return cpu_torch_streams(self.seed, key)
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed + _device_offset(key))
+        g.manual_seed(cuda_seed(self.seed, key))
         return NormalStreams([g])
 
     def streams(self, device: torch.device | str) -> NormalSource:

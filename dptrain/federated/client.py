@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import accountants
 from mechanisms import GaussianMechanism
+from mechanisms.rng import derived_seed
 
 from ..clipping import ClippingConfig, clip_and_sum
 from ..engine import LossFn
@@ -29,11 +30,23 @@ from ..sampling import PoissonLoader, PoissonSampler, to_device
 from .config import FederatedConfig
 
 
+#: derived_seed label of a federated run's family of seeds (kept apart from other uses of the same seed)
+_FEDERATED = int.from_bytes(b"fed", "little")
+
+
 def client_seed(seed: int | None, client: int, stream: int) -> int:
-    """Seed of a client's random stream (0: batches, 1: local noise), the same on every rank."""
+    """Seed of a client's random stream (0: batches, 1: local noise; client -1: the server's), the same on
+    every rank: :func:`~mechanisms.rng.derived_seed` of the run's seed for label 2·(client + 1) + stream.
+
+    Not affine in (seed, client): neighbouring seeds, placed on devices whose generators are seeded by
+    offsets, would give two clients one noise stream.
+    """
     if seed is None:
         return secrets.randbits(62)
-    return (int(seed) * 1_000_003 + 2 * int(client) + stream + 1) % (1 << 62)
+    if not (client >= -1 and stream in (0, 1)):
+        raise ValueError(f"client_seed: client must be >= -1 (-1: the server) and stream 0 or 1, got "
+                         f"client={client}, stream={stream}")
+    return derived_seed(derived_seed(seed, _FEDERATED), 2 * (int(client) + 1) + int(stream))
 
 
 class Client:

@@ -108,3 +108,38 @@ def test_derived_seeds_are_deterministic_distinct_and_62_bit():
     assert seeds == [derived_seed(s, k) for s in (0, 1, 2 ** 63 + 5) for k in range(1, 4)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2 ** 62 for s in seeds)
     assert derived_seed(1, 1) not in (0, 1, 2)  # not a neighbouring seed
+
+
+def cuda_generator_seed(monkeypatch, seed: int, key: str) -> int:
+    """The seed ``DeviceGenerators(seed)`` gives CUDA device ``key``'s generator (a stand-in generator
+    records it, so no GPU is needed)."""
+    import mechanisms.rng as rng
+
+    seen: list[int] = []
+
+    class Recorder:
+        def __init__(self, device=None) -> None:
+            assert torch.device(device).type == "cuda"
+
+        def manual_seed(self, s: int) -> "Recorder":
+            seen.append(int(s))
+            return self
+
+    with monkeypatch.context() as m:
+        m.setattr(rng.torch, "Generator", Recorder)
+        rng.DeviceGenerators(seed).streams(key)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_cuda_generators_of_neighbouring_seeds_on_other_devices_differ(monkeypatch):
+    """CUDA generators were seeded with seed + Σ ord(device name), and Σ ord("cuda:r") = Σ ord("cuda:0") + r:
+    seed s on cuda:r drew the noise of seed s + r on cuda:0 (federated clients k and k + 1, whose seeds
+    differed by 2, shared one noise stream on cuda:2 and cuda:0)."""
+    seeds = {(s, r): cuda_generator_seed(monkeypatch, s, f"cuda:{r}") for s in range(1000, 1008) for r in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert cuda_generator_seed(monkeypatch, 5, "cuda:19") != cuda_generator_seed(monkeypatch, 5, "cuda:28")  # same Σ ord
+    for high in (1 << 32, 1 << 40, 1 << 61):  # every bit of the seed counts
+        assert cuda_generator_seed(monkeypatch, 5, "cuda:0") != cuda_generator_seed(monkeypatch, 5 + high, "cuda:0")
+    assert cuda_generator_seed(monkeypatch, 1000, "cuda:1") == cuda_generator_seed(monkeypatch, 1000, "cuda:1")
+    assert all(0 <= v < 1 << 64 for v in seeds.values())
