@@ -37,6 +37,7 @@ from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
 from .private import default_delta
+from .run_guards import check_precision
 from .validation import validate
 
 LEVELS = ("example", "client")
@@ -138,6 +139,8 @@ class Diff2Trainer:
         # statistics of the data it sees (BatchNorm's running mean / var): the model's buffers are released
         # with it and receive no noise
         validate(model)
+        if config.private:  # the clip bound must hold in the parameters' dtype (as make_private checks)
+            check_precision(trainable_parameters(model), "make_diff2")
         self.model, self.clients, self.config, self.lr = model, list(clients), config, float(lr)
         self.level, self.accountant, self.chunk_size = level, accountant, chunk_size
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -249,6 +252,8 @@ class Diff2Trainer:
             raise BudgetExceededError(f"DIFF2: all {self.config.rounds} planned (and accounted) rounds have run; "
                                       f"ε spent {self.epsilon_spent():.4g}. Plan more rounds at attach time.")
         params = trainable_parameters(self.model)
+        if self.config.private:
+            check_precision(params, f"DIFF2 round {t} (the model was converted after make_diff2)")
         names = list(params)
         distance = None if self.mechanism.is_refresh(t) else self.step_distance()
         local = self.local_clipped_sum(t, distance)

@@ -31,6 +31,7 @@ from ..engine import LossFn, trainable_parameters
 from ..errors import BudgetExceededError, PrivacyConfigError
 from ..lora import lora_layers
 from ..private import default_delta
+from ..run_guards import check_precision
 from ..validation import validate
 from .client import Client, client_seed
 from .comm import DistributedComm, LocalComm
@@ -105,6 +106,8 @@ class FederatedTraining:
         self.params = trainable_parameters(model)
         if not self.params:
             raise PrivacyConfigError("make_federated: the model has no trainable parameters")
+        if config.private:  # clipped updates and noise must hold their bounds in the parameters' dtype
+            check_precision(self.params, "make_federated")
         # every rank starts from rank 0's model (frozen base and A included)
         self.comm.broadcast([p.data for p in model.parameters()] + [b.data for b in model.buffers()])
         self.round = 0
@@ -213,8 +216,11 @@ class FederatedTraining:
 
     def run_round(self) -> RoundResult:
         """One round; returns its mean update (released) and its participants (server-side only)."""
-        self.check_budget()
         cfg = self.config
+        if cfg.private:
+            check_precision(trainable_parameters(self.model),
+                            f"federated round {self.round + 1} (the model was converted after make_federated)")
+        self.check_budget()
         mask = self._participants()
         sums = {k: torch.zeros_like(p) for k, p in self.params.items()}
         for k, client in self.clients.items():

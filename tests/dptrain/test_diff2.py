@@ -164,6 +164,23 @@ def test_client_level_refuses_a_forward_that_updates_a_buffer_and_undoes_it(reas
     assert float(net[0].seen.abs().max()) == 0.0  # the update from the client's data is not left in the model
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_parameters_are_refused_at_build_and_before_each_round(dtype):
+    """make_private refuses 16-bit trainable parameters (clipped sums and noise rounded to 8–11 bits can
+    exceed C); DIFF2 accepted them and ran."""
+    from dptrain.errors import PrivacyConfigError
+
+    for level in ("example", "client"):
+        with pytest.raises(PrivacyConfigError, match="make_diff2.*clip norm"):
+            make_diff2(model().to(dtype), clients(), eps=1.0, rounds=2, refresh_every=2, level=level)
+        trainer = make_diff2(model(), clients(), eps=1.0, rounds=4, refresh_every=2, level=level)
+        trainer.step()
+        trainer.model.to(dtype)
+        with pytest.raises(PrivacyConfigError, match="converted after make_diff2"):
+            trainer.step()
+        assert trainer.rounds_run == 1
+
+
 def test_no_step_means_a_zero_difference_round():
     # x_t = x_{t−1}: the radius C2·0 releases exactly zero; the estimate carries over unchanged
     trainer = Diff2Trainer(model(), clients(), Diff2Config(3, 2, 1.0, 5.0, 1.0, 1.0), lr=0.5, cache_bytes=0)

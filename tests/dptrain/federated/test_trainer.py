@@ -189,6 +189,22 @@ def test_bad_configuration_is_refused():
         make_federated(lora_model(), {0: clients(k=1)[0], 5: clients(k=1)[0]}, num_clients=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dp", ["example", "client"])
+def test_16_bit_parameters_are_refused_at_build_and_before_each_round(dp, dtype):
+    """make_private refuses 16-bit trainable parameters (clipped sums and noise rounded to 8–11 bits can
+    exceed C); make_federated accepted them and ran."""
+    kw = dict(dp=dp, eps=2.0, rounds=3, local_steps=1, batch_size=10, lr=0.5, seed=0, **RDP)
+    with pytest.raises(dptrain.PrivacyConfigError, match="make_federated.*clip norm"):
+        make_federated(nn.Linear(6, 3).to(dtype), clients(k=2), **kw)
+    fed = make_federated(nn.Linear(6, 3), clients(k=2), **kw)
+    fed.run_round()
+    fed.model.to(dtype)
+    with pytest.raises(dptrain.PrivacyConfigError, match="converted after make_federated"):
+        fed.run_round()
+    assert fed.round == 1
+
+
 @pytest.mark.parametrize("dp", ["client", "example"])
 def test_resuming_a_shorter_plan_cannot_overspend(dp):
     """A checkpoint's σ was calibrated for 4 rounds; loaded into an 8-round run with the same target, every round
