@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import secrets
 from typing import Any, Iterator
 
 import torch
@@ -50,7 +51,8 @@ class SoftActorCritic:
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau, self.batch_size = float(gamma), float(tau), int(batch_size)
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(seed) if seed is not None else int(torch.seed()) % (2 ** 63))
+        # seed=None: 63 bits from the OS's entropy (torch.seed() would re-seed the global generator)
+        self.generator.manual_seed(int(seed) if seed is not None else secrets.randbits(63))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=self.generator)))
             self.actor = _mlp(obs_dim, 2 * act_dim, hidden)

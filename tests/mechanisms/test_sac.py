@@ -31,3 +31,16 @@ def test_sac_is_seeded_and_state_round_trips():
     assert torch.equal(c.act(obs), a.act(obs))
     c.update(1), a.update(1)
     assert torch.equal(c.act(obs, deterministic=True), a.act(obs, deterministic=True))
+
+
+def test_an_unseeded_agent_leaves_the_global_rng_alone():
+    """seed=None called torch.seed(), which re-seeded torch's global generator from the OS: after
+    torch.manual_seed(0), the user's initialisation and dropout were no longer reproducible."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = SoftActorCritic(4, 2, seed=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = SoftActorCritic(4, 2, seed=None)
+    obs = torch.ones(4)
+    assert not torch.equal(a.act(obs), b.act(obs))  # still seeded from fresh entropy
+    assert torch.equal(torch.get_rng_state(), state)
