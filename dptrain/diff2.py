@@ -320,11 +320,15 @@ def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None
     """A DIFF2 run with noise calibrated to ``eps`` at ``delta`` (default 1/N^1.1, N units).
 
     ``clip_diff`` is C2 in r_t = C2·‖x_t − x_{t−1}‖ (per unit of parameter distance, not an
-    absolute norm). Give ``noise_grad`` and ``noise_diff`` instead of ``eps`` to fix the noise
-    (ε is then what they spend; both 0 is the non-private recursion). ``refresh_every=1`` is DP-GD.
+    absolute norm). Give ``noise_grad`` and ``noise_diff`` to fix the noise: with ``eps`` they must
+    spend at most ``eps`` (else an error); with ``eps=None`` ε is what they spend, and both 0 is the
+    non-private recursion (ε = ∞; refused while a target ``eps`` is given). ``refresh_every=1`` is DP-GD.
     """
     from . import distributed as ddp
 
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
+        raise PrivacyConfigError(f"make_diff2: eps must be a positive finite number (or None with both noises "
+                                 f"given), got {eps}")
     units = sum(int(y.shape[0]) for _, y in clients) if level == "example" else len(clients)
     if ddp.resolve(distributed):
         t = torch.tensor([float(units)], dtype=torch.float64)
@@ -338,10 +342,15 @@ def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None
             raise PrivacyConfigError("make_diff2: give a target eps, or both noise_grad and noise_diff")
         noise_grad, noise_diff = calibrate_diff2(eps, delta, rounds, refresh_every, accountant, grad_share)
     config = Diff2Config(rounds, refresh_every, clip_grad, clip_diff, noise_grad, noise_diff)
-    if eps is not None and not config.private and (noise_grad > 0 or noise_diff > 0):  # both 0: the stated
-        raise PrivacyConfigError(f"make_diff2: eps={eps} was asked for, but noise_grad={noise_grad}, "  # non-private run
+    if eps is not None and not config.private:  # a target ε was asked for: no round may go un-noised
+        if noise_grad == 0 and noise_diff == 0:
+            raise PrivacyConfigError(f"make_diff2: noise_grad=0 and noise_diff=0 give no finite ε, but eps={eps} "
+                                     "was asked for; pass eps=None to run the non-private recursion (ε = ∞), or "
+                                     "leave the noise to calibration")
+        raise PrivacyConfigError(f"make_diff2: eps={eps} was asked for, but noise_grad={noise_grad}, "
                                  f"noise_diff={noise_diff} release some rounds without noise (no finite ε); "
-                                 "give both noises > 0, or leave them to calibration")
+                                 "give both noises > 0, leave them to calibration, or pass eps=None for a run "
+                                 "without a target (ε = ∞)")
     if eps is not None and config.private:
         planned = accountants.epsilon_of_event(Diff2Mechanism(config).run_event(), delta, accountant)
         if planned > eps * (1 + 1e-9):

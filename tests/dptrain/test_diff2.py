@@ -218,6 +218,25 @@ def test_partly_noised_configuration_is_refused_when_eps_is_asked_and_spends_inf
     assert run.epsilon_spent() == float("inf") and run.report().epsilon == float("inf")
 
 
+def test_zero_noise_is_refused_while_a_target_eps_is_asked_for():
+    """make_diff2(noise_grad=0, noise_diff=0) with the default eps=3.0 trained without noise and no error
+    (make_federated refuses the same call); the non-private recursion needs eps=None."""
+    from dptrain.errors import PrivacyConfigError
+
+    for eps in ({}, dict(eps=3.0)):  # the default eps, and one given
+        with pytest.raises(PrivacyConfigError, match="noise_grad=0 and noise_diff=0 .*eps=None"):
+            make_diff2(model(), clients(), rounds=4, refresh_every=2, noise_grad=0.0, noise_diff=0.0, **eps)
+    run = make_diff2(model(), clients(), eps=None, rounds=4, refresh_every=2, noise_grad=0.0, noise_diff=0.0)
+    run.fit()
+    assert run.epsilon_spent() == float("inf")
+    # fixed noise that cannot meet the target, and targets no noise can meet, are refused too
+    with pytest.raises(PrivacyConfigError, match="more than eps"):
+        make_diff2(model(), clients(), eps=1.0, rounds=4, refresh_every=2, noise_grad=0.5, noise_diff=0.5)
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(PrivacyConfigError, match="positive finite"):
+            make_diff2(model(), clients(), eps=bad, rounds=4, refresh_every=2, noise_grad=1.0, noise_diff=1.0)
+
+
 def test_one_noise_alone_is_refused_not_recalibrated():
     from dptrain.errors import PrivacyConfigError
 
