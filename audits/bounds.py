@@ -38,6 +38,7 @@ Two ways to turn counts into an interval for ε:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -64,16 +65,30 @@ def eps_from_rates(alpha: np.ndarray | float, beta: np.ndarray | float, delta: f
     return np.maximum(eps, 0.0)
 
 
+def _check_count(name: str, v: float, caller: str = "") -> None:
+    """ValueError unless ``v`` is a non-negative integer (int or integral float; NaN and inf are not)."""
+    try:
+        ok = bool(math.isfinite(v) and v >= 0 and int(v) == v)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{caller}{name} must be a non-negative integer count, got {v!r}")
+
+
+def _check_delta_confidence(delta: float, confidence: float, caller: str = "") -> None:
+    """ValueError unless 0 ≤ δ < 1 and 0 < confidence < 1 (NaN fails both; ``caller`` prefixes the message)."""
+    if not 0 <= delta < 1:
+        raise ValueError(f"{caller}delta must be in [0, 1), got {delta}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"{caller}confidence must be in (0, 1) (a fraction, e.g. 0.95), got {confidence}")
+
+
 def _check(tp: int, fp: int, tn: int, fn: int, delta: float, confidence: float) -> None:
     for name, v in (("tp", tp), ("fp", fp), ("tn", tn), ("fn", fn)):
-        if v < 0 or int(v) != v:
-            raise ValueError(f"{name} must be a non-negative integer count, got {v}")
+        _check_count(name, v)
     if tp + fn == 0 or tn + fp == 0:
         raise ValueError("need at least one member (tp + fn > 0) and one non-member (tn + fp > 0)")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_delta_confidence(delta, confidence)
 
 
 def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:

@@ -13,9 +13,29 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
+from .bounds import _check_count, _check_delta_confidence
+
+
+def _check_counts(m: int, r: int, v: int, caller: str) -> None:
+    """ValueError unless m, r, v are non-negative integers with v ≤ r ≤ m."""
+    for name, value in (("m", m), ("r", r), ("v", v)):
+        _check_count(name, value, caller)
+    if not v <= r <= m:
+        raise ValueError(f"{caller}need 0 <= v <= r <= m (v correct of r guesses on m canaries), "
+                         f"got m={m}, r={r}, v={v}")
+
 
 def one_run_p_value(eps: float, m: int, r: int, v: int, delta: float = 0.0) -> float:
-    """p(ε): probability that an (ε, δ)-DP run lets r guesses have ≥ v correct."""
+    """p(ε): probability that an (ε, δ)-DP run lets r guesses have ≥ v correct.
+
+    m, r, v: non-negative integers with v ≤ r ≤ m; 0 ≤ δ < 1 (else a ValueError)."""
+    _check_counts(m, r, v, "one_run_p_value: ")
+    _check_delta_confidence(delta, 0.5, "one_run_p_value: ")
+    return _p_value(eps, m, r, v, delta)
+
+
+def _p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
+    """:func:`one_run_p_value` without the input checks."""
     q = 1.0 / (1.0 + math.exp(-eps))
     p = float(stats.binom.sf(v - 1, r, q))
     if delta > 0 and v > 0:
@@ -27,11 +47,14 @@ def one_run_p_value(eps: float, m: int, r: int, v: int, delta: float = 0.0) -> f
 
 
 def one_run_epsilon(m: int, r: int, v: int, delta: float = 0.0, confidence: float = 0.95) -> float:
-    """ε̂: largest ε with p(ε) < 1 − confidence (0 if even ε = 0 is not rejected)."""
-    if not (0 <= v <= r <= m):
-        raise ValueError(f"one_run_epsilon: need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
+    """ε̂: largest ε with p(ε) < 1 − confidence (0 if even ε = 0 is not rejected).
+
+    m, r, v: non-negative integers with v ≤ r ≤ m; 0 ≤ δ < 1 and 0 < confidence < 1, a fraction
+    (else a ValueError)."""
+    _check_counts(m, r, v, "one_run_epsilon: ")
+    _check_delta_confidence(delta, confidence, "one_run_epsilon: ")
     level = 1 - confidence
-    f = lambda e: one_run_p_value(e, m, r, v, delta) - level  # noqa: E731  increasing in ε
+    f = lambda e: _p_value(e, m, r, v, delta) - level  # noqa: E731  increasing in ε
     if r == 0 or f(0.0) >= 0:
         return 0.0
     hi = 1.0
@@ -72,6 +95,7 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, delta: float = 0.0, 
     if scores.size < 2:
         raise ValueError(f"one_run_audit: need at least 2 canaries (one guess on each side), got {scores.size}; "
                          "use more canaries")
+    _check_delta_confidence(delta, confidence, "one_run_audit: ")
     if not guess_fractions or not all(0 < f <= 1 for f in guess_fractions):
         raise ValueError(f"one_run_audit: guess_fractions must be a non-empty tuple in (0, 1], got {guess_fractions}")
     m = scores.size

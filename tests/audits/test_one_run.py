@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from audits import abstaining_guesses, one_run_audit, one_run_epsilon
+from audits import abstaining_guesses, one_run_audit, one_run_epsilon, one_run_p_value
 
 
 @pytest.mark.parametrize("m,r,v,delta,want", [(1000, 1000, 1000, 0, 5.8091), (1000, 1000, 1000, 1e-5, 5.7823),
@@ -49,3 +49,40 @@ def test_bad_one_run_inputs_are_named():
         one_run_audit(np.array([1.0]), np.array([True]))
     with pytest.raises(ValueError, match="same length"):
         one_run_audit(np.zeros(4), np.ones(1, bool))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(delta=math.nan), "delta must be in \\[0, 1\\)"),
+                                          (dict(delta=-1e-3), "delta must be in \\[0, 1\\)"),
+                                          (dict(delta=1.0), "delta must be in \\[0, 1\\)"),
+                                          (dict(confidence=-1), "confidence must be in \\(0, 1\\)"),
+                                          (dict(confidence=0.0), "confidence must be in \\(0, 1\\)"),
+                                          (dict(confidence=1.0), "confidence must be in \\(0, 1\\)"),
+                                          (dict(confidence=95), "confidence must be in \\(0, 1\\)"),
+                                          (dict(confidence=math.nan), "confidence must be in \\(0, 1\\)")])
+def test_bad_delta_or_confidence_is_refused(kwargs, match):
+    # a NaN or negative δ was read as δ = 0 (the largest ε̂); confidence −1 gave inf, 0 gave 64, 95 gave 0
+    with pytest.raises(ValueError, match="one_run_epsilon: " + match):
+        one_run_epsilon(1000, 1000, 1000, **kwargs)
+    included = np.arange(20) % 2 == 0
+    with pytest.raises(ValueError, match="one_run_audit: " + match):
+        one_run_audit(included + 0.01 * np.arange(20), included, **kwargs)
+    if "delta" in kwargs:
+        with pytest.raises(ValueError, match="one_run_p_value: " + match):
+            one_run_p_value(1.0, 1000, 1000, 1000, **kwargs)
+
+
+@pytest.mark.parametrize("m,r,v,name", [(10.5, 4, 2, "m"), (10, 4.5, 2, "r"), (10, 4, 1.5, "v"), (10, 4, -1, "v"),
+                                        (math.nan, 4, 2, "m"), (10, math.inf, 2, "r")])
+def test_counts_must_be_non_negative_integers(m, r, v, name):
+    with pytest.raises(ValueError, match=f"one_run_epsilon: {name} must be a non-negative integer"):
+        one_run_epsilon(m, r, v)
+    with pytest.raises(ValueError, match=f"one_run_p_value: {name} must be a non-negative integer"):
+        one_run_p_value(1.0, m, r, v)
+
+
+def test_counts_must_be_ordered():
+    with pytest.raises(ValueError, match="v <= r <= m"):
+        one_run_epsilon(10, 4, 5)
+    with pytest.raises(ValueError, match="v <= r <= m"):
+        one_run_p_value(1.0, 3, 4, 2)
+    assert one_run_epsilon(10.0, 4.0, 4.0) == one_run_epsilon(10, 4, 4)  # integral floats are counts
