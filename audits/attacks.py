@@ -30,13 +30,47 @@ class RocResult:
         return {"auc": self.auc, "tpr_at_fpr_0.1%": self.tpr_at(1e-3), "tpr_at_fpr_1%": self.tpr_at(1e-2)}
 
 
+def _membership_labels(labels: np.ndarray, name: str, caller: str) -> np.ndarray:
+    """``labels`` as a bool array: booleans or 0 / 1 only (else a ValueError naming ``caller`` and ``name``).
+
+    The ±1 convention (−1 = not a member) is refused rather than cast: bool(−1) is True, so it would
+    read every example as a member."""
+    raw = np.asarray(labels)
+    if raw.dtype == bool:
+        return raw
+    try:
+        ok = np.isin(raw, (0, 1))
+    except TypeError:
+        ok = np.zeros(raw.shape, bool)
+    if ok.all():
+        return raw.astype(bool)
+    if raw.dtype.kind in "iuf" and np.isin(raw, (-1, 1)).all():
+        raise ValueError(f"{caller}: {name} looks like the ±1 convention (−1 = not a member), which is not "
+                         f"accepted: a cast to bool makes −1 a member. Pass booleans or 0 / 1, e.g. `{name} > 0`")
+    bad = raw[~ok][:5]
+    raise ValueError(f"{caller}: {name} must be booleans or 0 / 1 (True / 1 = member), got values such as {bad}")
+
+
+def _finite_scores(scores: np.ndarray, caller: str) -> np.ndarray:
+    """``scores`` as floats, all finite (else a ValueError naming ``caller`` and how many are not)."""
+    scores = np.asarray(scores, float)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        where = np.flatnonzero(bad.ravel())
+        raise ValueError(f"{caller}: {where.size} of {scores.size} scores are not finite (NaN or ±inf), at indices "
+                         f"{where[:10].tolist()}{' …' if where.size > 10 else ''}; a diverged model or an infinite "
+                         "loss gives no membership score (sorting would rank NaN as the most member-like)")
+    return scores
+
+
 def _scores_and_labels(scores: np.ndarray, is_member: np.ndarray, caller: str) -> tuple[np.ndarray, np.ndarray]:
-    """1-D float scores and bool labels of the same length (else a ValueError naming ``caller``)."""
-    scores, is_member = np.asarray(scores, float), np.asarray(is_member, bool)
-    if scores.ndim != 1 or is_member.shape != scores.shape:
+    """1-D finite float scores and bool labels (booleans or 0 / 1) of the same length (else a ValueError
+    naming ``caller``)."""
+    scores, raw = np.asarray(scores, float), np.asarray(is_member)
+    if scores.ndim != 1 or raw.shape != scores.shape:
         raise ValueError(f"{caller}: scores and is_member must be 1-D arrays of the same length (one label per "
-                         f"score), got shapes {scores.shape} and {is_member.shape}")
-    return scores, is_member
+                         f"score), got shapes {scores.shape} and {raw.shape}")
+    return _finite_scores(scores, caller), _membership_labels(raw, "is_member", caller)
 
 
 def roc(scores: np.ndarray, is_member: np.ndarray) -> RocResult:

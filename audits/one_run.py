@@ -13,6 +13,7 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
+from .attacks import _finite_scores, _membership_labels
 from .bounds import _check_count, _check_delta_confidence
 
 
@@ -67,7 +68,7 @@ def one_run_epsilon(m: int, r: int, v: int, delta: float = 0.0, confidence: floa
 
 def abstaining_guesses(scores: np.ndarray, k_plus: int, k_minus: int) -> np.ndarray:
     """Guess +1 (included) for the k₊ highest scores, −1 for the k₋ lowest, 0 (abstain) else."""
-    scores = np.asarray(scores, dtype=float)
+    scores = _finite_scores(scores, "abstaining_guesses")
     if k_plus + k_minus > scores.size:
         raise ValueError(f"abstaining_guesses: k_plus + k_minus = {k_plus + k_minus} > {scores.size} canaries")
     order = np.argsort(scores, kind="stable")
@@ -83,15 +84,20 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, delta: float = 0.0, 
                   guess_fractions: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
     """ε̂ from one run: higher score = more likely included; ``included`` the true bits.
 
+    ``scores`` must be finite; ``included`` booleans or 0 / 1 (for the paper's ±1 form pass
+    ``included > 0``); otherwise a ValueError.
+
     k (guesses on each side) is chosen over ``guess_fractions`` after seeing the result, so
     the confidence level is split over the grid (union bound): each k is tested at
     1 − (1 − confidence)/len(grid), which keeps the overall statement at ``confidence``.
     k = max(1, ⌊frac·m/2⌋), so 2k ≤ m guesses (rounding up would exceed m when m is odd).
     """
-    scores, included = np.asarray(scores, float), np.asarray(included, bool)
+    scores, included = np.asarray(scores, float), np.asarray(included)
     if scores.ndim != 1 or included.shape != scores.shape:
         raise ValueError("one_run_audit: scores and included must be 1-D arrays of the same length (one per "
                          f"canary), got shapes {scores.shape} and {included.shape}")
+    scores, included = _finite_scores(scores, "one_run_audit"), _membership_labels(included, "included",
+                                                                                     "one_run_audit")
     if scores.size < 2:
         raise ValueError(f"one_run_audit: need at least 2 canaries (one guess on each side), got {scores.size}; "
                          "use more canaries")

@@ -92,3 +92,27 @@ def test_mismatched_inputs_are_named():
         lira_scores(np.zeros(5), np.zeros((4, 5)), np.zeros((4, 1)))
     with pytest.raises(ValueError, match="both members and non-members"):
         best_threshold([], [])
+
+
+def test_plus_minus_one_labels_are_refused():
+    # ±1 labels were cast to bool: all members, so counts_at_threshold gave tn = fp = 0 and roc raised
+    # "need both members and non-members"; now the ±1 form is named with its conversion
+    scores, labels = np.arange(6.0), np.array([1, -1, 1, -1, 1, -1])
+    for f in (lambda: roc(scores, labels), lambda: counts_at_threshold(scores, labels, 2.0),
+              lambda: best_threshold(scores, labels)):
+        with pytest.raises(ValueError, match=r"is_member looks like the ±1 convention.*`is_member > 0`"):
+            f()
+    with pytest.raises(ValueError, match="is_member must be booleans or 0 / 1"):
+        roc(scores, [0, 1, 2, 0, 1, 0])
+    assert counts_at_threshold(scores, labels > 0, 2.0) == counts_at_threshold(scores, (labels > 0).astype(int), 2.0)
+
+
+def test_non_finite_scores_are_refused():
+    labels = np.arange(6) % 2 == 0
+    for bad in (np.nan, np.inf):
+        scores = np.arange(6.0)
+        scores[1] = bad
+        for name, f in (("roc", roc), ("best_threshold", best_threshold),
+                        ("counts_at_threshold", lambda s, y: counts_at_threshold(s, y, 2.0))):
+            with pytest.raises(ValueError, match=rf"{name}: 1 of 6 scores are not finite .* indices \[1\]"):
+                f(scores, labels)

@@ -86,3 +86,31 @@ def test_counts_must_be_ordered():
     with pytest.raises(ValueError, match="v <= r <= m"):
         one_run_p_value(1.0, 3, 4, 2)
     assert one_run_epsilon(10.0, 4.0, 4.0) == one_run_epsilon(10, 4, 4)  # integral floats are counts
+
+
+def test_plus_minus_one_inclusion_bits_are_refused_with_the_conversion():
+    # S ∈ {−1, +1}^m as in Steinke et al. was cast to bool: every canary "included", every −1 guess wrong, ε̂ = 0
+    rng = np.random.default_rng(0)
+    s = np.where(rng.random(200) < 0.5, 1, -1)
+    scores = s + rng.normal(0, 0.1, 200)
+    with pytest.raises(ValueError, match=r"included looks like the ±1 convention.*`included > 0`"):
+        one_run_audit(scores, s)
+    with pytest.raises(ValueError, match="included must be booleans or 0 / 1"):
+        one_run_audit(scores, s * 2)
+    res = one_run_audit(scores, s > 0)
+    assert res["epsilon"] > 2.0
+    assert one_run_audit(scores, (s > 0).astype(int)) == res  # 0 / 1 is the same as bool
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_refused(bad):
+    # NaN sorted last, i.e. as the most member-like canary: a diverged model gave a number with no warning
+    included = np.arange(10) % 2 == 0
+    scores = np.arange(10.0)
+    scores[[3, 7]] = bad
+    with pytest.raises(ValueError, match=r"one_run_audit: 2 of 10 scores are not finite .* indices \[3, 7\]"):
+        one_run_audit(scores, included)
+    with pytest.raises(ValueError, match="one_run_audit: 10 of 10 scores are not finite"):
+        one_run_audit(np.full(10, np.nan), np.ones(10, bool))
+    with pytest.raises(ValueError, match="abstaining_guesses: 2 of 10 scores are not finite"):
+        abstaining_guesses(scores, 1, 1)
