@@ -207,9 +207,12 @@ def split_threshold_intervals(scores: np.ndarray, is_in: np.ndarray, delta: floa
 def canary_logit_confidence(model: nn.Module, canaries: TensorDataset) -> np.ndarray:
     """LiRA's statistic per canary: φ = log(p_y / (1 − p_y)) of the true label."""
     x, y = canaries.tensors
+    was_training = model.training
     model.eval()
-    p = torch.softmax(model(x).double(), 1).gather(1, y[:, None]).squeeze(1).numpy()
-    model.train()
+    try:
+        p = torch.softmax(model(x).double(), 1).gather(1, y[:, None]).squeeze(1).numpy()
+    finally:
+        model.train(was_training)
     return logit_confidence(p)
 
 

@@ -195,3 +195,27 @@ def test_canaries_of_token_id_data_are_ids():
         return model, priv.epsilon_spent(), priv.plan.delta
 
     assert run_canary_audit(train, base, m=8).canaries == 8
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_canary_logit_confidence_keeps_the_model_mode(training):
+    """canary_logit_confidence left every model in train mode (canary_scores restored it)."""
+    from audits.canary import canary_logit_confidence
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    model.train(training)
+    phi = canary_logit_confidence(model, make_canaries(5, 4, n_classes=3))
+    assert phi.shape == (5,) and model.training is training and model[1].training is training
+
+
+def test_canary_logit_confidence_restores_the_mode_when_the_model_fails():
+    from audits.canary import canary_logit_confidence
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = Broken().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        canary_logit_confidence(model, make_canaries(2, 4))
+    assert model.training
