@@ -26,7 +26,8 @@ from .attacks import best_threshold, counts_at_threshold, lira_scores, logit_con
 from .bounds import epsilon_interval
 from .one_run import one_run_audit
 
-#: train_fn(train_set, seed) -> (trained model, claimed ε, δ)
+#: train_fn(train_set, seed) -> (trained model, claimed ε, δ); the claimed ε should be an upper bound
+#: (e.g. the PRV accountant's upper end, which make_private's epsilon_spent() reports by default)
 TrainFn = Callable[[TensorDataset, int], tuple[nn.Module, float, float]]
 
 
@@ -79,7 +80,10 @@ class AuditResult:
     @property
     def violated(self) -> bool:
         """True if the one-run lower bound (Steinke et al. 2023, valid at its confidence for one training
-        run) exceeds that run's claimed ε: the claim is refuted. The threshold-test intervals pool
+        run) exceeds that run's claimed ε: the claim is refuted at that confidence, i.e. a correct run is
+        flagged with probability at most 1 − confidence (5 % at the default 95 %). The claimed ε should be
+        an upper bound on the run's ε (make_private_trainer reports the PRV accountant's upper bound, not its
+        estimate), so accounting error does not count against the run. The threshold-test intervals pool
         canaries that share a model as if independent (Clopper–Pearson) or are estimates (Bayesian),
         so they never decide the verdict."""
         return self.one_run["epsilon"] > self.theoretical_epsilon
@@ -98,7 +102,9 @@ class AuditResult:
         if self.roc:
             lines.append(f"  attack AUC {self.roc['auc']:.3f}, TPR at FPR 1 % {self.roc['tpr_at_fpr_1%']:.3f}, "
                          f"at 0.1 % {self.roc['tpr_at_fpr_0.1%']:.3f}")
-        lines.append("  verdict: " + ("EMPIRICAL ε EXCEEDS THE CLAIM — the training is not as private as claimed"
+        confidence = f"{100 * self.one_run.get('confidence', 0.95):.6g} %"
+        lines.append("  verdict: " + (f"EMPIRICAL ε EXCEEDS THE CLAIMED ε at {confidence} confidence "
+                                      "(one-run audit): evidence that the training is less private than claimed"
                                       if self.violated else "consistent with the claimed ε (a lower bound below it)"))
         return "\n".join(lines)
 
@@ -243,7 +249,11 @@ def run_lira_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, shadows
 def make_private_trainer(eps: float = 3.0, epochs: int = 30, hidden: int = 0, lr: float = 0.25,
                          batch_size: int = 128, delta: float | None = None) -> TrainFn:
     """A ``TrainFn`` that trains through ``dptrain.make_private`` (the public API only);
-    ``delta=None`` keeps make_private's default."""
+    ``delta=None`` keeps make_private's default.
+
+    The claimed ε it returns is ``epsilon_spent()`` under the default PRV accountant, which is the
+    accountant's upper bound on ε (not its point estimate).
+    """
     import dptrain
 
     def train(data: TensorDataset, seed: int) -> tuple[nn.Module, float, float]:

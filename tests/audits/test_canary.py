@@ -197,6 +197,34 @@ def test_canaries_of_token_id_data_are_ids():
     assert run_canary_audit(train, base, m=8).canaries == 8
 
 
+def test_verdict_states_its_confidence():
+    """The verdict was 'the training is not as private as claimed', a certainty; it is a test at the one-run
+    bound's confidence, which a correct run fails with probability up to 1 − confidence."""
+    one_run = {"epsilon": 2.0, "r": 10, "v": 10, "m": 20, "k": 5, "confidence": 0.95}
+    text = AuditResult(1.0, 1e-5, one_run).to_text()
+    verdict = text.splitlines()[-1]
+    assert "EXCEEDS" in verdict and "at 95 % confidence" in verdict
+    assert "evidence that the training is less private than claimed" in verdict
+    assert "not as private as claimed" not in text
+    one_run["confidence"] = STRICT
+    assert "at 99.9999 % confidence" in AuditResult(1.0, 1e-5, one_run).to_text().splitlines()[-1]
+
+
+def test_make_private_trainer_claims_the_accountants_upper_bound(monkeypatch):
+    """The verdict compares the empirical lower bound with the claimed ε; make_private_trainer's claim is the
+    PRV accountant's upper bound on ε (above its estimate), so accounting error never counts against a run."""
+    from torch.utils.data import TensorDataset
+
+    made = []
+    make_private = dptrain.make_private
+    monkeypatch.setattr(dptrain, "make_private", lambda *a, **k: made.append(make_private(*a, **k)) or made[-1])
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g))
+    _, claimed, delta = make_private_trainer(eps=1.0, epochs=1, batch_size=16)(data, 0)
+    low, estimate, upper = made[0].ledger.epsilon_bounds(delta)
+    assert claimed == upper and estimate < upper
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_canary_logit_confidence_keeps_the_model_mode(training):
     """canary_logit_confidence left every model in train mode (canary_scores restored it)."""
