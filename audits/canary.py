@@ -153,6 +153,14 @@ def run_canary_audit(train_fn: TrainFn, base: TensorDataset, m: int = 200, runs:
 
     ``confidence`` is that of the one-run bound (on the first run); the held-out-threshold
     intervals are at 95 %.
+
+    Each run trains on ``base`` plus the canaries drawn in, so N = |base| + (number included)
+    varies between runs, and whatever ``train_fn`` derives from N varies with it: with
+    :func:`make_private_trainer`, the sample rate q = batch_size / N, the number of steps, the
+    default δ = 1/N^1.1 and the σ calibrated to the target ε. Neighbouring canary sets are
+    therefore trained with slightly different settings, and each run's claimed ε is computed for
+    its own N, i.e. treating N as public, as Opacus-based audits do. At these sizes (m canaries,
+    half of them drawn in, against |base| examples) the difference is small.
     """
     rng = np.random.default_rng(seed)
     canaries = _canaries_like(base, m, seed, canary_scale)
@@ -252,7 +260,10 @@ def make_private_trainer(eps: float = 3.0, epochs: int = 30, hidden: int = 0, lr
     ``delta=None`` keeps make_private's default.
 
     The claimed ε it returns is ``epsilon_spent()`` under the default PRV accountant, which is the
-    accountant's upper bound on ε (not its point estimate).
+    accountant's upper bound on ε (not its point estimate). The sample rate batch_size / N, the
+    steps (``epochs`` passes at that rate), the default δ = 1/N^1.1 and the calibrated σ all follow
+    from N, the size of the data it is given: in a canary audit N includes the canaries drawn in,
+    so they differ slightly between runs (see :func:`run_canary_audit`).
     """
     import dptrain
 
