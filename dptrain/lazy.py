@@ -42,7 +42,7 @@ from .lazy_clip import TABLE_TYPES, LazyPlans, SparseClippedBatch, sparse_clip_a
 from .lazy_tables import LazyTables
 from .optimizer import DPOptimizer
 from .private import PrivateTraining, _unpack
-from .run_probe import probe_tolerance
+from .run_probe import modes_restored, probe_tolerance
 
 #: under mechanism="dpsgd", a table with at least this many rows switches training to lazy noise
 AUTO_MIN_ROWS = 100_000
@@ -228,14 +228,11 @@ class LazyPrivateTraining(PrivateTraining):
         assert self.loader is not None and self.clipping is not None
         x, y = _unpack(self.loader.batch(torch.arange(min(4, len(dataset)))))
         x, y = self._to_device(x, y)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with modes_restored(self.model):
+            self.model.eval()
             together = sparse_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping)
             alone = [sparse_clip_and_sum(self.model, self.loss_fn, _index(x, i), y[i:i + 1], self.clipping)
                      for i in range(int(y.shape[0]))]
-        finally:
-            self.model.train(was_training)
         rtol = probe_tolerance(self.model, 1e-3)
         for name, value in together.dense.items():
             if not torch.allclose(sum(a.dense[name] for a in alone), value, atol=0.1 * rtol, rtol=rtol):

@@ -6,6 +6,8 @@ clipping and config).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +29,19 @@ def probe_tolerance(model: torch.nn.Module, floor: float) -> float:
     return max([floor] + [4 * e for e in eps])
 
 
+@contextmanager
+def modes_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every module's own train/eval flag on exit. ``model.train(was_training)`` would set every
+    submodule to the top-level mode, turning back on a layer the user keeps in eval mode on purpose
+    (a frozen normaliser using its stored statistics, dropout switched off)."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
 class Probing:
     """The probe methods of :class:`dptrain.private.PrivateTraining`."""
 
@@ -43,9 +58,8 @@ class Probing:
 
         x, y = _unpack(self.loader.batch(torch.arange(min(4, len(dataset)))))  # type: ignore[arg-type]
         x, y = self._to_device(x, y)
-        was_training = self.model.training
-        self.model.eval()  # same dropout masks (none) on both paths
-        try:
+        with modes_restored(self.model):
+            self.model.eval()  # same dropout masks (none) on both paths
             try:
                 ref = clip_and_sum(self.model, self.loss_fn, x, y, self.clipping, method="vmap" if
                                    choose_method(self.model) == "vmap" else "loop")
@@ -56,8 +70,6 @@ class Probing:
                     "no .item() calls) and that the loss_fn takes (output, target).") from exc
             fast = (ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping) if self.config.engine == "auto"
                     else None)  # engine="vmap" / "loop": the fast path is not used, the losses are compared
-        finally:
-            self.model.train(was_training)
         fix = ("so per-example clipping would not bound each example's influence. Remove batch-level operations "
                "(batch statistics, normalisation over dim 0) from forward().")
         if fast is not None:
@@ -79,12 +91,10 @@ class Probing:
         """Per-example losses of one batched forward in eval mode (None where they cannot be formed)."""
         from .ghost import per_example_losses
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return per_example_losses(self.loss_fn, self.model(*_as_tuple(x)), y).reshape(-1)
-        except Exception:  # noqa: BLE001 - a model the batched forward cannot run gives no evidence either way
-            return None
-        finally:
-            self.model.train(was_training)
+        with modes_restored(self.model):
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    return per_example_losses(self.loss_fn, self.model(*_as_tuple(x)), y).reshape(-1)
+            except Exception:  # noqa: BLE001 - a model the batched forward cannot run gives no evidence either way
+                return None
