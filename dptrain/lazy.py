@@ -42,7 +42,7 @@ from .lazy_clip import TABLE_TYPES, LazyPlans, SparseClippedBatch, sparse_clip_a
 from .lazy_tables import LazyTables
 from .optimizer import DPOptimizer
 from .private import PrivateTraining, _unpack
-from .run_probe import modes_restored, probe_tolerance
+from .run_probe import TRAIN_MODE_MIXING, mixes_in_training_mode, modes_restored, probe_tolerance
 
 #: under mechanism="dpsgd", a table with at least this many rows switches training to lazy noise
 AUTO_MIN_ROWS = 100_000
@@ -222,7 +222,8 @@ class LazyPrivateTraining(PrivateTraining):
                            "non-private update); use priv.step(x, y)")
 
     def _probe(self, dataset: Any) -> None:
-        """Lazy path: the batched book-keeping pass must give each example the gradient it gets alone."""
+        """Lazy path: the batched book-keeping pass must give each example the gradient it gets alone (in eval
+        mode), and its values in training mode must not mix examples (:func:`mixes_in_training_mode`)."""
         if not self.lazy:
             return super()._probe(dataset)
         assert self.loader is not None and self.clipping is not None
@@ -244,6 +245,9 @@ class LazyPrivateTraining(PrivateTraining):
                 ref.index_add_(0, torch.searchsorted(rows, r), v)
             if not torch.allclose(ref, vals, atol=0.1 * rtol, rtol=rtol):
                 raise _mixing_error(name)
+        if mixes_in_training_mode(self.model, self.loss_fn, x, y, probe_tolerance(self.model, 1e-4)):
+            from .errors import UnsupportedModuleError
+            raise UnsupportedModuleError(TRAIN_MODE_MIXING)  # the batched book-keeping forward would mix them
 
     # ------------------------------------------------------------------ training
     def backward(self, inputs: Any, targets: torch.Tensor) -> float:

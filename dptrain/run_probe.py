@@ -1,5 +1,6 @@
 """The attach probe of a private run: before step 1, per-example gradients must be computable and
-independent per example (a forward that mixes examples is refused).
+independent per example (a forward that mixes examples is refused), in eval mode and, by the values of
+the batched forward, in training mode.
 
 Part of :class:`dptrain.private.PrivateTraining` (a mixin: it uses the run's model, loss, loader,
 clipping and config).
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from .clipping import clip_and_sum
@@ -42,6 +44,95 @@ def modes_restored(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
+#: random layers switched to eval for the training-mode check (their masks would differ between the two forwards)
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+TRAIN_MODE_MIXING = (
+    "the model's forward mixes examples within a batch in training mode (changing one example changes the "
+    "other examples' losses, e.g. through batch statistics computed without gradient, such as "
+    "`with torch.no_grad(): mu = x.mean(0)` under `if self.training`), so per-example clipping would not bound "
+    "each example's influence. Remove batch-level operations from forward(); for BatchNorm use "
+    "`model = dptrain.fix(model)`. (A layer that mixes only in training mode may be kept in eval mode: "
+    "call layer.eval() after model.train(), before attach.)")
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Put every buffer back on exit, the tensor object and its values (a forward may update or replace one)."""
+    saved = [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, k, b, values in saved:
+                m._buffers[k] = b
+                b.copy_(values)
+
+
+def _change_first(xs: tuple[torch.Tensor, ...], b: int) -> tuple[torch.Tensor, ...] | None:
+    """The inputs with example 0 changed and still valid (None if nothing could be changed): float inputs
+    x0 → −3·x0 + 5; integer inputs (token ids, indices) take another example's values, or (x0 + 1) mod
+    (max + 1) if every example has the same; boolean inputs (masks) are kept."""
+    out, changed = [], False
+    for t in xs:
+        if t.dim() == 0 or t.shape[0] != b or t.dtype == torch.bool or t.numel() == 0:
+            out.append(t)
+            continue
+        new = t.clone()
+        if t.is_floating_point() or t.is_complex():
+            new[0] = -3 * t[0] + 5
+        else:
+            other = next((k for k in range(1, b) if not torch.equal(t[k], t[0])), None)
+            if other is not None:
+                new[0] = t[other]
+            elif int(t.max()) >= 0:
+                new[0] = torch.remainder(t[0] + 1, int(t.max()) + 1)
+        changed = changed or not torch.equal(new, t)
+        out.append(new)
+    return tuple(out) if changed else None
+
+
+def mixes_in_training_mode(model: nn.Module, loss_fn: Any, x: Any, y: torch.Tensor, rtol: float,
+                           seed: int = 0) -> bool:
+    """True if, in training mode, changing example 0 of the batched forward changes another example's loss.
+
+    The eval-mode probe cannot see mixing that happens only in training mode, and the fast path's row
+    check compares gradients only, so a batch statistic computed without gradient (``with torch.no_grad():
+    mu = x.mean(0)`` under ``if self.training``) passed both. Two forwards under ``torch.no_grad()`` — the
+    batch as is, and with example 0 changed (:func:`_change_first`) — are compared on the losses of
+    examples 1.. . The modes are those the user set (a layer kept in eval mode stays so) if the model is
+    in training mode, else those ``model.train()`` sets (training would call it); dropout-family layers
+    are put in eval mode, and both forwards run from the same RNG seed, so any other randomness (functional
+    dropout in a custom forward) draws the same numbers in both; each forward starts from the buffers as
+    they were, which are put back afterwards, as are the modes and the RNG state. A forward that fails
+    gives no evidence (False), as in the eval-mode probe.
+    """
+    from .ghost import per_example_losses
+
+    xs = _as_tuple(x)
+    b = int(y.shape[0])
+    changed = _change_first(xs, b) if b >= 2 else None
+    if changed is None:
+        return False
+    tensors = list(model.parameters()) + list(model.buffers()) + list(xs)
+    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    with modes_restored(model), torch.random.fork_rng(devices=cuda), torch.no_grad():
+        if not model.training:
+            model.train()
+        for m in model.modules():
+            if isinstance(m, DROPOUT_TYPES):
+                m.eval()
+        try:
+            losses = []
+            for inputs in (xs, changed):
+                with _buffers_restored(model):  # both forwards from the same state (a running statistic)
+                    torch.manual_seed(seed)
+                    losses.append(per_example_losses(loss_fn, model(*inputs), y).reshape(-1)[1:].float())
+        except Exception:  # noqa: BLE001 - a model the batched forward cannot run gives no evidence either way
+            return False
+    return not torch.allclose(losses[0], losses[1], atol=0.1 * rtol, rtol=rtol, equal_nan=True)
+
+
 class Probing:
     """The probe methods of :class:`dptrain.private.PrivateTraining`."""
 
@@ -51,7 +142,9 @@ class Probing:
         The torch.func engine evaluates each example alone, so it cannot see other examples.
         The book-keeping fast path runs one batched forward; if the model mixes examples
         there (batch statistics, ``x - x.mean(0)``, …) the two disagree, and clipping would
-        not bound an example's influence — that is refused.
+        not bound an example's influence — that is refused. The comparison runs in eval mode; with
+        the fast path (engine "auto"), :func:`mixes_in_training_mode` also checks the batched forward's
+        values in training mode (the vmap / loop engines evaluate each example alone).
         """
         assert self.loader is not None and self.clipping is not None
         from .ghost import ghost_clip_and_sum
@@ -86,6 +179,9 @@ class Probing:
                 raise UnsupportedModuleError(
                     "the model's forward mixes examples within a batch (the per-example losses differ when "
                     f"examples are processed together than one by one), {fix}")
+        if self.config.engine == "auto" and mixes_in_training_mode(self.model, self.loss_fn, x, y,
+                                                                   probe_tolerance(self.model, 1e-4)):
+            raise UnsupportedModuleError(TRAIN_MODE_MIXING)  # the fast path's batched forward would mix them
 
     def _batched_losses(self, x: Any, y: torch.Tensor) -> torch.Tensor | None:
         """Per-example losses of one batched forward in eval mode (None where they cannot be formed)."""

@@ -62,3 +62,151 @@ def test_lazy_attach_keeps_every_module_mode(top):
     priv.attach(_rec_data(), batch_size=10, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(priv, LazyPrivateTraining) and priv.lazy
     assert _modes(model) == before
+
+
+class _Center(nn.Module):
+    """Centres the batch in training mode with a statistic that has no gradient: example i's output depends on
+    every example, yet no gradient says so (the eval-mode probe and the fast path's row check both missed it)."""
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                mu = x.mean(0, keepdim=True)
+            return x - mu
+        return x
+
+
+class _FunctionalDropout(nn.Module):
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, self.training)
+
+
+def _mlp(middle):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), middle, nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_mixing_only_in_training_mode_without_gradient_is_refused_at_attach():
+    priv = dptrain.make_private(_mlp(_Center()), eps=3.0, seed=0)
+    with pytest.raises(dptrain.UnsupportedModuleError, match="mixes examples within a batch in training mode"):
+        priv.attach(_data(), batch_size=20, epochs=1, lr=0.1)
+
+
+def test_training_mode_mixing_is_refused_when_the_model_is_attached_in_eval_mode():
+    """Training calls model.train(): the check runs in the modes it sets."""
+    model = _mlp(_Center()).eval()
+    with pytest.raises(dptrain.UnsupportedModuleError, match="in training mode"):
+        dptrain.make_private(model, eps=3.0, seed=0).attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_layer_kept_in_eval_mode_is_checked_in_eval_mode():
+    model = _mlp(_Center())
+    model[1].eval()
+    priv = dptrain.make_private(model, eps=3.0, seed=0)
+    priv.attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
+    assert model.training and not model[1].training
+
+
+def test_the_vmap_engine_evaluates_each_example_alone_and_is_not_refused():
+    dptrain.make_private(_mlp(_Center()), eps=3.0, seed=0, engine="vmap").attach(_data(), batch_size=20, epochs=1,
+                                                                                 lr=0.1)
+
+
+@pytest.mark.parametrize("middle", [nn.Dropout(0.5), nn.AlphaDropout(0.3), _FunctionalDropout()],
+                         ids=["Dropout", "AlphaDropout", "functional"])
+def test_dropout_passes_the_training_mode_check(middle):
+    model = _mlp(middle)
+    rng = torch.get_rng_state()
+    priv = dptrain.make_private(model, eps=3.0, seed=0)
+    priv.attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    assert torch.equal(torch.get_rng_state(), rng)  # the check's seeded forwards leave the global RNG as it was
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
+    assert all(m.training for m in model.modules())
+
+
+def test_a_buffer_updated_in_the_checks_forward_is_put_back():
+    class Count(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            if self.training:
+                self.n += 1
+            return x
+
+    model = _mlp(Count())
+    dptrain.make_private(model, eps=3.0, seed=0, engine="auto").attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    assert model[1].n.item() == 0
+
+
+class _TwoInputs(nn.Module):
+    """Token ids and a float weight per example (a forward with several inputs)."""
+
+    def __init__(self, center: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.center = _Center() if center else nn.Identity()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, ids, w):
+        return self.out(self.center(self.emb(ids).mean(1) * w[:, None]))
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_several_inputs_with_token_ids(center):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (50, 6), generator=g)
+    data = TensorDataset(ids, torch.rand(50, generator=g), ids[:, 0] % 2)
+    priv = dptrain.make_private(_TwoInputs(center), eps=3.0, seed=0)
+    if center:
+        with pytest.raises(dptrain.UnsupportedModuleError, match="in training mode"):
+            priv.attach(data, batch_size=10, epochs=1, lr=0.1)
+    else:
+        priv.attach(data, batch_size=10, epochs=1, lr=0.1)
+
+
+class _RecWith(_Rec):
+    def __init__(self, middle) -> None:
+        super().__init__()
+        self.mlp[1] = middle
+
+
+@pytest.mark.parametrize("middle,refused", [(_Center(), True), (nn.Dropout(0.5), False),
+                                            (_FunctionalDropout(), False)], ids=["center", "Dropout", "functional"])
+def test_lazy_path_checks_the_training_mode_values(middle, refused):
+    torch.manual_seed(0)
+    model = _RecWith(middle)
+    priv = dptrain.make_private(model, eps=3.0, mechanism="lazy", seed=0, accountant="rdp")
+    attach = lambda: priv.attach(_rec_data(), batch_size=10, epochs=1,  # noqa: E731
+                                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    if refused:
+        with pytest.raises(dptrain.UnsupportedModuleError, match="in training mode"):
+            attach()
+    else:
+        attach()
+        assert priv.lazy
+        priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
+
+
+class _ReadThenUpdate(nn.Module):
+    """A running mean read before it is updated: within a forward no example sees another (not mixing)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(d))
+
+    def forward(self, x):
+        out = x - self.mu
+        if self.training:
+            with torch.no_grad():
+                self.mu.mul_(0.9).add_(0.1 * x.mean(0))
+        return out
+
+
+def test_the_two_forwards_of_the_check_start_from_the_same_buffers():
+    model = _mlp(_ReadThenUpdate(16))
+    dptrain.make_private(model, eps=3.0, seed=0).attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    assert torch.equal(model[1].mu, torch.zeros(16))
