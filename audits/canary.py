@@ -14,8 +14,9 @@ empirical lower bound on ε:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,17 +51,25 @@ def make_canaries(m: int, n_features: int | Sequence[int] = 64, n_classes: int =
     return TensorDataset(scale * signs, torch.randint(0, n_classes, (m,), generator=g))
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode, then every module's own train / eval flag restored (``model.train(was)``
+    would switch a submodule the user keeps in eval mode back to training)."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
 @torch.no_grad()
 def canary_scores(model: nn.Module, canaries: TensorDataset) -> np.ndarray:
     """Membership score of each canary: −cross-entropy loss."""
     x, y = canaries.tensors
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     return -losses.numpy()
 
 
@@ -221,12 +230,8 @@ def split_threshold_intervals(scores: np.ndarray, is_in: np.ndarray, delta: floa
 def canary_logit_confidence(model: nn.Module, canaries: TensorDataset) -> np.ndarray:
     """LiRA's statistic per canary: φ = log(p_y / (1 − p_y)) of the true label."""
     x, y = canaries.tensors
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         p = torch.softmax(model(x).double(), 1).gather(1, y[:, None]).squeeze(1).numpy()
-    finally:
-        model.train(was_training)
     return logit_confidence(p)
 
 

@@ -247,3 +247,15 @@ def test_canary_logit_confidence_restores_the_mode_when_the_model_fails():
     with pytest.raises(RuntimeError, match="boom"):
         canary_logit_confidence(model, make_canaries(2, 4))
     assert model.training
+
+
+@pytest.mark.parametrize("score", ["canary_scores", "canary_logit_confidence"])
+def test_canary_scores_keep_each_submodule_mode(score):
+    """They restored only the top-level mode (model.train(was)), switching a dropout layer the user keeps
+    in eval mode back to training."""
+    import audits.canary as canary
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).train()
+    model[1].eval()
+    getattr(canary, score)(model, make_canaries(5, 4, n_classes=3))
+    assert model.training and model[0].training and not model[1].training

@@ -284,7 +284,8 @@ def test_reattaching_switches_between_lazy_and_eager_consistently():
     with pytest.warns(UserWarning, match="dense noise on every row"):
         attach(torch.optim.Adam(model.parameters()))
     assert not priv.lazy and priv.tables is None and priv.table_optimizer is None
-    assert bool((model.user.weight != init).all())  # flushed at the switch: every row has step 1's noise
+    # flushed at the switch: every row has step 1's noise (per row: one coordinate's tiny draw may round away)
+    assert bool((model.user.weight != init).any(1).all())
     assert not model._forward_pre_hooks and not model.user._forward_pre_hooks  # no lazy hooks left
     priv.step(*_chosen(priv, 5))
     attach(torch.optim.SGD(model.parameters(), lr=0.1))  # and back to lazy
