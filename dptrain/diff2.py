@@ -35,9 +35,9 @@ from mechanisms.diff2 import Diff2Config, Diff2Mechanism, calibrate_diff2
 
 from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError, UnsupportedModuleError
+from .errors import BudgetExceededError, PrivacyConfigError
 from .private import default_delta
-from .run_guards import check_precision
+from .run_guards import StateGuard, check_precision
 from .validation import validate
 
 LEVELS = ("example", "client")
@@ -80,44 +80,6 @@ def _parameters_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterato
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
-
-
-class _BufferGuard:
-    """The model's buffers before the forwards of one round; :meth:`check` refuses (and undoes) any change.
-
-    DIFF2 releases the model with its buffers, and noise reaches the trainable parameters only: a buffer
-    that a forward updates from the data (a running statistic of a custom module) would be released
-    un-noised. :func:`validate` refuses the known such modules (BatchNorm, InstanceNorm with running
-    stats) when the trainer is built; this catches the others at their first update, in place (version
-    counter) or by reassignment.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.slots = [(m, name, b, b._version, b.detach().clone()) for m in model.modules()
-                      for name, b in m._buffers.items() if b is not None]
-
-    def check(self) -> None:
-        now = {(id(m), name) for m in self.model.modules() for name, b in m._buffers.items() if b is not None}
-        if (now == {(id(m), name) for m, name, *_ in self.slots}
-                and all(m._buffers[name] is b and b._version == v for m, name, b, v, _ in self.slots)):
-            return
-        changed = [name for m, name, b, v, _ in self.slots if m._buffers.get(name) is not b or b._version != v]
-        with torch.no_grad():  # undo the update: the buffers hold the data's statistics now
-            for m, name, b, v, saved in self.slots:
-                if b._version != v:
-                    b.copy_(saved)
-                m._buffers[name] = b
-            known = {(id(m), name) for m, name, *_ in self.slots}
-            for m in self.model.modules():
-                for name in [n for n, b in m._buffers.items() if b is not None and (id(m), n) not in known]:
-                    changed.append(name)
-                    del m._buffers[name]
-        raise UnsupportedModuleError(
-            f"DIFF2: the model's forward updated its buffers ({', '.join(sorted(set(changed)))}) from the training "
-            "data; buffers are released with the model and receive no noise, so they are refused at both levels. "
-            "Use modules that keep no statistics of their inputs (dptrain.fix(model) replaces BatchNorm / "
-            "InstanceNorm).")
 
 
 class Diff2Trainer:
@@ -207,7 +169,9 @@ class Diff2Trainer:
             return total
         clip = ClippingConfig(threshold)
         unit_grads = self._example_grads if self.level == "example" else self._client_grad
-        buffers = _BufferGuard(self.model)
+        # DIFF2 releases the model with its buffers, and noise reaches the trainable parameters only: a forward
+        # that updates a buffer from the data is refused, and the update undone (both levels)
+        buffers = StateGuard(self.model, "DIFF2", parameters=False)
         cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for c, (x, y) in enumerate(self.clients):
             parts = iter_chunks(x, y, self.chunk_size) if self.level == "example" else [((x,), y)]

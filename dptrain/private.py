@@ -194,7 +194,8 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
         self._trainable_ids = {id(p) for p in trainable_parameters(self.model).values()}
         self.optimizer = self._private_optimizer(optimizer, lr, mechanism, expected_batch)
         self.loader = PoissonLoader(dataset, sampler, steps_per_epoch)
-        self._probe(dataset)
+        with self._state_guard("attach (the probe of per-example gradients)"):
+            self._probe(dataset)
         self._attaches += 1
         self._plan_start = self.steps
         return self.loader

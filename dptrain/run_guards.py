@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .engine import trainable_parameters
-from .errors import BudgetExceededError, PrivacyConfigError, PrivacyError, refuse_step_over_budget
+from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, UnsupportedModuleError,
+                     refuse_step_over_budget)
 from .privacy_config import MF_MECHANISMS, TrainingPlan
 
 
@@ -44,6 +45,135 @@ def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
             "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
             "parameters (model.float(); do not call model.half() / model.bfloat16() on a private model) and "
             "train under torch.autocast(device, dtype=torch.bfloat16).")
+
+
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``, in about half its time (no names are formed)."""
+    out, seen, i = [model], {id(model)}, 0
+    while i < len(out):
+        for child in out[i]._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+        i += 1
+    return out
+
+
+#: a saved buffer: (the buffer, its version counter when it was copied, the copy)
+SavedBuffer = tuple[torch.Tensor, int, torch.Tensor]
+
+
+class StateGuard:
+    """The model's buffers (and parameters) before a pass over private data; :meth:`check` refuses any change
+    the pass made to them, after undoing what can be undone.
+
+    Privacy assumption: only the noised step changes the released model. Buffers are released with it and
+    receive no noise, so a forward that keeps a statistic of its inputs in one (a running mean, an observer's
+    max |x|) would release it in the clear; a forward that writes to a parameter (``Embedding(max_norm=...)``
+    renormalising the rows a batch looked up) releases which rows or values the data touched. A buffer
+    updated in place (its version counter moved), reassigned or newly registered is restored from a copy
+    (or removed) before the refusal; a parameter changed in place cannot be restored (dptrain keeps no
+    copy of the parameters), so the refusal says so.
+
+    Cost per pass: identities and version counters of every buffer and parameter; a buffer's values are
+    copied only when ``saved`` holds no copy of it at its current version (at the first pass, and after
+    something outside the private passes changed it). Writes through ``.data`` bypass the version counter
+    and are not seen.
+    """
+
+    def __init__(self, model: nn.Module, where: str, parameters: bool = True, written: frozenset[int] = frozenset(),
+                 saved: dict[int, SavedBuffer] | None = None) -> None:
+        self.model, self.where, self.parameters, self.written = model, where, parameters, written
+        self.modules = _modules(model)
+        self.state = self._state(self.modules)
+        self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
+        copies: dict[int, SavedBuffer] = {}
+        with torch.no_grad():
+            for _, _, b, v in self.buffers:
+                held = None if saved is None else saved.get(id(b))
+                copies[id(b)] = held if held is not None and held[0] is b and held[1] == v else (b, v, b.detach().clone())
+        if saved is not None:
+            saved.clear()
+            saved.update(copies)
+        self.copies = copies
+
+    def _state(self, modules: list[nn.Module]) -> list[tuple[nn.Module, bool, str, torch.Tensor, int]]:
+        """``(module, is a buffer, name, tensor, version)`` of every buffer (and parameter, unless written by
+        the run itself) of ``modules``."""
+        out = [(m, True, k, b, b._version) for m in modules for k, b in m._buffers.items() if b is not None]
+        if self.parameters:
+            out += [(m, False, k, p, p._version) for m in modules for k, p in m._parameters.items()
+                    if p is not None and id(p) not in self.written]
+        return out
+
+    def check(self) -> None:
+        """Raise :class:`UnsupportedModuleError` if a buffer or parameter changed since construction (the
+        buffers restored first)."""
+        modules = _modules(self.model)
+        now = self._state(modules)
+        if len(now) == len(self.state) and all(
+                m is m2 and k == k2 and t is t2 and v == v2
+                for (m, _, k, t, v), (m2, _, k2, t2, v2) in zip(self.state, now)):
+            return
+        raise self.refusal(*self.undo(modules))
+
+    def refusal(self, buffers: list, params: list) -> UnsupportedModuleError:
+        """The error naming the changed buffers and parameters (as :meth:`undo` returns them) and the fix."""
+        names = {id(m): n or type(m).__name__ for n, m in self.model.named_modules()}
+        lines = [f"  - module {names.get(id(m), type(m).__name__)!r} ({type(m).__name__}): buffer {k!r} {how}"
+                 for m, k, how in buffers]
+        lines += [f"  - module {names.get(id(m), type(m).__name__)!r} ({type(m).__name__}): parameter {k!r} {how}"
+                  for m, k, how in params]
+        text = [f"{self.where}: the model's forward changed its state while it ran on private data:", *lines] \
+            if lines else [f"{self.where}: the model's forward wrote in place to a tensor the per-example (torch.func) "
+                           "engine holds fixed (a buffer or parameter), which it refused."]
+        if buffers:
+            text.append(
+                "Buffers are released with the model and receive no noise, so a statistic of the data kept in one "
+                "would leave in the clear; the change was undone. Fix: keep no statistics of the data in buffers "
+                "(compute them from public data outside the model, or store a constant that forward only reads); "
+                "BatchNorm / InstanceNorm: model = dptrain.fix(model).")
+        if params:
+            text.append(
+                "Parameters may change only in the noised step; a write to one in forward (Embedding(max_norm=...) "
+                "renormalising the rows a batch looked up, a weight clamped in place) releases what the data "
+                "touched. This write could not be undone: do not release or keep training this model; restart from "
+                "a copy taken before. Fix: remove the in-place write from forward (drop max_norm; renormalise or "
+                "clip outside the model).")
+        if not buffers and not params:
+            text.append("Buffers are released with the model without noise, and parameters change only in the "
+                        "noised step. Fix: keep no statistics of the data in buffers and write to no parameter in "
+                        "forward (Embedding: drop max_norm); BatchNorm / InstanceNorm: model = dptrain.fix(model).")
+        return UnsupportedModuleError("\n".join(text))
+
+    def undo(self, modules: list[nn.Module] | None = None) -> tuple[list, list]:
+        """Put back every buffer as it was (values, identity; buffers added since are removed) and every
+        parameter's identity; return the changed ``(module, name, how)`` of buffers and of parameters."""
+        modules = _modules(self.model) if modules is None else modules
+        buffers, params = [], []
+        with torch.no_grad():
+            for m, k, b, v in self.buffers:
+                now = m._buffers.get(k)
+                if now is not b:
+                    buffers.append((m, k, "was reassigned" if now is not None else "was removed"))
+                    m._buffers[k] = b
+                if b._version != v:
+                    if now is b:
+                        buffers.append((m, k, "was updated in place"))
+                    b.copy_(self.copies[id(b)][2])
+            known = {(id(m), k) for m, k, _, _ in self.buffers}
+            for m in modules:
+                for k in [k for k, b in m._buffers.items() if b is not None and (id(m), k) not in known]:
+                    buffers.append((m, k, "was registered"))
+                    del m._buffers[k]
+            for m, k, p, v in [(m, k, p, v) for m, is_buffer, k, p, v in self.state if not is_buffer]:
+                now = m._parameters.get(k)
+                if now is not p:
+                    params.append((m, k, "was reassigned (put back)"))
+                    m._parameters[k] = p
+                if p._version != v:
+                    params.append((m, k, "was changed in place"))
+        return buffers, params
 
 
 class Guards:
@@ -123,7 +253,8 @@ class Guards:
         rows = _rows(inputs, targets)
         position = None if rows is None else self.loader.find(rows)
         if position is not None:
-            yield
+            with self._state_guard("step"):
+                yield
             self.loader.use(position)
             return
         raise PrivacyError(
@@ -131,6 +262,33 @@ class Guards:
             "DataLoader is not Poisson-sampled at q and would not be covered by ε. Got a batch of "
             f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
             "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
+
+    @contextlib.contextmanager
+    def _state_guard(self, where: str) -> Iterator[None]:
+        """The block runs the model on private data: it must leave the buffers and parameters as they were
+        (:class:`StateGuard`; refused with the buffers restored). If the block raises, the buffers are put
+        back and its exception goes on."""
+        saved = self.__dict__.setdefault("_saved_buffers", {})
+        guard = StateGuard(self.model, where, written=self._written_in_forward(), saved=saved)
+        try:
+            yield
+        except BaseException as exc:
+            buffers, params = guard.undo()
+            if not isinstance(exc, Exception):  # an interrupt goes on as it is (the buffers put back)
+                raise
+            if buffers or params:
+                raise guard.refusal(buffers, params) from exc
+            if isinstance(exc, RuntimeError) and "mutate a captured Tensor" in str(exc):
+                raise guard.refusal([], []) from exc  # torch.func refused the write before it happened
+            raise
+        guard.check()
+
+    def _written_in_forward(self) -> frozenset[int]:
+        """Ids of parameters the run itself writes to during a forward: the tables of a lazy run
+        (:mod:`dptrain.lazy`), whose forward pre-hooks catch up their rows' pending noise."""
+        if not getattr(self, "lazy", False):
+            return frozenset()
+        return frozenset(id(m.weight) for m in getattr(self, "table_modules", {}).values())
 
     def _check_trainable(self, trainable: set[int], params: dict[str, nn.Parameter]) -> None:
         """The trainable parameters (``params``, their ids ``trainable``) must be those the optimizer noises

@@ -1,0 +1,152 @@
+"""The per-step state guard: a forward over private data must leave the model's buffers and parameters alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dptrain
+from dptrain.errors import UnsupportedModuleError
+
+
+class BufferNet(nn.Module):
+    """A registered buffer that forward only reads, and a frozen parameter next to trainable ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 5))
+        self.frozen = nn.Linear(5, 5)
+        self.frozen.requires_grad_(False)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.frozen(x * self.scale)))
+
+
+def _data(n=120, d=5, seed=0, outlier=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    if outlier is not None:
+        x[17] = outlier
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+class _Observer(nn.Module):
+    """Keeps the largest |x| seen in training (as a quantisation observer does): in place, or by assignment
+    in every mode."""
+
+    def __init__(self, assign: bool = False) -> None:
+        super().__init__()
+        self.assign = assign
+        self.register_buffer("max_abs", torch.zeros(()))
+
+    def forward(self, x):
+        if self.assign:
+            self.max_abs = torch.maximum(self.max_abs, x.detach().abs().amax())
+        elif self.training:
+            with torch.no_grad():
+                self.max_abs.copy_(torch.maximum(self.max_abs, x.abs().amax()))
+        return x
+
+
+class _Seq(nn.Module):
+    """[B, 5] → a GRU over 5 steps of width 1 (so the loop engine is chosen) or a Linear."""
+
+    def __init__(self, rnn: bool) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(1, 4, batch_first=True) if rnn else None
+        self.fc = nn.Linear(4 if rnn else 5, 2)
+
+    def forward(self, x):
+        if self.rnn is not None:
+            return self.fc(self.rnn(x.unsqueeze(-1))[0][:, -1])
+        return self.fc(x)
+
+
+def _attached(model, engine="auto", clipping="flat", data=None):
+    priv = dptrain.make_private(model, eps=1.0, seed=0, engine=engine, clipping=clipping)
+    priv.attach(_data() if data is None else data, batch_size=24, epochs=1,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    return priv
+
+
+@pytest.mark.parametrize("engine, rnn, clipping", [("auto", False, "flat"), ("auto", True, "flat"),
+                                                   ("loop", False, "flat"), ("vmap", False, "flat"),
+                                                   ("auto", False, "quantile")])
+def test_a_buffer_updated_in_forward_is_refused_at_the_step_and_restored(engine, rnn, clipping):
+    """An observer's max |x| would have been released in state_dict un-noised (1234.5, the outlier record)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Observer(), _Seq(rnn))
+    priv = _attached(model, engine, clipping, _data(outlier=1234.5))  # the probe runs in eval mode
+    with pytest.raises(UnsupportedModuleError) as info:
+        for x, y in priv.loader:
+            priv.step(x, y)
+    if engine != "vmap":  # torch.func refuses the in-place update of a captured tensor itself
+        assert "module '0' (_Observer): buffer 'max_abs'" in str(info.value)
+        assert "dptrain.fix(model)" in str(info.value)
+    assert model.state_dict()["0.max_abs"].item() == 0.0
+    assert priv.steps == 0
+
+
+def test_a_buffer_reassigned_in_forward_is_refused_at_attach_and_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Observer(assign=True), nn.Linear(5, 2))
+    buffer = model[0].max_abs
+    priv = dptrain.make_private(model, eps=1.0, seed=0)
+    with pytest.raises(UnsupportedModuleError, match="buffer 'max_abs' was reassigned"):
+        priv.attach(_data(outlier=1234.5), batch_size=24, epochs=1)
+    assert model[0].max_abs is buffer and buffer.item() == 0.0
+    assert priv.plan is None  # the attach was undone
+
+
+class _NewBuffer(nn.Module):
+    def forward(self, x):
+        if self.training and not hasattr(self, "seen"):
+            self.register_buffer("seen", x.detach().mean(0))
+        return x
+
+
+def test_a_buffer_registered_in_forward_is_refused_and_removed():
+    model = nn.Sequential(_NewBuffer(), nn.Linear(5, 2))
+    priv = _attached(model)
+    with pytest.raises(UnsupportedModuleError, match="buffer 'seen' was registered"):
+        priv.step(*next(iter(priv.loader)))
+    assert "0.seen" not in model.state_dict()
+
+
+class _Clamp(nn.Module):
+    """Clamps its weight in place in training forwards (data-dependently: only when the input is large)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        if self.training and bool(x.abs().max() > 100):
+            with torch.no_grad():
+                self.fc.weight.clamp_(-0.01, 0.01)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop"])
+def test_a_parameter_written_in_forward_is_refused(engine):
+    model = _Clamp()
+    priv = _attached(model, engine, data=_data(outlier=1234.5))
+    with pytest.raises(UnsupportedModuleError, match=r"module 'fc' \(Linear\): parameter 'weight' was changed in "
+                                                     r"place(.|\n)*could not be undone"):
+        for x, y in priv.loader:
+            priv.step(x, y)
+
+
+def test_a_model_whose_buffers_only_are_read_trains_and_copies_them_once():
+    torch.manual_seed(0)
+    model = BufferNet()
+    priv = _attached(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k == "scale"}
+    copies = []
+    for x, y in priv.loader:
+        priv.step(x, y)
+        copies.append({k: id(c) for k, (_, _, c) in priv._saved_buffers.items()})
+    assert priv.steps > 1 and all(c == copies[0] for c in copies)  # no copy after the first
+    assert torch.equal(model.scale, before["scale"])
