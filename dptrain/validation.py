@@ -15,6 +15,8 @@ from torch import nn
 from .errors import UnsupportedModuleError
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+#: lookups whose max_norm writes to their weight in forward
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def _problem(module: nn.Module) -> str | None:
@@ -24,6 +26,12 @@ def _problem(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
         return (f"{type(module).__name__}(track_running_stats=True) accumulates statistics across examples; "
                 "set track_running_stats=False, or dptrain.fix(model) does it")
+    if isinstance(module, _LOOKUPS) and module.max_norm is not None:
+        return (f"{type(module).__name__}(max_norm={module.max_norm}) renormalises the rows a batch looks up, in "
+                "place, during forward (frozen or not): the released weight would show which rows the private "
+                "examples used, without noise. Set max_norm=None; renormalise the table once before training "
+                "(with torch.no_grad(): w.copy_(torch.renorm(w, 2, 0, max_norm))) or bound the rows outside the "
+                "model")
     return None
 
 
@@ -42,9 +50,12 @@ def validate(model: nn.Module) -> None:
     problems = find_problems(model)
     if problems:
         lines = "\n".join(f"  - {name}: {msg}" for name, msg in problems)
+        fixable = sum(_problem(m) is not None and not isinstance(m, _LOOKUPS) for m in model.modules())
+        fix_line = "" if not fixable else "\nFix: model = dptrain.fix(model)" + (
+            "; the lookups as said above" if fixable < len(problems) else "")
         raise UnsupportedModuleError(
-            f"model has {len(problems)} module(s) incompatible with differentially private training:\n{lines}\n"
-            "Fix: model = dptrain.fix(model)")
+            f"model has {len(problems)} module(s) incompatible with differentially private training:\n{lines}"
+            + fix_line)
 
 
 def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:

@@ -150,3 +150,27 @@ def test_a_model_whose_buffers_only_are_read_trains_and_copies_them_once():
         copies.append({k: id(c) for k, (_, _, c) in priv._saved_buffers.items()})
     assert priv.steps > 1 and all(c == copies[0] for c in copies)  # no copy after the first
     assert torch.equal(model.scale, before["scale"])
+
+
+class _Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.g, self.h = nn.Embedding(50, 8), nn.GRU(8, 8, batch_first=True), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.e.weight.mul_(10)  # rows of norm ≈ 28
+
+    def forward(self, x):
+        return self.h(self.g(self.e(x))[0][:, -1])
+
+
+def test_an_embedding_given_max_norm_after_attach_is_refused_at_the_step_on_the_loop_engine():
+    """validate refuses max_norm; set after attach, the loop engine's forward renormalised the rows the batch
+    looked up, in the weight that is released."""
+    torch.manual_seed(0)
+    model = _Lookup()
+    x = torch.randint(0, 25, (120, 3))
+    priv = _attached(model, data=TensorDataset(x, (x[:, 0] > 12).long()))
+    model.e.max_norm = 1.0
+    with pytest.raises(UnsupportedModuleError, match=r"module 'e' \(Embedding\): parameter 'weight' was changed"):
+        priv.step(*next(iter(priv.loader)))
+    assert priv.steps == 0
