@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from opacus.validators import batch_norm as _opacus_batch_norm
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .errors import UnsupportedModuleError
 
@@ -64,13 +66,23 @@ def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:
     return new if like is None else new.to(device=like.device, dtype=like.dtype)
 
 
+def _with_affine(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` (a GroupNorm over the same C channels) with ``old``'s learned per-channel weight and bias."""
+    if old.affine:
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.bias)
+    return new
+
+
 def _fixed(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm1d):
         # its input may be [B, C] (after a Linear): opacus' GroupNorm(min(32, C), C) would normalise groups of
         # one or two values there (all zeros for C ≤ 32); one group normalises over all features of an example
-        return _placed_like(nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine), module)
+        return _with_affine(_placed_like(nn.GroupNorm(1, module.num_features, eps=module.eps,
+                                                      affine=module.affine), module), module)
     if isinstance(module, _BATCH_NORMS):
-        return _opacus_batch_norm.fix(module)
+        return _with_affine(_placed_like(_opacus_batch_norm.fix(module), module), module)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         # opacus' fixer clears track_running_stats but keeps the running buffers, which the functional form
         # then still updates in place (the vmap engine refuses that): a fresh layer without them
@@ -86,9 +98,18 @@ def fix(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with BatchNorm → GroupNorm and InstanceNorm without running stats.
 
     BatchNorm2d/3d → GroupNorm with min(32, C) groups (opacus' fixer); BatchNorm1d → GroupNorm(1, C),
-    which is valid on [B, C] inputs too; InstanceNorm → the same layer with track_running_stats=False
-    and no running buffers. The original model is not modified.
+    which is valid on [B, C] inputs too; a BatchNorm's learned weight and bias (per channel) are kept, its
+    running statistics are not (GroupNorm normalises each example by its own statistics). InstanceNorm → the
+    same layer with track_running_stats=False and no running buffers. The original model is not modified.
+    Lazy modules must have run one forward first (their parameters do not exist before it).
     """
+    lazy = [name or "<model>" for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise UnsupportedModuleError(
+            f"fix: the model has lazy modules whose parameters are not created yet ({', '.join(lazy)}); they "
+            "cannot be copied. Run one forward on an example batch first (model(x)), which materialises them, "
+            "then call dptrain.fix(model).")
     model = copy.deepcopy(model)
     if _problem(model) is not None:
         return _fixed(model)

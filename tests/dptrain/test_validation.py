@@ -79,3 +79,24 @@ def test_a_lookup_with_max_norm_is_refused_with_the_fix(lookup, frozen):
         with pytest.raises(dptrain.UnsupportedModuleError, match=r"max_norm=1\.0\) renormalises(.|\n)*max_norm=None") as err:
             check(model)
         assert "dptrain.fix" not in str(err.value)  # fix() does not change it
+
+
+@pytest.mark.parametrize("norm, shape", [(nn.BatchNorm1d(4), (2, 4)), (nn.BatchNorm2d(4), (2, 4, 3, 3)),
+                                         (nn.BatchNorm3d(4), (2, 4, 2, 2, 2))])
+def test_fix_keeps_the_learned_affine_weight_and_bias(norm, shape):
+    """A pretrained BatchNorm's weight 5 became GroupNorm's 1: fix silently re-initialised the layer."""
+    with torch.no_grad():
+        norm.weight.fill_(5.0)
+        norm.bias.copy_(torch.arange(4.0))
+    fixed = dptrain.fix(nn.Sequential(norm.double()))
+    assert isinstance(fixed[0], nn.GroupNorm) and fixed[0].weight.dtype == torch.float64
+    assert torch.equal(fixed[0].weight, norm.weight) and torch.equal(fixed[0].bias, norm.bias)
+    assert fixed(torch.randn(*shape, dtype=torch.float64)).shape == shape
+
+
+def test_fix_of_an_uninitialised_lazy_batchnorm_says_to_run_a_forward_first():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(dptrain.UnsupportedModuleError, match=r"lazy modules(.|\n)*\(1\)(.|\n)*one forward"):
+        dptrain.fix(model)
+    model(torch.randn(2, 3, 5, 5))
+    assert isinstance(dptrain.fix(model)[1], nn.GroupNorm)
