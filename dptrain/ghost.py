@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import ghost_algebra as ga
 from . import ghost_alignment as gal
@@ -98,6 +98,9 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     owners, kinds = plan.owners, plan.kinds
     with Recorder(owners, kinds, copies) as rec:
         output = model(*xs)
+    b = int(y.shape[0])
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == b for t in tree_leaves(output)):
+        return None  # a leaf that is not one row per example (an auxiliary scalar): vmap forms the losses
     losses = per_example_losses(loss_fn, output, y)
     if rec.modified_in_place():
         return None if copies else "copy"
@@ -108,7 +111,6 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
                for p in plan.own[name].values()}
     wrt = [t.edge if isinstance(t, Output) else t for t in flat]
-    b = int(y.shape[0])
     key = gal.signature(model, xs, y)
     ok = gal.verdict(model, plan, key)
     if ok is False:

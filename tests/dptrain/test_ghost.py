@@ -515,3 +515,31 @@ def test_forward_hooks_that_change_an_output_are_taken_into_account():
     finally:
         handle.remove()
     assert ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(1.0)) is not None
+
+
+class _WithAuxScalar(nn.Module):
+    """Returns (logits, an auxiliary scalar of the batch): an output leaf that is not one row per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out, out.sum()
+
+
+def test_auto_falls_back_to_vmap_for_an_output_leaf_that_is_not_batch_sized():
+    """method='auto' raised vmap's 'in_dim=0 ... Tensor of dimensionality 0' where method='vmap' worked."""
+    torch.manual_seed(0)
+    model, x, y = _WithAuxScalar(), torch.randn(5, 6), torch.randint(0, 3, (5,))
+    ce = nn.CrossEntropyLoss()
+
+    def loss(out, t):
+        return ce(out[0], t)
+
+    assert ghost_clip_and_sum(model, loss, x, y, ClippingConfig(1.0)) is None
+    auto = clip_and_sum(model, loss, x, y, ClippingConfig(1.0), method="auto")
+    ref = clip_and_sum(model, loss, x, y, ClippingConfig(1.0), method="vmap")
+    for name, value in ref.sums.items():
+        torch.testing.assert_close(auto.sums[name], value)
