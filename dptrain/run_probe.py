@@ -58,15 +58,19 @@ TRAIN_MODE_MIXING = (
 
 @contextmanager
 def _buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Put every buffer back on exit, the tensor object and its values (a forward may update or replace one)."""
-    saved = [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    """Put every buffer back on exit, the tensor object and its values (a forward may update or replace one).
+    Only what changed is put back: a write would move the buffer's version counter, which the step guard
+    (:class:`dptrain.run_guards.StateGuard`) reads as a forward that updates the buffer."""
+    saved = [(m, k, b, b._version, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
+             if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, k, b, values in saved:
+            for m, k, b, version, values in saved:
                 m._buffers[k] = b
-                b.copy_(values)
+                if b._version != version:
+                    b.copy_(values)
 
 
 def _change_first(xs: tuple[torch.Tensor, ...], b: int) -> tuple[torch.Tensor, ...] | None:

@@ -78,8 +78,10 @@ def test_a_buffer_updated_in_forward_is_refused_at_the_step_and_restored(engine,
     """An observer's max |x| would have been released in state_dict un-noised (1234.5, the outlier record)."""
     torch.manual_seed(0)
     model = nn.Sequential(_Observer(), _Seq(rnn))
-    priv = _attached(model, engine, clipping, _data(outlier=1234.5))  # the probe runs in eval mode
-    with pytest.raises(UnsupportedModuleError) as info:
+    priv = dptrain.make_private(model, eps=1.0, seed=0, engine=engine, clipping=clipping)
+    with pytest.raises(UnsupportedModuleError) as info:  # at attach (the probe's training-mode check, engine
+        priv.attach(_data(outlier=1234.5), batch_size=24, epochs=1,  # "auto") or at the first step
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         for x, y in priv.loader:
             priv.step(x, y)
     if engine != "vmap":  # torch.func refuses the in-place update of a captured tensor itself
@@ -107,10 +109,12 @@ class _NewBuffer(nn.Module):
         return x
 
 
-def test_a_buffer_registered_in_forward_is_refused_and_removed():
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_a_buffer_registered_in_forward_is_refused_and_removed(engine):
     model = nn.Sequential(_NewBuffer(), nn.Linear(5, 2))
-    priv = _attached(model)
-    with pytest.raises(UnsupportedModuleError, match="buffer 'seen' was registered"):
+    priv = dptrain.make_private(model, eps=1.0, seed=0, engine=engine)
+    with pytest.raises(UnsupportedModuleError, match="buffer 'seen' was registered"):  # attach ("auto": the
+        priv.attach(_data(), batch_size=24, epochs=1)  # probe's training-mode check) or the first step
         priv.step(*next(iter(priv.loader)))
     assert "0.seen" not in model.state_dict()
 

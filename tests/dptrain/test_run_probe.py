@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dptrain
+from dptrain.errors import UnsupportedModuleError
 from dptrain.lazy import LazyPrivateTraining
 
 
@@ -138,7 +139,10 @@ def test_a_buffer_updated_in_the_checks_forward_is_put_back():
             return x
 
     model = _mlp(Count())
-    dptrain.make_private(model, eps=3.0, seed=0, engine="auto").attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    # a forward that updates a buffer is refused (the step guard: buffers are released un-noised), and the
+    # training-mode check's own forwards leave the buffer as it was
+    with pytest.raises(UnsupportedModuleError, match="buffer 'n' was updated in place"):
+        dptrain.make_private(model, eps=3.0, seed=0, engine="auto").attach(_data(), batch_size=20, epochs=1, lr=0.1)
     assert model[1].n.item() == 0
 
 
@@ -207,6 +211,14 @@ class _ReadThenUpdate(nn.Module):
 
 
 def test_the_two_forwards_of_the_check_start_from_the_same_buffers():
+    from dptrain.run_probe import mixes_in_training_mode
+
     model = _mlp(_ReadThenUpdate(16))
-    dptrain.make_private(model, eps=3.0, seed=0).attach(_data(), batch_size=20, epochs=1, lr=0.1)
+    x, y = _data().tensors
+    # the check itself: not mixing (each forward starts from the same running mean), buffers put back
+    assert not mixes_in_training_mode(model, nn.CrossEntropyLoss(), x[:4], y[:4], 1e-4)
+    assert torch.equal(model[1].mu, torch.zeros(16))
+    # attach refuses the model all the same: the running mean is a statistic of the data, released un-noised
+    with pytest.raises(UnsupportedModuleError, match="buffer 'mu' was updated in place"):
+        dptrain.make_private(model, eps=3.0, seed=0).attach(_data(), batch_size=20, epochs=1, lr=0.1)
     assert torch.equal(model[1].mu, torch.zeros(16))
