@@ -21,6 +21,17 @@ CLIPPINGS = ("flat", "per-layer") + ADAPTIVE_CLIPPINGS
 ENGINES = ("auto", "vmap", "loop")
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, NumPy scalar, 0-d tensor); not a string or bool."""
+    if isinstance(value, (str, bytes, bool)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """What the user asked for (``make_private`` arguments)."""
@@ -38,6 +49,11 @@ class PrivacyConfig:
     engine: str = "auto"  # clip_and_sum's method: "auto" (fast path where it covers the model), "vmap", "loop"
 
     def __post_init__(self) -> None:
+        for name in ("eps", "delta", "max_grad_norm", "noise_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise PrivacyConfigError(f"make_private: {name} must be a number, got {value!r} "
+                                         f"({type(value).__name__})")
         if self.chunk_size is not None and (int(self.chunk_size) != self.chunk_size or self.chunk_size < 1):
             raise PrivacyConfigError(f"make_private: chunk_size must be a positive integer or None, got {self.chunk_size}")
         if self.engine not in ENGINES:
