@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .calibration import calibrate_noise
 from .epsilon import ACCOUNTANTS, epsilon, epsilon_bounds
 from .composition import poisson_gaussian
 from .gdp import gdp_mu
-from .report import BudgetReport
+from .report import BudgetReport, json_safe
 
 
 #: what the ε of each accountant is: a bound that holds, or an approximation
@@ -25,7 +26,20 @@ def _note_approximation(accountant: str) -> None:
               file=sys.stderr)
 
 
+#: argparse takes "-1e-5" for an option (its negative-number pattern has no exponent), so "--delta -1e-5" failed
+#: with "expected one argument" instead of naming the bad value; this pattern also matches exponents
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def accept_negative_numbers(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``p`` read "-1e-5" as a value (then refused with a message naming it), not as an unknown option;
+    for parsers with no option that looks like a number."""
+    p._negative_number_matcher = _NEGATIVE_NUMBER
+    return p
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
+    accept_negative_numbers(p)
     p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q = batch / N")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--delta", type=float, required=True)
@@ -42,8 +56,8 @@ def _epsilon(args: argparse.Namespace) -> int:
         out["epsilon_bounds"] = list(epsilon_bounds(poisson_gaussian(args.sigma, args.sample_rate, args.steps),
                                                     args.delta))
     out["guarantee"] = GUARANTEE[args.accountant]
-    if args.json:
-        print(json.dumps(out))
+    if args.json:  # strict JSON: an infinite μ or ε (σ tiny) is written as null
+        print(json.dumps(json_safe(out), allow_nan=False))
     else:
         print(f"{eps:.6g}")
         _note_approximation(args.accountant)
@@ -53,10 +67,10 @@ def _epsilon(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     sigma = calibrate_noise(args.eps, args.delta, args.sample_rate, args.steps, accountant=args.accountant)
     if args.json:
-        print(json.dumps({"noise_multiplier": sigma, "target_epsilon": args.eps, "delta": args.delta,
+        print(json.dumps(json_safe({"noise_multiplier": sigma, "target_epsilon": args.eps, "delta": args.delta,
                           "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
                           "epsilon": epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant),
-                          "guarantee": GUARANTEE[args.accountant]}))
+                          "guarantee": GUARANTEE[args.accountant]}), allow_nan=False))
     else:
         print(f"{sigma:.6g}")
         _note_approximation(args.accountant)

@@ -2,10 +2,45 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .gdp import gdp_mu
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (an infinite or undefined ε, an infinite μ) replaced by None
+    (JSON null), so that ``json.dumps(..., allow_nan=False)`` writes strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: the fields a saved report must have, with the JSON type each must be (None allowed where the field is optional)
+_NUMBER, _INT, _STR = "a number", "an integer", "a string"
+_REQUIRED = {"epsilon_spent": (_NUMBER, True), "delta": (_NUMBER, False), "target_epsilon": (_NUMBER, True),
+             "noise_multiplier": (_NUMBER, True), "sample_rate": (_NUMBER, False), "steps": (_INT, False),
+             "planned_steps": (_INT, True), "accountant": (_STR, False), "dataset_size": (_INT, True),
+             "max_grad_norm": (_NUMBER, True), "mechanism": (_STR, False)}
+_LISTS = ("epsilon_bounds", "epsilon_history", "warnings", "noise_schedule", "segments")
+
+
+def _check_type(name: str, value: Any, kind: str, nullable: bool) -> None:
+    if value is None and nullable:
+        return
+    ok = {_NUMBER: _is_number(value), _INT: isinstance(value, int) and not isinstance(value, bool),
+          _STR: isinstance(value, str)}[kind]
+    if not ok:
+        raise ValueError(f"field {name!r} must be {kind}{' or null' if nullable else ''}, got {value!r}")
 
 
 @dataclass
@@ -98,16 +133,39 @@ class BudgetReport:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON: a non-finite number (an infinite μ-GDP for a tiny σ, an infinite ε) is written as null."""
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BudgetReport":
+        """The report ``data`` describes (as written by :meth:`to_dict` / :meth:`to_json`); ``ValueError``
+        naming what is wrong when ``data`` is not a budget report."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a dptrain budget report (expected a JSON object, got a {type(data).__name__})")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise ValueError(f"not a dptrain budget report (missing: {', '.join(missing)})")
+        for name, (kind, nullable) in _REQUIRED.items():
+            _check_type(name, data[name], kind, nullable)
+        for name in _LISTS:
+            value = data.get(name)
+            if value is not None and not isinstance(value, list):
+                raise ValueError(f"field {name!r} must be a list, got {value!r}")
+            if name in ("epsilon_history", "noise_schedule", "segments") and value:
+                if not all(isinstance(p, list) for p in value):
+                    raise ValueError(f"field {name!r} must be a list of lists, got {value!r}")
         data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if data["epsilon_spent"] is None:  # to_json writes an infinite ε as null
+            data["epsilon_spent"] = math.inf
+        def numbers(p):  # to_json writes an infinite ε as null
+            return tuple(math.inf if v is None else v for v in p)
+
         if data.get("epsilon_bounds") is not None:
-            data["epsilon_bounds"] = tuple(data["epsilon_bounds"])
-        data["epsilon_history"] = [tuple(p) for p in data.get("epsilon_history", [])]
-        data["noise_schedule"] = [tuple(p) for p in data.get("noise_schedule", [])]
-        data["segments"] = [tuple(p) for p in data.get("segments", [])]
+            data["epsilon_bounds"] = numbers(data["epsilon_bounds"])
+        data["epsilon_history"] = [numbers(p) for p in data.get("epsilon_history") or []]
+        data["noise_schedule"] = [tuple(p) for p in data.get("noise_schedule") or []]
+        data["segments"] = [tuple(p) for p in data.get("segments") or []]
+        data["warnings"] = list(data.get("warnings") or [])
         return cls(**data)
 
     def save(self, path: str) -> None:
@@ -122,5 +180,16 @@ class BudgetReport:
 
     @classmethod
     def load(cls, path: str) -> "BudgetReport":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """The report saved at ``path``; ``ValueError`` naming the file when it is not JSON or not a report."""
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a JSON budget report (not UTF-8 text; a binary file?)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None

@@ -3,19 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from typing import Any
 
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float (an infinite or undefined ε) replaced by None (JSON null)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+from accountants.report import json_safe  # noqa: F401  (re-exported: audits.cli.json_safe)
 
 
 def _at_least(minimum: int, why: str):
@@ -45,7 +34,10 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="train make_private on digits with canaries; theoretical vs empirical ε")
+    from accountants.cli import accept_negative_numbers
+
+    p = accept_negative_numbers(
+        sub.add_parser("audit", help="train make_private on digits with canaries; theoretical vs empirical ε"))
     p.add_argument("--eps", type=float, default=3.0, help="target ε of the audited run")
     p.add_argument("--canaries", type=_at_least(2, "the one-run audit guesses at least one canary each way"),
                    default=200, help="number of canaries m (≥ 2)")

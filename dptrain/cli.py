@@ -13,7 +13,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(result.to_json() if args.json else result.to_text())
     if args.save:
         result.report.save(args.save)
-        print(f"\nbudget report saved to {args.save} (render it: dptrain report {args.save})")
+        # on stderr: with --json, stdout holds the JSON only
+        print(f"budget report saved to {args.save} (render it: dptrain report {args.save})", file=sys.stderr)
     return 0
 
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dptrain", description="Differentially private training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a private classifier on digits (ε=3), report budget and audit")
+    demo = accountants.cli.accept_negative_numbers(
+        sub.add_parser("demo", help="train a private classifier on digits (ε=3), report budget and audit"))
     demo.add_argument("--eps", type=float, default=3.0)
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ from mechanisms.diff2 import Diff2Config, Diff2Mechanism, calibrate_diff2
 from .clipping import ClippingConfig, clipped_sum
 from .engine import LossFn, iter_chunks, per_sample_grads, trainable_parameters
 from .errors import BudgetExceededError, PrivacyConfigError
-from .private import default_delta
+from .privacy_config import resolve_delta, weak_default_delta
 from .run_guards import StateGuard, check_precision
 from .validation import validate
 
@@ -56,14 +56,17 @@ class Diff2Report:
     config: Diff2Config
     units: int
     accountant: str
+    #: e.g. a default δ that is large because there are few units (see dptrain.privacy_config.weak_default_delta)
+    warnings: tuple[str, ...] = ()
 
     def to_text(self) -> str:
         c = self.config
+        notes = "".join(f"\n  warning: {w}" for w in self.warnings)
         return (f"DIFF2 ({self.level}-level DP; neighbours: {self.neighbouring})\n"
                 f"  ε spent {self.epsilon:.4f} at δ={self.delta:.3g} ({self.accountant}) after {self.rounds_run}/"
                 f"{c.rounds} rounds over {self.units} units\n"
                 f"  refresh every T={c.refresh_every}: clip C1={c.clip_grad:g}, noise multiplier z1={c.noise_grad:.4g}; "
-                f"differences clipped at C2·‖x_t − x_(t−1)‖, C2={c.clip_diff:g}, z2={c.noise_diff:.4g}")
+                f"differences clipped at C2·‖x_t − x_(t−1)‖, C2={c.clip_diff:g}, z2={c.noise_diff:.4g}" + notes)
 
 
 @contextlib.contextmanager
@@ -111,7 +114,8 @@ class Diff2Trainer:
         self.units = self._global_count(local_units)
         if self.units < 1:
             raise PrivacyConfigError("DIFF2: no data — every client is empty")
-        self.delta = float(delta) if delta is not None else default_delta(self.units)
+        self.delta = resolve_delta(delta, self.units, "DIFF2", "clients" if level == "client" else "examples",
+                                   private=config.private)
         if self.ddp is not None:
             ddp.check_model(model)
             ddp.broadcast_module(model)
@@ -271,8 +275,10 @@ class Diff2Trainer:
                       else "add/remove one client with all its examples; the number of clients N is public "
                       "(updates are divided by N)")
         eps = self.epsilon_spent() if self.config.private else math.inf
+        note = (weak_default_delta(self.delta, self.units, "clients" if self.level == "client" else "examples")
+                if self.config.private else None)
         return Diff2Report(self.level, neighbours, eps, self.delta, self.rounds_run, self.config, self.units,
-                           self.accountant)
+                           self.accountant, () if note is None else (note,))
 
 
 def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None = 3.0, delta: float | None = None,
@@ -297,15 +303,18 @@ def make_diff2(model: nn.Module, clients: Sequence[Client], *, eps: float | None
     if ddp.resolve(distributed):
         t = torch.tensor([float(units)], dtype=torch.float64)
         units = int(round(ddp.all_reduce_sums([t])[0].item()))
-    delta = delta if delta is not None else default_delta(max(units, 1))
+    unit_name = "clients" if level == "client" else "examples"
     if (noise_grad is None) != (noise_diff is None):
         raise PrivacyConfigError(f"make_diff2: give both noise_grad and noise_diff, or neither (calibrated to eps); "
                                  f"got noise_grad={noise_grad}, noise_diff={noise_diff}")
     if noise_grad is None or noise_diff is None:
         if eps is None:
             raise PrivacyConfigError("make_diff2: give a target eps, or both noise_grad and noise_diff")
+        delta = resolve_delta(delta, units, "make_diff2", unit_name)
         noise_grad, noise_diff = calibrate_diff2(eps, delta, rounds, refresh_every, accountant, grad_share)
     config = Diff2Config(rounds, refresh_every, clip_grad, clip_diff, noise_grad, noise_diff)
+    # a run with noise (ε finite) needs a meaningful δ; the non-private recursion (ε = ∞) only records one
+    delta = resolve_delta(delta, units, "make_diff2", unit_name, private=config.private or eps is not None)
     if eps is not None and not config.private:  # a target ε was asked for: no round may go un-noised
         if noise_grad == 0 and noise_diff == 0:
             raise PrivacyConfigError(f"make_diff2: noise_grad=0 and noise_diff=0 give no finite ε, but eps={eps} "

@@ -21,6 +21,17 @@ CLIPPINGS = ("flat", "per-layer") + ADAPTIVE_CLIPPINGS
 ENGINES = ("auto", "vmap", "loop")
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, NumPy scalar, 0-d tensor); not a string or bool."""
+    if isinstance(value, (str, bytes, bool)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """What the user asked for (``make_private`` arguments)."""
@@ -38,6 +49,11 @@ class PrivacyConfig:
     engine: str = "auto"  # clip_and_sum's method: "auto" (fast path where it covers the model), "vmap", "loop"
 
     def __post_init__(self) -> None:
+        for name in ("eps", "delta", "max_grad_norm", "noise_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise PrivacyConfigError(f"make_private: {name} must be a number, got {value!r} "
+                                         f"({type(value).__name__})")
         if self.chunk_size is not None and (int(self.chunk_size) != self.chunk_size or self.chunk_size < 1):
             raise PrivacyConfigError(f"make_private: chunk_size must be a positive integer or None, got {self.chunk_size}")
         if self.engine not in ENGINES:
@@ -87,3 +103,43 @@ class TrainingPlan:
 def default_delta(n: int) -> float:
     """δ = 1/N^1.1: below 1/N, so that releasing one record in the clear is not allowed."""
     return 1.0 / n ** 1.1
+
+
+
+#: the largest δ the default 1/N^1.1 gives without a warning; reached at N ≈ 533 privacy units. With fewer
+#: units (a federated run over 10 clients: δ = 0.079) each unit could be published in the clear with
+#: probability δ and the run still meet "ε at δ", so such a default is warned about, with its numbers, on
+#: stderr and in the run's report.
+DEFAULT_DELTA_CAP = 1e-3
+
+
+def weak_default_delta(delta: float, n: int, units: str = "examples") -> str | None:
+    """A warning when ``delta`` is the default 1/N^1.1 for N = ``n`` units and exceeds
+    :data:`DEFAULT_DELTA_CAP`; None otherwise."""
+    if n < 1 or delta != default_delta(n) or delta <= DEFAULT_DELTA_CAP:
+        return None
+    some = 1 - (1 - delta) ** n
+    return (f"δ = {delta:.3g} is the default 1/N^1.1 for only N = {n} {units}: a weak guarantee (each of the "
+            f"{units} could be released in the clear with probability δ, at least one of them with probability "
+            f"{some:.0%}, and the run still meet its ε); pass delta= explicitly (e.g. delta=1e-5) or use more {units}")
+
+
+def resolve_delta(delta: float | None, n: int, who: str, units: str = "examples", private: bool = True) -> float:
+    """The run's δ: the user's ``delta`` (warned about when ≥ 1/N), else the default 1/N^1.1 for N = ``n``
+    privacy units, warned about (:func:`weak_default_delta`) when it exceeds :data:`DEFAULT_DELTA_CAP`.
+    ``private=False`` (a run without noise, ε = ∞): δ is only recorded, nothing is warned about."""
+    import warnings
+
+    if delta is not None:
+        delta = float(delta)
+        if not 0 < delta < 1:
+            raise PrivacyConfigError(f"{who}: delta must be in (0, 1), got {delta}")
+        if private and n >= 1 and delta >= 1 / n:
+            warnings.warn(f"{who}: delta={delta:g} is >= 1/N = {1 / n:g} (N = {n} {units}): such a δ allows "
+                          f"leaking a whole unit; use delta < 1/N", stacklevel=3)
+        return delta
+    default = default_delta(max(n, 1))
+    note = weak_default_delta(default, n, units) if private else None
+    if note is not None:
+        warnings.warn(f"{who}: {note}", stacklevel=3)
+    return default

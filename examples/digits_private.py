@@ -26,7 +26,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = (nn.Linear(64, 10) if a.hidden == 0
              else nn.Sequential(nn.Linear(64, a.hidden), nn.Tanh(), nn.Linear(a.hidden, 10)))
-    priv = dptrain.make_private(model, eps=a.eps, max_grad_norm=1.0)
+    priv = dptrain.make_private(model, eps=a.eps, max_grad_norm=1.0, seed=0)  # seeded as `dptrain demo` is
     loader = priv.attach(train, batch_size=128, epochs=a.epochs,
                          optimizer=torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9))
     for epoch in range(a.epochs):

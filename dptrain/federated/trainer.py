@@ -30,7 +30,7 @@ from mechanisms.rng import cpu_generator
 from ..engine import LossFn, trainable_parameters
 from ..errors import BudgetExceededError, PrivacyConfigError
 from ..lora import lora_layers
-from ..private import default_delta
+from ..privacy_config import resolve_delta, weak_default_delta
 from ..run_guards import check_precision
 from ..validation import validate
 from .client import Client, client_seed
@@ -72,6 +72,8 @@ class FederatedReport:
     planned_rounds: int
     num_clients: int
     accountant: str
+    #: e.g. a default δ that is large because there are few units (see dptrain.privacy_config.weak_default_delta)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,17 +133,28 @@ class FederatedTraining:
                                  if config.dp == "client" else None)
         self.clients = {k: Client(k, ds, config, self._client_sigma(ds)) for k, ds in clients.items()
                         if self.comm.owns(k)}
+        self._example_sigma = self._largest_client_sigma()
+        self._example_epsilon = self._gather_example_epsilon() if config.dp == "example" else 0.0
         self._participation = cpu_generator(client_seed(config.seed, -1, 0))
 
     # ------------------------------------------------------------------ calibration
     def _delta(self, clients: Mapping[int, Dataset]) -> float:
-        if self.config.delta is not None:
-            return self.config.delta
         if self.config.dp == "client":
-            return default_delta(self.num_clients)
+            self._units = (self.num_clients, "clients")
+            return resolve_delta(self.config.delta, self.num_clients, "make_federated(dp='client')", "clients")
         local = torch.tensor([float(sum(len(ds) for k, ds in clients.items() if self.comm.owns(k)))])  # type: ignore[arg-type]
-        self.comm.all_reduce_sum([local])
-        return default_delta(int(local.item()))
+        self.comm.all_reduce_sum([local])  # every rank takes part, with or without an explicit δ
+        self._units = (int(local.item()), "examples")
+        return resolve_delta(self.config.delta, int(local.item()), f"make_federated(dp={self.config.dp!r})",
+                             "examples", private=self.config.private)
+
+    def _largest_client_sigma(self) -> float:
+        """max_k σ_k over every rank's clients (example-level DP; else 0). Collective: every rank calls it, at
+        construction and in load_state_dict, so that :meth:`report` needs no collective."""
+        if self.config.dp != "example":
+            return 0.0
+        local = max((c.mechanism.noise_multiplier for c in self.clients.values() if c.mechanism), default=0.0)
+        return self.comm.all_reduce_max(local)
 
     def _calibrated(self, sample_rate: float, steps: int) -> float:
         cfg = self.config
@@ -177,13 +190,19 @@ class FederatedTraining:
             if self.server_mechanism is None or self.server_mechanism.noise_multiplier == 0:
                 return math.inf if self.round else 0.0
             return self.server_ledger.epsilon(self.delta, cfg.accountant)
+        return self._example_epsilon  # gathered from every rank when it last changed: not a collective
+
+    def _gather_example_epsilon(self) -> float:
+        """max_k ε_k over every rank's clients (example-level DP). Collective: every rank calls it at
+        construction, at the end of each round and in load_state_dict, so that :meth:`epsilon_spent` and
+        :meth:`report` need no collective (one rank alone may call them)."""
         local = 0.0
         for c in self.clients.values():
             assert c.mechanism is not None
             if c.mechanism.noise_multiplier == 0:
                 local = math.inf if self.round else 0.0
             else:
-                local = max(local, c.ledger.epsilon(self.delta, cfg.accountant))
+                local = max(local, c.ledger.epsilon(self.delta, self.config.accountant))
         return self.comm.all_reduce_max(local)
 
     def check_budget(self) -> None:
@@ -246,6 +265,8 @@ class FederatedTraining:
         if self.server_mechanism is not None and self.server_mechanism.noise_multiplier > 0:
             self.server_ledger.record(self._server_event())
         self.round += 1
+        if cfg.dp == "example":  # every rank is here: gather max_k ε_k now, so that reading it is not collective
+            self._example_epsilon = self._gather_example_epsilon()
         return RoundResult(self.round, tuple(int(i) for i in torch.nonzero(mask).flatten()), mean)
 
     def fit(self, rounds: int | None = None) -> list[RoundResult]:
@@ -254,16 +275,16 @@ class FederatedTraining:
         return [self.run_round() for _ in range(max(0, n))]
 
     def report(self) -> FederatedReport:
+        """The run's budget; not a collective (one rank alone may call it, e.g. to print it on rank 0)."""
         cfg = self.config
         if cfg.dp == "client":
             sigma = self.server_mechanism.noise_multiplier if self.server_mechanism else 0.0
-        elif cfg.dp == "example":
-            local = max((c.mechanism.noise_multiplier for c in self.clients.values() if c.mechanism), default=0.0)
-            sigma = self.comm.all_reduce_max(local)
-        else:
-            sigma = 0.0
+        else:  # example-level: max_k σ_k, gathered from every rank at construction / load_state_dict
+            sigma = self._example_sigma
+        note = weak_default_delta(self.delta, *self._units) if cfg.private else None
         return FederatedReport(cfg.dp, cfg.algorithm, self.epsilon_spent(), cfg.eps, self.delta, sigma,
-                               self.round, cfg.rounds, self.num_clients, cfg.accountant)
+                               self.round, cfg.rounds, self.num_clients, cfg.accountant,
+                               () if note is None else (note,))
 
     def state_dict(self) -> dict[str, Any]:
         """Global model, round, participation RNG, server ledger / noise RNG, this rank's clients."""
@@ -300,6 +321,9 @@ class FederatedTraining:
             self.server_mechanism.load_state_dict(state["server_mechanism"])
         for k, c in self.clients.items():
             c.load_state_dict(state["clients"][k])
+        self._example_sigma = self._largest_client_sigma()  # the clients' σ now come from the checkpoint
+        if self.config.dp == "example":
+            self._example_epsilon = self._gather_example_epsilon()
 
 
 def make_federated(model: nn.Module, clients: Sequence[Dataset] | Mapping[int, Dataset], eps: float | None = 3.0,

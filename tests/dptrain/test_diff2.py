@@ -269,3 +269,23 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run():
     other = make_diff2(model(), clients(), eps=3.0, rounds=6, refresh_every=3, lr=0.5, clip_grad=0.5, seed=5)
     with pytest.raises(PrivacyConfigError, match="another run"):
         other.load_state_dict(first.state_dict())
+
+
+def test_a_large_default_delta_for_few_units_is_warned_about_with_its_numbers():
+    """With 5 clients the default δ = 1/5^1.1 = 0.17 was used without a word (the report said "ε≈3 at δ=0.17")."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"δ = 0\.17 is the default 1/N\^1\.1 for only N = 5 clients.*delta="):
+        run = make_diff2(model(), clients(5), eps=1.0, rounds=4, refresh_every=2, level="client")
+    assert run.delta == pytest.approx(5 ** -1.1)
+    report = run.report()
+    assert len(report.warnings) == 1 and "warning: δ = 0.17" in report.to_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit δ below 1/N is taken as given, without a warning
+        run = make_diff2(model(), clients(5), eps=1.0, delta=1e-5, rounds=4, refresh_every=2, level="client")
+        assert run.delta == 1e-5 and run.report().warnings == ()
+        # the non-private recursion (ε = ∞) only records δ
+        make_diff2(model(), clients(5), eps=None, rounds=4, refresh_every=2, noise_grad=0.0, noise_diff=0.0,
+                   level="client")
+    with pytest.warns(UserWarning, match=r"delta=0\.5 is >= 1/N"):
+        make_diff2(model(), clients(5), eps=1.0, delta=0.5, rounds=4, refresh_every=2, level="client")

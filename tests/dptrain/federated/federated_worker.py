@@ -27,6 +27,8 @@ RUNS = {
                           local_steps=2, batch_size=8, lr=0.5, max_norm=0.3),
 }
 CLIENTS = 5
+#: each run's FederatedTraining, for the calls after the compared runs
+LAST: dict = {}
 
 
 def client_data(k: int) -> TensorDataset:
@@ -50,6 +52,7 @@ def run(name: str, comm: LocalComm, init_seed: int) -> tuple[dict, float]:
     fed = make_federated(net, mine, eps=None, num_clients=CLIENTS, comm=comm, seed=11, accountant="rdp",
                          **RUNS[name])
     fed.fit()
+    LAST[name] = fed
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, fed.epsilon_spent()
 
 
@@ -64,6 +67,8 @@ def main() -> None:
     # rank would differ between ranks and show a larger variance
     mech = GaussianMechanism(1.3, 0.7, seed=100 + rank)
     result["noise"] = server_noise([torch.zeros(50_000)], mech, comm, 0)[0]
+    if rank == 0:  # report() on one rank only, as examples print it; the other rank leaves at once
+        result["report"] = LAST["fedsvd-example"].report().to_dict()
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

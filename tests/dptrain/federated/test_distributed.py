@@ -40,6 +40,14 @@ def test_two_ranks_equal_one_process(ranks, name):
         assert eps == pytest.approx(ref_eps)
 
 
+def test_report_of_an_example_level_run_on_one_rank_alone(ranks):
+    """report() gathered max_k σ_k with a collective, so rank 0 alone printing it crashed (the other rank had
+    left); it is now gathered when every rank takes part."""
+    rep = ranks[0]["report"]
+    assert rep["dp"] == "example" and rep["noise_multiplier"] == pytest.approx(0.9)
+    assert rep["epsilon_spent"] == pytest.approx(ranks[1]["fedsvd-example"][1])
+
+
 def test_server_noise_added_once_with_stated_std(ranks):
     a, b = ranks[0]["noise"], ranks[1]["noise"]
     assert torch.equal(a, b)  # every rank holds rank 0's release

@@ -243,3 +243,22 @@ def test_a_checkpoint_with_other_privacy_settings_is_refused(saved, loading):
     first.fit(2)
     with pytest.raises(dptrain.PrivacyConfigError, match="other privacy settings"):
         fed(**loading).load_state_dict(first.state_dict())
+
+
+def test_a_large_default_delta_for_few_clients_is_warned_about_and_reported():
+    """examples/federated_digits.py --dp client reported ε≈3 at δ = 1/10^1.1 = 0.079 without a word."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"δ = 0\.0794 is the default 1/N\^1\.1 for only N = 10 clients"):
+        fed = make_federated(nn.Linear(6, 3), clients(k=10, n=20), eps=3.0, dp="client", rounds=2, local_steps=1,
+                             batch_size=8)
+    report = fed.report()
+    assert report.delta == pytest.approx(10 ** -1.1)
+    assert len(report.warnings) == 1 and "pass delta=" in report.to_dict()["warnings"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit δ below 1/N is taken as given
+        fed = make_federated(nn.Linear(6, 3), clients(k=10, n=20), eps=3.0, dp="client", rounds=2, local_steps=1,
+                             batch_size=8, delta=1e-5)
+        assert fed.report().warnings == ()
+    with pytest.warns(UserWarning, match=r"delta=0\.2 is >= 1/N = 0\.1 \(N = 10 clients\)"):
+        make_federated(nn.Linear(6, 3), clients(k=10, n=20), eps=3.0, dp="client", rounds=2, delta=0.2)
