@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .gdp import gdp_mu
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .events import DpEvent
 
 
 @dataclass
@@ -50,6 +55,26 @@ class BudgetReport:
         if self.noise_schedule:
             return sum(gdp_mu(s, self.sample_rate, b - a + 1) ** 2 for a, b, s in self.noise_schedule) ** 0.5
         return gdp_mu(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def run_event(self) -> "DpEvent":
+        """The composition of the steps taken: the ledger's segments, else the σ schedule (at the plan's q),
+        else ``steps`` steps of the plan's (σ, q)."""
+        from .composition import poisson_gaussian
+        from .events import ComposedEvent
+
+        if self.segments:
+            runs = [(s, q, b - a + 1) for a, b, s, q in self.segments]
+        elif self.noise_schedule:
+            runs = [(s, self.sample_rate, b - a + 1) for a, b, s in self.noise_schedule]
+        else:
+            runs = [(self.noise_multiplier, self.sample_rate, self.steps)]
+        return ComposedEvent(tuple(poisson_gaussian(s, q, n) for s, q, n in runs))
+
+    def tradeoff_curve(self, alphas: "np.ndarray | None" = None) -> "tuple[np.ndarray, np.ndarray] | None":
+        """(α, β(α)): the numerical trade-off curve (a lower bound) of the steps taken, None before the first."""
+        from .tradeoff import tradeoff_of_event
+
+        return tradeoff_of_event(self.run_event(), alphas) if self.steps > 0 else None
 
     def to_text(self) -> str:
         target = "none" if self.target_epsilon is None else f"{self.target_epsilon:g}"
