@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .backends import gdp_mu_of
+from .composition import flatten
 from .gdp import gdp_mu
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ class BudgetReport:
     segments: list[tuple[int, int, float, float]] = field(default_factory=list)
     #: steps taken before the current plan's attach (``planned_steps`` counts from there; 0: one plan)
     plan_start: int = 0
+    #: the ledger's flattened events, [q, σ, count] of Gaussian steps: what ε is computed from (a
+    #: matrix-factorization run is one Gaussian, or ⌈T/b̂⌉ sampled ones); empty: use the fields above
+    composition: list[list[float]] = field(default_factory=list)
 
     @property
     def mixed(self) -> bool:
@@ -49,20 +54,20 @@ class BudgetReport:
     @property
     def gdp_mu(self) -> float:
         """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019); μ² = Σ_t q_t²(e^{1/σ_t²} − 1) adds over
-        the ledger's segments (or the σ schedule)."""
-        if self.segments:
-            return sum(gdp_mu(s, q, b - a + 1) ** 2 for a, b, s, q in self.segments) ** 0.5
-        if self.noise_schedule:
-            return sum(gdp_mu(s, self.sample_rate, b - a + 1) ** 2 for a, b, s in self.noise_schedule) ** 0.5
-        return gdp_mu(self.noise_multiplier, self.sample_rate, self.steps)
+        the ledger's events (see :meth:`run_event`)."""
+        if self.steps == 0:
+            return gdp_mu(self.noise_multiplier, self.sample_rate, 0)
+        return gdp_mu_of(flatten(self.run_event()))
 
     def run_event(self) -> "DpEvent":
-        """The composition of the steps taken: the ledger's segments, else the σ schedule (at the plan's q),
-        else ``steps`` steps of the plan's (σ, q)."""
+        """The composition of the steps taken: the ledger's flattened events, else its segments, else the σ
+        schedule (at the plan's q), else ``steps`` steps of the plan's (σ, q)."""
         from .composition import poisson_gaussian
         from .events import ComposedEvent
 
-        if self.segments:
+        if self.composition:
+            runs = [(s, q, n) for q, s, n in self.composition]
+        elif self.segments:
             runs = [(s, q, b - a + 1) for a, b, s, q in self.segments]
         elif self.noise_schedule:
             runs = [(s, self.sample_rate, b - a + 1) for a, b, s in self.noise_schedule]

@@ -88,3 +88,27 @@ def test_the_plot_of_an_adaptive_run_draws_the_composition_of_its_sigma_schedule
     _, plan = accountants.tradeoff_curve(1.0, 0.01, 1000, alphas)
     np.testing.assert_allclose(betas, expected, atol=1e-9)
     assert np.max(plan - betas) > 0.03  # the plan's σ on every step is visibly more private
+
+
+def test_mu_and_plot_of_a_matrix_factorization_run_come_from_the_ledger_events(tmp_path, monkeypatch):
+    """An MF ledger (the whole run's Gaussian at step 0, no-ops after) has no segments: the report took it for
+    T = 100 DP-SGD steps at σ_eff = 5 and gave μ = 2.0, where the run's μ is 1/5 = 0.2."""
+    import numpy as np
+
+    from accountants.backends import gdp_mu_of
+    from accountants.composition import flatten
+
+    ledger = accountants.PrivacyLedger()
+    ledger.record(accountants.GaussianEvent(5.0))
+    ledger.record(accountants.NoOpEvent(), 99)
+    assert ledger.segments() == []
+    r = BudgetReport(epsilon_spent=ledger.epsilon(1e-5), delta=1e-5, target_epsilon=None, noise_multiplier=5.0,
+                     sample_rate=1.0, steps=100, planned_steps=100, accountant="prv", dataset_size=None,
+                     max_grad_norm=1.0, mechanism="multi-epoch-mf",
+                     composition=[[q, s, n] for (q, s), n in flatten(ledger.composed())])
+    assert r.gdp_mu == pytest.approx(0.2, rel=1e-12)
+    assert r.gdp_mu == pytest.approx(gdp_mu_of(flatten(ledger.composed())), rel=1e-12)
+    assert "0.2000" in r.to_text()
+    alphas, betas = _plotted_run_curve(r, tmp_path, monkeypatch)
+    np.testing.assert_allclose(betas, accountants.tradeoff_of_event(ledger.composed(), alphas)[1], atol=1e-9)
+    assert BudgetReport.from_dict(json.loads(r.to_json())) == r
