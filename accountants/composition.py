@@ -54,8 +54,9 @@ def _collect(event: DpEvent, times: int, counts: Counter) -> None:
 
 
 def poisson_gaussian(noise_multiplier: float, sample_rate: float, steps: int) -> DpEvent:
-    """T steps of DP-SGD: SelfComposed(PoissonSampled(q, Gaussian(σ)), T)."""
+    """T steps of DP-SGD: SelfComposed(PoissonSampled(q, Gaussian(σ)), T); the events check σ, q ∈ (0, 1]
+    and T (a whole number ≥ 0)."""
     inner: DpEvent = GaussianEvent(noise_multiplier)
-    if sample_rate < 1:
+    if sample_rate != 1:
         inner = PoissonSampledEvent(sample_rate, inner)
-    return SelfComposedEvent(inner, int(steps))
+    return SelfComposedEvent(inner, steps)

@@ -137,3 +137,11 @@ def test_invalid_event_counts_and_sigmas_are_errors_not_fewer_steps():
     assert SelfComposedEvent(GaussianEvent(1.0), 3.0).count == 3
     empty = PoissonSampledEvent(0.1, SelfComposedEvent(GaussianEvent(1.0), 0))  # was ZeroDivisionError
     assert accountants.epsilon_of_event(empty, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("q, steps", [(1.5, 10), (0.0, 10), (float("nan"), 10), (0.5, 2.7), (0.5, -1)])
+def test_poisson_gaussian_refuses_a_rate_outside_0_1_or_a_fractional_count(q, steps):
+    """q = 1.5 was silently taken as q = 1 (no subsampling), 2.7 steps as 2."""
+    with pytest.raises(ValueError):
+        accountants.poisson_gaussian(1.0, q, steps)
+    assert accountants.flatten(accountants.poisson_gaussian(1.0, 1.0, 10)) == (((1.0, 1.0), 10),)
