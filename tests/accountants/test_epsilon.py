@@ -145,3 +145,35 @@ def test_poisson_gaussian_refuses_a_rate_outside_0_1_or_a_fractional_count(q, st
     with pytest.raises(ValueError):
         accountants.poisson_gaussian(1.0, q, steps)
     assert accountants.flatten(accountants.poisson_gaussian(1.0, 1.0, 10)) == (((1.0, 1.0), 10),)
+
+
+def test_pld_coarsens_a_grid_past_its_cap_and_stays_an_upper_bound(monkeypatch):
+    """The pld accountant sized its grid as 0.03/√T whatever the ε: σ = 2, q = 1, T = 1e5 asked for 2.2 GiB
+    arrays (MemoryError or the OOM killer). Past PLD_MAX_POINTS the step is coarsened instead (here with a small
+    cap on a small run)."""
+    from dp_accounting import pld
+
+    from accountants import backends
+
+    steps, sigma, delta = 1000, 2.0, 1e-5
+    flat = accountants.flatten(accountants.poisson_gaussian(sigma, 1.0, steps))
+    fine = 0.03 / steps ** 0.5
+    intervals = []
+    real = pld.PLDAccountant
+
+    def spy(*args, **kwargs):
+        intervals.append(kwargs["value_discretization_interval"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pld, "PLDAccountant", spy)
+    monkeypatch.setattr(backends, "PLD_MAX_POINTS", 100_000, raising=False)
+    backends.pld_epsilon.cache_clear()
+    try:
+        eps = accountants.epsilon(sigma, 1.0, steps, delta, accountant="pld")
+    finally:
+        backends.pld_epsilon.cache_clear()
+    assert len(intervals) == 1 and intervals[0] > fine
+    assert backends.pld_points(flat, fine) > 4e5  # the grid it would have been (~5e5 points)
+    assert backends.pld_points(flat, intervals[0]) <= 100_000 * (1 + 1e-9)
+    exact = accountants.eps_from_gdp(steps ** 0.5 / sigma, delta)  # unsampled Gaussian steps: exactly μ-GDP
+    assert exact <= eps <= exact * 1.01
