@@ -123,8 +123,13 @@ class BudgetReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields, with ``gdp_mu`` and ``guarantee`` (what the ε is: a bound, or for gdp an approximation;
+        the wording of ``dptrain epsilon --json``)."""
+        from .cli import GUARANTEE
+
         out = asdict(self)
         out["gdp_mu"] = self.gdp_mu
+        out["guarantee"] = GUARANTEE.get(self.accountant)
         return out
 
     def to_json(self) -> str:

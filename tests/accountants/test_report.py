@@ -112,3 +112,16 @@ def test_mu_and_plot_of_a_matrix_factorization_run_come_from_the_ledger_events(t
     alphas, betas = _plotted_run_curve(r, tmp_path, monkeypatch)
     np.testing.assert_allclose(betas, accountants.tradeoff_of_event(ledger.composed(), alphas)[1], atol=1e-9)
     assert BudgetReport.from_dict(json.loads(r.to_json())) == r
+
+
+@pytest.mark.parametrize("accountant", accountants.ACCOUNTANTS)
+def test_the_json_report_says_whether_its_epsilon_is_a_guarantee(accountant):
+    """A gdp report's JSON gave epsilon_spent with no sign that it is a CLT approximation, not a bound."""
+    from accountants.cli import GUARANTEE
+
+    r = _report()
+    r.accountant = accountant
+    data = json.loads(r.to_json())
+    assert data["guarantee"] == GUARANTEE[accountant]
+    assert ("not a bound" in data["guarantee"]) == (accountant == "gdp")
+    assert BudgetReport.from_dict(data) == r
