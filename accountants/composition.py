@@ -39,7 +39,7 @@ def _collect(event: DpEvent, times: int, counts: Counter) -> None:
         if not isinstance(inner, GaussianEvent):
             raise NotImplementedError(
                 f"accountants: Poisson sampling of {type(inner).__name__} is not supported; "
-                "sample a GaussianEvent (or an event with to_gaussian_event())")
+                "only a GaussianEvent (or a SelfComposedEvent of one) can be Poisson-sampled")
         counts[(float(event.sample_rate), float(inner.noise_multiplier))] += times
     elif isinstance(event, SelfComposedEvent):
         _collect(event.event, times * event.count, counts)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
-from .events import whole_count
+from .events import is_rate, whole_count
 
 
 def gdp_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -22,7 +22,7 @@ def gdp_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
     """
     if not noise_multiplier > 0:
         raise ValueError(f"gdp_mu: noise_multiplier must be > 0, got {noise_multiplier}")
-    if not 0 < sample_rate <= 1:
+    if not is_rate(sample_rate):
         raise ValueError(f"gdp_mu: sample_rate must be in (0, 1], got {sample_rate}")
     steps = whole_count(steps, "gdp_mu: steps")
     if sample_rate == 1:

@@ -177,3 +177,45 @@ def test_pld_coarsens_a_grid_past_its_cap_and_stays_an_upper_bound(monkeypatch):
     assert backends.pld_points(flat, intervals[0]) <= 100_000 * (1 + 1e-9)
     exact = accountants.eps_from_gdp(steps ** 0.5 / sigma, delta)  # unsampled Gaussian steps: exactly μ-GDP
     assert exact <= eps <= exact * 1.01
+
+
+def test_a_bool_is_not_a_sampling_rate():
+    """epsilon(1.0, True, 10, δ) was taken as q = 1, as check_delta and whole_count already refuse bools."""
+    from accountants.mf_events import BandedCyclicPoissonEvent
+
+    with pytest.raises(ValueError, match="sample_rate"):
+        accountants.epsilon(1.0, True, 10, 1e-5)
+    with pytest.raises(ValueError, match="sample_rate"):
+        PoissonSampledEvent(True, GaussianEvent(1.0))
+    with pytest.raises(ValueError, match="sample_rate"):
+        accountants.gdp_mu(1.0, True, 10)
+    with pytest.raises(ValueError, match="sample_rate"):
+        BandedCyclicPoissonEvent(1.0, 1.0, 2, 10, sample_rate=True)
+
+
+def test_mf_events_take_numpy_scalars_like_gaussian_events():
+    import numpy as np
+
+    from accountants.mf_events import MatrixFactorizationEvent
+
+    event = MatrixFactorizationEvent(np.float32(2.0), np.float64(1.0), 10)
+    assert type(event.noise_multiplier) is float and event.noise_multiplier == 2.0
+    assert GaussianEvent(np.float32(2.0)) == GaussianEvent(2.0)
+
+
+def test_composed_event_takes_a_list():
+    """A list gave "TypeError: unhashable type: 'list'" from flatten's cache."""
+    parts = [GaussianEvent(1.0), SelfComposedEvent(GaussianEvent(2.0), 3)]
+    event = accountants.ComposedEvent(parts)
+    assert event == accountants.ComposedEvent(tuple(parts))
+    assert accountants.flatten(event) == (((1.0, 1.0), 1), ((1.0, 2.0), 3))
+    with pytest.raises(ValueError, match="DpEvent"):
+        accountants.ComposedEvent([1.0])
+
+
+def test_poisson_sampling_an_mf_event_is_refused_without_wrong_advice():
+    from accountants.mf_events import MatrixFactorizationEvent
+
+    with pytest.raises(NotImplementedError, match="only a GaussianEvent") as info:
+        accountants.flatten(PoissonSampledEvent(0.1, MatrixFactorizationEvent(2.0, 1.0, 10)))
+    assert "to_gaussian_event" not in str(info.value)
