@@ -116,18 +116,40 @@ def rdp_epsilon(flat: Flat, delta: float) -> float:
 
 
 PLD_DISCRETIZATION = 1e-3  # privacy-loss grid step for short runs; finer for long ones (see pld_epsilon)
+#: largest privacy-loss grid (points) we let dp_accounting build; its composition holds ~20 float64 / complex
+#: arrays of up to this size (~1 GB here); past it the grid step is coarsened (see pld_epsilon)
+PLD_MAX_POINTS = 5_000_000
+
+
+def pld_points(flat: Flat, interval: float) -> float:
+    """About the size of dp_accounting's composition arrays for ``flat`` with grid step ``interval``: it
+    bounds the composed privacy loss by Chernoff (moment) bounds at tail mass ~1e-15, which spans about
+    ±ε_RDP(δ = 1e-15)."""
+    return 2.0 * rdp_epsilon(flat, 1e-15) / interval
 
 
 @lru_cache(maxsize=4096)
 def pld_epsilon(flat: Flat, delta: float) -> float:
-    """ε from dp_accounting's PLD accountant (pessimistic: an upper bound up to its grid)."""
+    """ε from dp_accounting's PLD accountant (pessimistic: an upper bound up to its grid).
+
+    Where the grid would exceed ``PLD_MAX_POINTS`` points (high-ε runs: σ = 2, T = 1e5 asked for 2.2 GiB
+    arrays), its step is coarsened to fit, as the prv accountant coarsens its ε-error: the pessimistic
+    discretisation is an upper bound at any step, only a looser one. If no grid size can be estimated (the
+    RDP bound is infinite), the RDP ε stands in, as for prv.
+    """
     if not flat:
         return 0.0
     from dp_accounting import dp_event, pld
 
     # the pessimistic rounding error grows with the number of compositions: refine the grid as 1/√T
     total = sum(n for _, n in flat)
-    acc = pld.PLDAccountant(value_discretization_interval=min(PLD_DISCRETIZATION, 0.03 / math.sqrt(total)))
+    interval = min(PLD_DISCRETIZATION, 0.03 / math.sqrt(total))
+    points = pld_points(flat, interval)
+    if not math.isfinite(points):
+        return rdp_epsilon(flat, delta)
+    if points > PLD_MAX_POINTS:
+        interval *= points / PLD_MAX_POINTS
+    acc = pld.PLDAccountant(value_discretization_interval=interval)
     for (q, sigma), n in flat:
         event = dp_event.GaussianDpEvent(sigma)
         acc.compose(event if q >= 1 else dp_event.PoissonSampledDpEvent(q, event), int(n))

@@ -39,7 +39,7 @@ def _collect(event: DpEvent, times: int, counts: Counter) -> None:
         if not isinstance(inner, GaussianEvent):
             raise NotImplementedError(
                 f"accountants: Poisson sampling of {type(inner).__name__} is not supported; "
-                "sample a GaussianEvent (or an event with to_gaussian_event())")
+                "only a GaussianEvent (or a SelfComposedEvent of one) can be Poisson-sampled")
         counts[(float(event.sample_rate), float(inner.noise_multiplier))] += times
     elif isinstance(event, SelfComposedEvent):
         _collect(event.event, times * event.count, counts)
@@ -54,8 +54,9 @@ def _collect(event: DpEvent, times: int, counts: Counter) -> None:
 
 
 def poisson_gaussian(noise_multiplier: float, sample_rate: float, steps: int) -> DpEvent:
-    """T steps of DP-SGD: SelfComposed(PoissonSampled(q, Gaussian(σ)), T)."""
+    """T steps of DP-SGD: SelfComposed(PoissonSampled(q, Gaussian(σ)), T); the events check σ, q ∈ (0, 1]
+    and T (a whole number ≥ 0)."""
     inner: DpEvent = GaussianEvent(noise_multiplier)
-    if sample_rate < 1:
+    if sample_rate != 1:
         inner = PoissonSampledEvent(sample_rate, inner)
-    return SelfComposedEvent(inner, int(steps))
+    return SelfComposedEvent(inner, steps)

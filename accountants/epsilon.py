@@ -6,7 +6,7 @@ import numbers
 
 from .backends import gdp_epsilon, pld_epsilon, prv_bounds, rdp_epsilon
 from .composition import flatten, poisson_gaussian
-from .events import DpEvent
+from .events import DpEvent, is_rate
 
 ACCOUNTANTS = ("prv", "pld", "rdp", "gdp")
 
@@ -19,7 +19,7 @@ def check_delta(delta: float) -> None:
 def check_run(noise_multiplier: float, sample_rate: float, steps: int) -> None:
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
-    if not 0 < sample_rate <= 1:
+    if not is_rate(sample_rate):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate} (expected batch size / N)")
     if not (isinstance(steps, numbers.Real) and math.isfinite(steps)) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")

@@ -23,6 +23,11 @@ def whole_count(count: Any, what: str) -> int:
     return int(count)
 
 
+def is_rate(value: Any) -> bool:
+    """Whether ``value`` is a sampling rate: a real number in (0, 1], not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value <= 1
+
+
 def _finite_sigma(value: Any, what: str) -> None:
     if not (isinstance(value, numbers.Real) and 0 < value < math.inf):
         raise ValueError(f"{what}: noise_multiplier must be a positive finite number, got {value!r}; "
@@ -53,7 +58,7 @@ class PoissonSampledEvent(DpEvent):
     event: DpEvent
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sample_rate, numbers.Real) and 0 < self.sample_rate <= 1):
+        if not is_rate(self.sample_rate):
             raise ValueError(
                 f"PoissonSampledEvent: sample_rate must be in (0, 1], got {self.sample_rate}."
             )
@@ -76,6 +81,12 @@ class ComposedEvent(DpEvent):
     """Adaptive composition of heterogeneous events, in order."""
 
     events: tuple[DpEvent, ...]
+
+    def __post_init__(self) -> None:
+        events = tuple(self.events) if isinstance(self.events, (list, tuple)) else None
+        if events is None or not all(isinstance(e, DpEvent) for e in events):
+            raise ValueError(f"ComposedEvent: events must be a sequence of DpEvents, got {self.events!r}")
+        object.__setattr__(self, "events", events)
 
 
 @dataclass(frozen=True)

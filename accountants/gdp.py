@@ -12,6 +12,8 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
+from .events import is_rate, whole_count
+
 
 def gdp_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
     """CLT μ of T Poisson-sampled Gaussian steps: μ = q·√(T(e^{1/σ²} − 1)).
@@ -20,10 +22,9 @@ def gdp_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
     """
     if not noise_multiplier > 0:
         raise ValueError(f"gdp_mu: noise_multiplier must be > 0, got {noise_multiplier}")
-    if not 0 < sample_rate <= 1:
+    if not is_rate(sample_rate):
         raise ValueError(f"gdp_mu: sample_rate must be in (0, 1], got {sample_rate}")
-    if steps < 0:
-        raise ValueError(f"gdp_mu: steps must be >= 0, got {steps}")
+    steps = whole_count(steps, "gdp_mu: steps")
     if sample_rate == 1:
         return math.sqrt(steps) / noise_multiplier
     return sample_rate * math.sqrt(steps * expm1_or_inf(1.0 / noise_multiplier ** 2))
@@ -36,6 +37,8 @@ def expm1_or_inf(x: float) -> float:
 
 def delta_from_gdp(eps: float, mu: float) -> float:
     """δ(ε) of μ-GDP: Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)."""
+    if math.isnan(mu) or math.isnan(eps):
+        raise ValueError(f"delta_from_gdp: eps and mu must be numbers, got eps={eps}, mu={mu}")
     if mu <= 0 or eps == math.inf:
         return 0.0
     if mu == math.inf:

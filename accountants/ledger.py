@@ -98,4 +98,5 @@ class PrivacyLedger:
         return {"entries": [[event_to_dict(e), n] for e, n in self.entries]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.entries = [[event_from_dict(e), int(n)] for e, n in state["entries"]]
+        self.entries = [[event_from_dict(e), whole_count(n, "PrivacyLedger.load_state_dict: count")]
+                        for e, n in state["entries"]]

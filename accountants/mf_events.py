@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 from .calibration import calibrate_noise
 from .epsilon import ACCOUNTANTS
-from .events import DpEvent, GaussianEvent, PoissonSampledEvent, SelfComposedEvent, register_event
+from .events import DpEvent, GaussianEvent, is_rate, PoissonSampledEvent, SelfComposedEvent, register_event
 
 MF_SCHEMAS = ("min-sep", "fixed-epoch")
 
 
 def _positive(name: str, who: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0 and math.isfinite(value)):
         raise ValueError(f"{who}: {name} must be a positive finite number, got {value!r}")
 
 
@@ -110,7 +110,7 @@ class BandedCyclicPoissonEvent(DpEvent):
         _positive("max_column_norm", who, self.max_column_norm)
         _positive_int("partitions", who, self.partitions)
         _positive_int("steps", who, self.steps)
-        if not 0 < self.sample_rate <= 1:
+        if not is_rate(self.sample_rate):
             raise ValueError(f"{who}: sample_rate must be in (0, 1] (Poisson rate within a partition), "
                              f"got {self.sample_rate}")
         _coerce(self, ints=("partitions", "steps"), floats=("noise_multiplier", "max_column_norm", "sample_rate"))

@@ -5,7 +5,6 @@ import numpy as np
 
 from .gdp import gaussian_tradeoff
 from .report import BudgetReport
-from .tradeoff import tradeoff_curve
 
 
 def save_report_plot(report: BudgetReport, path: str) -> None:
@@ -18,9 +17,8 @@ def save_report_plot(report: BudgetReport, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     alphas = np.linspace(0.0, 1.0, 201)
     if report.steps > 0:
-        if not report.mixed:  # one (σ, q) for every step
-            a, b = tradeoff_curve(report.noise_multiplier, report.sample_rate, report.steps, alphas)
-            left.plot(a, b, label="this run (PRV, numerical)", lw=2)
+        a, b = report.tradeoff_curve(alphas)  # the composition of the steps taken (segments, σ schedule)
+        left.plot(a, b, label="this run (PRV, numerical)", lw=2)
         left.plot(alphas, gaussian_tradeoff(alphas, report.gdp_mu), "--", label=f"GDP-CLT μ={report.gdp_mu:.3f}")
     left.plot(alphas, 1 - alphas, ":", color="grey", label="random guessing")
     left.set(xlabel="type I error α (false positive rate)", ylabel="type II error β",

@@ -4,9 +4,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .backends import gdp_mu_of
+from .composition import flatten
 from .gdp import gdp_mu
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .events import DpEvent
 
 
 def json_safe(obj: Any) -> Any:
@@ -70,6 +77,9 @@ class BudgetReport:
     segments: list[tuple[int, int, float, float]] = field(default_factory=list)
     #: steps taken before the current plan's attach (``planned_steps`` counts from there; 0: one plan)
     plan_start: int = 0
+    #: the ledger's flattened events, [q, σ, count] of Gaussian steps: what ε is computed from (a
+    #: matrix-factorization run is one Gaussian, or ⌈T/b̂⌉ sampled ones); empty: use the fields above
+    composition: list[list[float]] = field(default_factory=list)
 
     @property
     def mixed(self) -> bool:
@@ -79,12 +89,32 @@ class BudgetReport:
     @property
     def gdp_mu(self) -> float:
         """CLT μ-GDP of the steps taken (Dong, Roth & Su 2019); μ² = Σ_t q_t²(e^{1/σ_t²} − 1) adds over
-        the ledger's segments (or the σ schedule)."""
-        if self.segments:
-            return sum(gdp_mu(s, q, b - a + 1) ** 2 for a, b, s, q in self.segments) ** 0.5
-        if self.noise_schedule:
-            return sum(gdp_mu(s, self.sample_rate, b - a + 1) ** 2 for a, b, s in self.noise_schedule) ** 0.5
-        return gdp_mu(self.noise_multiplier, self.sample_rate, self.steps)
+        the ledger's events (see :meth:`run_event`)."""
+        if self.steps == 0:
+            return gdp_mu(self.noise_multiplier, self.sample_rate, 0)
+        return gdp_mu_of(flatten(self.run_event()))
+
+    def run_event(self) -> "DpEvent":
+        """The composition of the steps taken: the ledger's flattened events, else its segments, else the σ
+        schedule (at the plan's q), else ``steps`` steps of the plan's (σ, q)."""
+        from .composition import poisson_gaussian
+        from .events import ComposedEvent
+
+        if self.composition:
+            runs = [(s, q, n) for q, s, n in self.composition]
+        elif self.segments:
+            runs = [(s, q, b - a + 1) for a, b, s, q in self.segments]
+        elif self.noise_schedule:
+            runs = [(s, self.sample_rate, b - a + 1) for a, b, s in self.noise_schedule]
+        else:
+            runs = [(self.noise_multiplier, self.sample_rate, self.steps)]
+        return ComposedEvent(tuple(poisson_gaussian(s, q, n) for s, q, n in runs))
+
+    def tradeoff_curve(self, alphas: "np.ndarray | None" = None) -> "tuple[np.ndarray, np.ndarray] | None":
+        """(α, β(α)): the numerical trade-off curve (a lower bound) of the steps taken, None before the first."""
+        from .tradeoff import tradeoff_of_event
+
+        return tradeoff_of_event(self.run_event(), alphas) if self.steps > 0 else None
 
     def to_text(self) -> str:
         target = "none" if self.target_epsilon is None else f"{self.target_epsilon:g}"
@@ -128,8 +158,13 @@ class BudgetReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields, with ``gdp_mu`` and ``guarantee`` (what the ε is: a bound, or for gdp an approximation;
+        the wording of ``dptrain epsilon --json``)."""
+        from .cli import GUARANTEE
+
         out = asdict(self)
         out["gdp_mu"] = self.gdp_mu
+        out["guarantee"] = GUARANTEE.get(self.accountant)
         return out
 
     def to_json(self) -> str:

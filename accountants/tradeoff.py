@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 from .backends import prv_composition
 from .composition import Flat, flatten, poisson_gaussian
+from .epsilon import check_run
 from .events import DpEvent
 from .prv_grid import PRVGridError
 
@@ -60,6 +61,7 @@ def tradeoff_of_event(event: DpEvent, alphas: np.ndarray | None = None, eps_max:
 def tradeoff_curve(noise_multiplier: float, sample_rate: float, steps: int,
                    alphas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Numerical trade-off curve of ``steps`` Poisson-sampled Gaussian steps (DP-SGD)."""
+    check_run(noise_multiplier, sample_rate, steps)
     return tradeoff_of_event(poisson_gaussian(noise_multiplier, sample_rate, steps), alphas)
 
 

@@ -357,7 +357,9 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
             planned_steps=plan.planned_steps, plan_start=self._plan_start, accountant=self.config.accountant,
             dataset_size=plan.dataset_size, max_grad_norm=self.config.max_grad_norm,
             mechanism=self.config.mechanism, epsilon_bounds=bounds, epsilon_history=history,
-            warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
+            warnings=warn, segments=self.ledger.segments() if self.adaptive is None else [],
+            composition=[[q, s, n] for (q, s), n in accountants.flatten(self.ledger.composed())]
+            if self.ledger.entries else [], **({} if self.adaptive is None else self.adaptive.report_fields(self.ledger)))
 
 
 def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None = None,

@@ -137,3 +137,85 @@ def test_invalid_event_counts_and_sigmas_are_errors_not_fewer_steps():
     assert SelfComposedEvent(GaussianEvent(1.0), 3.0).count == 3
     empty = PoissonSampledEvent(0.1, SelfComposedEvent(GaussianEvent(1.0), 0))  # was ZeroDivisionError
     assert accountants.epsilon_of_event(empty, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("q, steps", [(1.5, 10), (0.0, 10), (float("nan"), 10), (0.5, 2.7), (0.5, -1)])
+def test_poisson_gaussian_refuses_a_rate_outside_0_1_or_a_fractional_count(q, steps):
+    """q = 1.5 was silently taken as q = 1 (no subsampling), 2.7 steps as 2."""
+    with pytest.raises(ValueError):
+        accountants.poisson_gaussian(1.0, q, steps)
+    assert accountants.flatten(accountants.poisson_gaussian(1.0, 1.0, 10)) == (((1.0, 1.0), 10),)
+
+
+def test_pld_coarsens_a_grid_past_its_cap_and_stays_an_upper_bound(monkeypatch):
+    """The pld accountant sized its grid as 0.03/√T whatever the ε: σ = 2, q = 1, T = 1e5 asked for 2.2 GiB
+    arrays (MemoryError or the OOM killer). Past PLD_MAX_POINTS the step is coarsened instead (here with a small
+    cap on a small run)."""
+    from dp_accounting import pld
+
+    from accountants import backends
+
+    steps, sigma, delta = 1000, 2.0, 1e-5
+    flat = accountants.flatten(accountants.poisson_gaussian(sigma, 1.0, steps))
+    fine = 0.03 / steps ** 0.5
+    intervals = []
+    real = pld.PLDAccountant
+
+    def spy(*args, **kwargs):
+        intervals.append(kwargs["value_discretization_interval"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pld, "PLDAccountant", spy)
+    monkeypatch.setattr(backends, "PLD_MAX_POINTS", 100_000, raising=False)
+    backends.pld_epsilon.cache_clear()
+    try:
+        eps = accountants.epsilon(sigma, 1.0, steps, delta, accountant="pld")
+    finally:
+        backends.pld_epsilon.cache_clear()
+    assert len(intervals) == 1 and intervals[0] > fine
+    assert backends.pld_points(flat, fine) > 4e5  # the grid it would have been (~5e5 points)
+    assert backends.pld_points(flat, intervals[0]) <= 100_000 * (1 + 1e-9)
+    exact = accountants.eps_from_gdp(steps ** 0.5 / sigma, delta)  # unsampled Gaussian steps: exactly μ-GDP
+    assert exact <= eps <= exact * 1.01
+
+
+def test_a_bool_is_not_a_sampling_rate():
+    """epsilon(1.0, True, 10, δ) was taken as q = 1, as check_delta and whole_count already refuse bools."""
+    from accountants.mf_events import BandedCyclicPoissonEvent
+
+    with pytest.raises(ValueError, match="sample_rate"):
+        accountants.epsilon(1.0, True, 10, 1e-5)
+    with pytest.raises(ValueError, match="sample_rate"):
+        PoissonSampledEvent(True, GaussianEvent(1.0))
+    with pytest.raises(ValueError, match="sample_rate"):
+        accountants.gdp_mu(1.0, True, 10)
+    with pytest.raises(ValueError, match="sample_rate"):
+        BandedCyclicPoissonEvent(1.0, 1.0, 2, 10, sample_rate=True)
+
+
+def test_mf_events_take_numpy_scalars_like_gaussian_events():
+    import numpy as np
+
+    from accountants.mf_events import MatrixFactorizationEvent
+
+    event = MatrixFactorizationEvent(np.float32(2.0), np.float64(1.0), 10)
+    assert type(event.noise_multiplier) is float and event.noise_multiplier == 2.0
+    assert GaussianEvent(np.float32(2.0)) == GaussianEvent(2.0)
+
+
+def test_composed_event_takes_a_list():
+    """A list gave "TypeError: unhashable type: 'list'" from flatten's cache."""
+    parts = [GaussianEvent(1.0), SelfComposedEvent(GaussianEvent(2.0), 3)]
+    event = accountants.ComposedEvent(parts)
+    assert event == accountants.ComposedEvent(tuple(parts))
+    assert accountants.flatten(event) == (((1.0, 1.0), 1), ((1.0, 2.0), 3))
+    with pytest.raises(ValueError, match="DpEvent"):
+        accountants.ComposedEvent([1.0])
+
+
+def test_poisson_sampling_an_mf_event_is_refused_without_wrong_advice():
+    from accountants.mf_events import MatrixFactorizationEvent
+
+    with pytest.raises(NotImplementedError, match="only a GaussianEvent") as info:
+        accountants.flatten(PoissonSampledEvent(0.1, MatrixFactorizationEvent(2.0, 1.0, 10)))
+    assert "to_gaussian_event" not in str(info.value)

@@ -30,3 +30,18 @@ def test_mu_without_subsampling_is_exact_composition():
 
 def test_eps_zero_when_delta_is_loose():
     assert eps_from_gdp(0.1, 0.5) == 0.0
+
+
+@pytest.mark.parametrize("steps", [math.nan, 2.5, -1, math.inf, True])
+def test_gdp_mu_refuses_a_count_of_steps_that_is_not_whole(steps):
+    """NaN steps gave μ = NaN, 2.5 steps a μ for a fractional run."""
+    with pytest.raises(ValueError, match="steps"):
+        gdp_mu(1.0, 0.01, steps)
+    assert gdp_mu(1.0, 0.01, 0) == 0.0
+
+
+def test_delta_from_gdp_refuses_nan():
+    with pytest.raises(ValueError, match="mu"):
+        delta_from_gdp(1.0, math.nan)
+    with pytest.raises(ValueError, match="eps"):
+        delta_from_gdp(math.nan, 1.0)

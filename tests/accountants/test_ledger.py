@@ -81,3 +81,13 @@ def test_a_ledger_extends_the_ledgers_it_continues():
     assert b.extends(a)
     a.record(ps(0.1, 2.0))
     assert not b.extends(a)  # a: 3 steps at σ 1 then σ 2; b: 5 steps at σ 1 then σ 2
+
+
+@pytest.mark.parametrize("count", [2.7, -1, "3", None])
+def test_load_state_dict_refuses_a_count_that_is_not_whole(count):
+    """A count of 2.7 in a (corrupted) checkpoint was truncated to 2: the ledger undercounted the releases."""
+    ledger = PrivacyLedger()
+    with pytest.raises(ValueError, match="count"):
+        ledger.load_state_dict({"entries": [[{"type": "GaussianEvent", "noise_multiplier": 1.0}, count]]})
+    ledger.load_state_dict({"entries": [[{"type": "GaussianEvent", "noise_multiplier": 1.0}, 3.0]]})
+    assert ledger.steps == 3 and isinstance(ledger.entries[0][1], int)

@@ -56,3 +56,13 @@ def test_curve_stays_below_g_mu_when_mu_is_smaller_than_the_eps_error(sigma):
     alphas = np.linspace(0.3, 0.7, 81)
     a, b = tradeoff_curve(sigma, 1.0, 1, alphas=alphas)
     assert np.all(b <= gaussian_tradeoff(a, 1.0 / sigma) + 1e-12)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.5, 2.7), (1.0, 0.01, 0), (1.0, 1.5, 10), (1.0, 0.01, math.nan),
+                                             (0.0, 0.01, 10)])
+def test_tradeoff_curve_refuses_what_epsilon_refuses(sigma, q, steps):
+    """steps = 2.7 was taken as 2 (a curve more private than 3 steps'), steps = 0 divided by zero, q = 1.5 was q = 1."""
+    with pytest.raises(ValueError):
+        accountants.epsilon(sigma, q, steps, 1e-5)
+    with pytest.raises(ValueError):
+        tradeoff_curve(sigma, q, steps, alphas=[0.1])

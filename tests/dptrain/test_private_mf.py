@@ -196,3 +196,15 @@ def test_an_mf_step_that_fails_or_a_checkpoint_between_draw_and_step_does_not_sk
     again.attach(_data(), batch_size=12, epochs=2, lr=0.1)
     with pytest.raises(dptrain.PrivacyConfigError, match="drawn 1 batches for 0 recorded steps"):
         again.load_state_dict(state)
+
+
+@pytest.mark.parametrize("mechanism", ["banded-mf", "multi-epoch-mf"])
+def test_the_report_of_an_mf_run_gives_the_mu_of_its_ledger(mechanism):
+    """The report's μ-GDP treated an MF run as T DP-SGD steps (the ledger has no segments once a no-op is
+    recorded): μ overstated by √T (multi-epoch) or √b̂ (banded)."""
+    from accountants.backends import gdp_mu_of
+
+    _, priv = _run(mechanism)
+    priv.fit()
+    rep = priv.report()
+    assert rep.gdp_mu == pytest.approx(gdp_mu_of(accountants.flatten(priv.ledger.composed())), rel=1e-12)
