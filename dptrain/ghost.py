@@ -99,7 +99,8 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     with Recorder(owners, kinds, copies) as rec:
         output = model(*xs)
     b = int(y.shape[0])
-    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == b for t in tree_leaves(output)):
+    leaves = (output,) if type(output) is torch.Tensor else tree_leaves(output)
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == b for t in leaves):
         return None  # a leaf that is not one row per example (an auxiliary scalar): vmap forms the losses
     losses = per_example_losses(loss_fn, output, y)
     if rec.modified_in_place():

@@ -88,10 +88,9 @@ class StateGuard:
         self.state = self._state(self.modules)
         self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
         copies: dict[int, SavedBuffer] = {}
-        with torch.no_grad():
-            for _, _, b, v in self.buffers:
-                held = None if saved is None else saved.get(id(b))
-                copies[id(b)] = held if held is not None and held[0] is b and held[1] == v else (b, v, b.detach().clone())
+        for _, _, b, v in self.buffers:
+            held = None if saved is None else saved.get(id(b))
+            copies[id(b)] = held if held is not None and held[0] is b and held[1] == v else (b, v, b.detach().clone())
         if saved is not None:
             saved.clear()
             saved.update(copies)
