@@ -31,7 +31,7 @@ from .engine import LossFn, trainable_parameters
 from .errors import PrivacyConfigError, PrivacyError
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
-from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta
+from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta, weak_default_delta
 from .run_checkpoint import Checkpointing
 from .run_guards import Guards, check_precision
 from .run_plan import Planning, warn_if_mf_batch_differs
@@ -133,6 +133,10 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
         if sample_rate is None:
             if batch_size is None or not batch_size >= 1 or not math.isfinite(batch_size):
                 raise PrivacyConfigError(f"attach: batch_size must be a whole number >= 1, got {batch_size}")
+            if batch_size > n:
+                warnings.warn(f"attach: batch_size={batch_size} > N={n}: the sampling rate is capped at q = 1, so every "
+                              "step trains on the whole dataset (no privacy amplification by sampling); use a "
+                              "batch_size below N", stacklevel=5)
             sample_rate = min(1.0, batch_size / n)
         if not 0 < sample_rate <= 1:
             raise PrivacyConfigError(f"attach: sample_rate must be in (0, 1], got {sample_rate}")
@@ -151,6 +155,9 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
         if delta >= 1 / n:
             warnings.warn(f"delta={delta:g} is >= 1/N = {1 / n:g}: such a δ allows leaking a whole record; "
                           f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=5)
+        weak = weak_default_delta(delta, n) if self.config.delta is None else None
+        if weak is not None:
+            warnings.warn(f"attach: {weak}", stacklevel=5)
         if self.config.clipping == "per-layer":
             self.clipping = ClippingConfig.per_layer(self.model, self.config.max_grad_norm)
         else:
@@ -350,6 +357,9 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
             limit = accountants.shuffled_limit(plan.noise_multiplier, plan.steps_per_epoch)
             if limit.warning():
                 warn.append("if batches were shuffled instead of Poisson-sampled: " + str(limit.warning()))
+        weak = weak_default_delta(plan.delta, plan.dataset_size) if self.config.delta is None else None
+        if weak is not None:
+            warn.append(weak)
         bounds = self.ledger.epsilon_bounds(plan.delta) if self.steps and self.config.accountant == "prv" else None
         return accountants.BudgetReport(
             epsilon_spent=self.epsilon_spent(), delta=plan.delta, target_epsilon=self.config.eps,

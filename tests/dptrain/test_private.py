@@ -664,6 +664,7 @@ def test_a_re_attach_calibrates_its_plan_to_the_budget_left():
     first_sigma = priv.plan.noise_multiplier
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "stops at the budget before the plan ends"
+        warnings.filterwarnings("ignore", message=".*weak guarantee")  # N = 200 with the default δ
         priv.attach(_data(), batch_size=40, epochs=2, optimizer=_sgd(model))
     assert priv.plan.noise_multiplier > first_sigma
     assert priv.plan.planned_epsilon == pytest.approx(2.0, rel=0.011) and priv.plan.planned_epsilon <= 2.0
@@ -847,3 +848,32 @@ def test_a_frozen_bf16_layer_is_not_taken_for_mixing_but_mixing_still_is(engine)
     mixing = dptrain.make_private(_FrozenBf16(mix=True), eps=3.0, seed=1, engine=engine)
     with pytest.raises(dptrain.UnsupportedModuleError, match="mixes examples"):
         mixing.attach(data, batch_size=10, epochs=1, lr=0.1)
+
+
+def _small_run(n, delta=None, batch_size=16):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,)))
+    priv = dptrain.make_private(model, eps=3.0, delta=delta, seed=0)
+    priv.attach(data, batch_size=batch_size, epochs=1, lr=0.1)
+    return priv
+
+
+def test_a_weak_default_delta_for_a_small_dataset_is_warned_about_and_reported():
+    """With N = 100 the default 1/N^1.1 is 6.3e-3: federated and DIFF2 runs warned about it, make_private did not."""
+    with pytest.warns(UserWarning, match="weak guarantee"):
+        priv = _small_run(100)
+    priv.step(*priv.loader.batch(priv.loader.sampler.sample()))
+    assert any("weak guarantee" in w for w in priv.report().warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = _small_run(100, delta=1e-5)  # an explicit δ, or enough data, is not warned about
+        _small_run(1000)
+    quiet.step(*quiet.loader.batch(quiet.loader.sampler.sample()))
+    assert not any("weak guarantee" in w for w in quiet.report().warnings)
+
+
+def test_a_batch_size_above_the_dataset_size_is_warned_about():
+    with pytest.warns(UserWarning, match="capped at q = 1"):
+        priv = _small_run(1000, batch_size=2000)
+    assert priv.plan.sample_rate == 1.0
