@@ -257,8 +257,9 @@ class Guards:
             self.loader.use(position)
             return
         raise PrivacyError(
-            "priv.step needs the batch the Poisson loader returned by attach yields; a batch from another "
-            "DataLoader is not Poisson-sampled at q and would not be covered by ε. Got a batch of "
+            "priv.step needs a batch the Poisson loader returned by attach has drawn and not yet used: a batch "
+            "from another DataLoader is not Poisson-sampled at q, and a batch used twice is two steps on the same "
+            "draw; neither would be covered by ε. Got a batch of "
             f"{'inconsistent' if rows is None else rows} rows, and no unused batch of that size was drawn from "
             "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 

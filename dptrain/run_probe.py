@@ -163,8 +163,10 @@ class Probing:
             except Exception as exc:  # noqa: BLE001 - re-raised with context
                 raise UnsupportedModuleError(
                     f"per-example gradients cannot be computed for this model ({type(exc).__name__}: {exc}). "
-                    "Check that forward() does not mix examples (no BatchNorm, no in-place ops on inputs, "
-                    "no .item() calls) and that the loss_fn takes (output, target).") from exc
+                    "Common causes: the data does not fit the model (dtype, shape or device of the inputs or "
+                    "targets: run model(x) and loss_fn(model(x), y) on one batch to see); the loss_fn does not "
+                    "take (output, target); forward() mixes examples or calls .item() (BatchNorm: "
+                    "dptrain.fix(model); no in-place ops on inputs).") from exc
             fast = (ghost_clip_and_sum(self.model, self.loss_fn, x, y, self.clipping) if self.config.engine == "auto"
                     else None)  # engine="vmap" / "loop": the fast path is not used, the losses are compared
         fix = ("so per-example clipping would not bound each example's influence. Remove batch-level operations "

@@ -877,3 +877,12 @@ def test_a_batch_size_above_the_dataset_size_is_warned_about():
     with pytest.warns(UserWarning, match="capped at q = 1"):
         priv = _small_run(1000, batch_size=2000)
     assert priv.plan.sample_rate == 1.0
+
+
+def test_data_that_does_not_fit_the_model_is_named_as_the_likely_cause():
+    """A dtype mismatch between data and model was reported with advice about BatchNorm and mixing only."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(1000, 4, dtype=torch.float64), torch.randint(0, 2, (1000,)))
+    priv = dptrain.make_private(model, eps=3.0, seed=0)
+    with pytest.raises(dptrain.UnsupportedModuleError, match="the data does not fit the model"):
+        priv.attach(data, batch_size=16, epochs=1, lr=0.1)
