@@ -1,6 +1,9 @@
 """The per-step state guard: a forward over private data must leave the model's buffers and parameters alone."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 from torch import nn
@@ -9,19 +12,10 @@ from torch.utils.data import TensorDataset
 import dptrain
 from dptrain.errors import UnsupportedModuleError
 
-
-class BufferNet(nn.Module):
-    """A registered buffer that forward only reads, and a frozen parameter next to trainable ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, 5))
-        self.frozen = nn.Linear(5, 5)
-        self.frozen.requires_grad_(False)
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.frozen(x * self.scale)))
+_spec = importlib.util.spec_from_file_location("dp_test_models", pathlib.Path(__file__).with_name("models.py"))
+models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(models)  # type: ignore[union-attr]
+BufferNet = models.BufferNet  # a registered buffer that forward only reads, and a frozen parameter
 
 
 def _data(n=120, d=5, seed=0, outlier=None):
