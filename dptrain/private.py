@@ -396,6 +396,8 @@ def make_private(model: nn.Module, eps: float | None = 3.0, delta: float | None 
     ``"loop"`` always — for a model whose ``forward`` reorders examples depending on the data, which the fast
     path assumes it does not.
     """
+    if not isinstance(model, nn.Module):
+        raise PrivacyConfigError(f"make_private: model must be a torch.nn.Module, got {type(model).__name__}")
     config = PrivacyConfig(eps, delta, float(max_grad_norm), mechanism, accountant, clipping,
                            noise_multiplier, chunk_size, seed, bands, engine)
     if accountant == "gdp" and eps is not None:

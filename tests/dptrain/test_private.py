@@ -886,3 +886,8 @@ def test_data_that_does_not_fit_the_model_is_named_as_the_likely_cause():
     priv = dptrain.make_private(model, eps=3.0, seed=0)
     with pytest.raises(dptrain.UnsupportedModuleError, match="the data does not fit the model"):
         priv.attach(data, batch_size=16, epochs=1, lr=0.1)
+
+
+def test_make_private_of_something_that_is_not_a_module_is_a_clear_error():
+    with pytest.raises(dptrain.PrivacyConfigError, match="model must be a torch.nn.Module, got str"):
+        dptrain.make_private("model", eps=3.0)
