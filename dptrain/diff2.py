@@ -100,10 +100,11 @@ class Diff2Trainer:
             raise PrivacyConfigError(f"DIFF2: lr must be a positive finite step size, got {lr}")
         if not trainable_parameters(model):
             raise PrivacyConfigError("DIFF2: the model has no trainable parameters")
-        # per-example gradients must depend on their own example only; and at both levels no module may keep
+        # per-example gradients must depend on their own example only; at both levels no module may keep
         # statistics of the data it sees (BatchNorm's running mean / var): the model's buffers are released
-        # with it and receive no noise
-        validate(model)
+        # with it and receive no noise. A client's examples are one unit: a BatchNorm without running
+        # statistics mixes only them, and is allowed at client level
+        validate(model, mixing_allowed=level == "client")
         if config.private:  # the clip bound must hold in the parameters' dtype (as make_private checks)
             check_precision(trainable_parameters(model), "make_diff2")
         self.model, self.clients, self.config, self.lr = model, list(clients), config, float(lr)
@@ -149,6 +150,18 @@ class Diff2Trainer:
         return {k: (gi if gi is not None else torch.zeros_like(p)).unsqueeze(0)
                 for (k, p), gi in zip(params.items(), g)}
 
+    @staticmethod
+    def _guarded(unit_grads, buffers: StateGuard, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``unit_grads(x, y)``, then the buffers checked (:meth:`StateGuard.check`); if it raises, the buffers
+        are put back first."""
+        try:
+            g = unit_grads(x, y)
+        except BaseException:
+            buffers.undo()
+            raise
+        buffers.check()
+        return g
+
     def step_distance(self) -> float:
         """‖x_t − x_{t−1}‖ over the trainable parameters (public: both iterates were released)."""
         if self.previous is None:
@@ -182,8 +195,7 @@ class Diff2Trainer:
             for j, ((xc,), yc) in enumerate(parts):
                 if int(yc.shape[0]) == 0:
                     continue
-                g = unit_grads(xc, yc)
-                buffers.check()
+                g = self._guarded(unit_grads, buffers, xc, yc)
                 if self.cache_gradients:
                     cache[(c, j)] = g
                 if not refresh:
@@ -191,8 +203,7 @@ class Diff2Trainer:
                     if g_prev is None or next(iter(g_prev.values())).shape[0] != yc.shape[0]:
                         assert self.previous is not None
                         with _parameters_at(self.model, self.previous):
-                            g_prev = unit_grads(xc, yc)
-                        buffers.check()
+                            g_prev = self._guarded(unit_grads, buffers, xc, yc)
                     g = {k: g[k] - g_prev[k] for k in g}
                 part = clipped_sum(g, clip)
                 for k in total:

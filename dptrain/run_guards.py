@@ -59,6 +59,12 @@ def _modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def version(t: torch.Tensor) -> int:
+    """``t``'s version counter (moved by every in-place write); -1 for an inference tensor (made under
+    ``torch.inference_mode()``), which has none and which nothing outside inference mode can write to."""
+    return -1 if t.is_inference() else t._version
+
+
 #: a saved buffer: (the buffer, its version counter when it was copied, the copy)
 SavedBuffer = tuple[torch.Tensor, int, torch.Tensor]
 
@@ -87,6 +93,8 @@ class StateGuard:
         self.modules = _modules(model)
         self.state = self._state(self.modules)
         self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
+        #: buffer slots registered as None (to fill on first use): undone to None, not removed
+        self.empty = {(id(m), k) for m in self.modules for k, b in m._buffers.items() if b is None}
         copies: dict[int, SavedBuffer] = {}
         for _, _, b, v in self.buffers:
             held = None if saved is None else saved.get(id(b))
@@ -99,9 +107,9 @@ class StateGuard:
     def _state(self, modules: list[nn.Module]) -> list[tuple[nn.Module, bool, str, torch.Tensor, int]]:
         """``(module, is a buffer, name, tensor, version)`` of every buffer (and parameter, unless written by
         the run itself) of ``modules``."""
-        out = [(m, True, k, b, b._version) for m in modules for k, b in m._buffers.items() if b is not None]
+        out = [(m, True, k, b, version(b)) for m in modules for k, b in m._buffers.items() if b is not None]
         if self.parameters:
-            out += [(m, False, k, p, p._version) for m in modules for k, p in m._parameters.items()
+            out += [(m, False, k, p, version(p)) for m in modules for k, p in m._parameters.items()
                     if p is not None and id(p) not in self.written]
         return out
 
@@ -132,6 +140,10 @@ class StateGuard:
                 "would leave in the clear; the change was undone. Fix: keep no statistics of the data in buffers "
                 "(compute them from public data outside the model, or store a constant that forward only reads); "
                 "BatchNorm / InstanceNorm: model = dptrain.fix(model).")
+            if any(how in ("was registered", "was reassigned") for _, _, how in buffers):
+                text.append(
+                    "A constant cached on first use (a causal mask, rotary tables built in forward) counts as a "
+                    "change too: build it in __init__, or run the model once on a dummy batch before make_private.")
         if params:
             text.append(
                 "Parameters may change only in the noised step; a write to one in forward (Embedding(max_norm=...) "
@@ -156,7 +168,7 @@ class StateGuard:
                 if now is not b:
                     buffers.append((m, k, "was reassigned" if now is not None else "was removed"))
                     m._buffers[k] = b
-                if b._version != v:
+                if version(b) != v:
                     if now is b:
                         buffers.append((m, k, "was updated in place"))
                     b.copy_(self.copies[id(b)][2])
@@ -164,13 +176,16 @@ class StateGuard:
             for m in modules:
                 for k in [k for k, b in m._buffers.items() if b is not None and (id(m), k) not in known]:
                     buffers.append((m, k, "was registered"))
-                    del m._buffers[k]
+                    if (id(m), k) in self.empty:
+                        m._buffers[k] = None
+                    else:
+                        del m._buffers[k]
             for m, k, p, v in [(m, k, p, v) for m, is_buffer, k, p, v in self.state if not is_buffer]:
                 now = m._parameters.get(k)
                 if now is not p:
                     params.append((m, k, "was reassigned (put back)"))
                     m._parameters[k] = p
-                if p._version != v:
+                if version(p) != v:
                     params.append((m, k, "was changed in place"))
         return buffers, params
 

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from .clipping import clip_and_sum
 from .engine import _as_tuple, choose_method
 from .errors import UnsupportedModuleError
+from .run_guards import version
 from .sampling import unpack_batch as _unpack
 
 
@@ -61,15 +62,15 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
     """Put every buffer back on exit, the tensor object and its values (a forward may update or replace one).
     Only what changed is put back: a write would move the buffer's version counter, which the step guard
     (:class:`dptrain.run_guards.StateGuard`) reads as a forward that updates the buffer."""
-    saved = [(m, k, b, b._version, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
+    saved = [(m, k, b, version(b), b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
              if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, k, b, version, values in saved:
+            for m, k, b, saved_version, values in saved:
                 m._buffers[k] = b
-                if b._version != version:
+                if version(b) != saved_version:
                     b.copy_(values)
 
 

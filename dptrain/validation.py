@@ -37,22 +37,32 @@ def _problem(module: nn.Module) -> str | None:
     return None
 
 
-def find_problems(model: nn.Module) -> list[tuple[str, str]]:
-    """``(qualified module name, explanation)`` for every module incompatible with DP-SGD."""
+def _stateless_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm without running statistics: it mixes the examples of one forward, and keeps nothing."""
+    return isinstance(module, _BATCH_NORMS) and getattr(module, "running_mean", None) is None
+
+
+def find_problems(model: nn.Module, mixing_allowed: bool = False) -> list[tuple[str, str]]:
+    """``(qualified module name, explanation)`` for every module incompatible with DP-SGD. ``mixing_allowed``:
+    the privacy unit is a whole forward's batch (client-level DP), so a BatchNorm without running statistics,
+    which only mixes the examples of that batch, is not a problem."""
     out = []
     for name, module in model.named_modules():
-        msg = _problem(module)
+        msg = None if mixing_allowed and _stateless_batch_norm(module) else _problem(module)
         if msg is not None:
             out.append((name or "<model>", msg))
     return out
 
 
-def validate(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModuleError` naming each module that breaks per-example independence."""
-    problems = find_problems(model)
+def validate(model: nn.Module, mixing_allowed: bool = False) -> None:
+    """Raise :class:`UnsupportedModuleError` naming each module that breaks per-example independence (with
+    ``mixing_allowed``, for a unit that is a whole batch: each module that keeps statistics of the data or
+    writes to its weights)."""
+    problems = find_problems(model, mixing_allowed)
     if problems:
         lines = "\n".join(f"  - {name}: {msg}" for name, msg in problems)
-        fixable = sum(_problem(m) is not None and not isinstance(m, _LOOKUPS) for m in model.modules())
+        named = {name for name, _ in problems}
+        fixable = sum(not isinstance(m, _LOOKUPS) for name, m in model.named_modules() if (name or "<model>") in named)
         fix_line = "" if not fixable else "\nFix: model = dptrain.fix(model)" + (
             "; the lookups as said above" if fixable < len(problems) else "")
         raise UnsupportedModuleError(

@@ -141,7 +141,8 @@ class FederatedTraining:
     def _delta(self, clients: Mapping[int, Dataset]) -> float:
         if self.config.dp == "client":
             self._units = (self.num_clients, "clients")
-            return resolve_delta(self.config.delta, self.num_clients, "make_federated(dp='client')", "clients")
+            return resolve_delta(self.config.delta, self.num_clients, "make_federated(dp='client')", "clients",
+                                 private=self.config.private)
         local = torch.tensor([float(sum(len(ds) for k, ds in clients.items() if self.comm.owns(k)))])  # type: ignore[arg-type]
         self.comm.all_reduce_sum([local])  # every rank takes part, with or without an explicit δ
         self._units = (int(local.item()), "examples")

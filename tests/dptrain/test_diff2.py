@@ -135,6 +135,41 @@ def test_client_level_refuses_batchnorm_and_names_the_fix():
             make_diff2(net, clients(), eps=1.0, rounds=4, refresh_every=2, level="client")
 
 
+def test_client_level_accepts_a_batchnorm_without_running_statistics():
+    """At client level a client's examples are one unit: a BatchNorm without running statistics mixes only them
+    and keeps nothing (the check refused it at both levels; at example level it is still refused)."""
+    from dptrain.errors import UnsupportedModuleError
+
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)).double()
+    trainer = make_diff2(net, clients(), eps=1.0, rounds=2, refresh_every=2, level="client", delta=1e-5)
+    trainer.fit()
+    assert trainer.epsilon_spent() <= 1.0
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm1d"):
+        make_diff2(net, clients(), eps=1.0, rounds=2, refresh_every=2, level="example")
+
+
+class _Fails(nn.Module):
+    """Updates its buffer in place, then raises (a forward that fails half-way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add_(x.detach().mean(0))
+        raise RuntimeError("boom")
+
+
+def test_a_forward_that_raises_leaves_the_buffers_as_they_were():
+    """DIFF2 put the buffers back only after a forward that returned: one that updated a buffer and then raised
+    left the client's statistic in the model."""
+    net = nn.Sequential(_Fails(), nn.Linear(5, 3)).double()
+    trainer = make_diff2(net, clients(), eps=1.0, rounds=2, refresh_every=2, level="client", delta=1e-5)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert float(net[0].seen.abs().max()) == 0.0
+
+
 class _RunningMean(nn.Module):
     """Keeps a running mean of its inputs in a buffer (a statistic of the data no model check knows)."""
 

@@ -172,3 +172,48 @@ def test_an_embedding_given_max_norm_after_attach_is_refused_at_the_step_on_the_
     with pytest.raises(UnsupportedModuleError, match=r"module 'e' \(Embedding\): parameter 'weight' was changed"):
         priv.step(*next(iter(priv.loader)))
     assert priv.steps == 0
+
+
+class _InferenceBuffer(nn.Module):
+    """A constant buffer made under torch.inference_mode() (it has no version counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.inference_mode():
+            self.register_buffer("scale", torch.full((5,), 0.5))
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(x * self.scale)
+
+
+def test_a_buffer_made_in_inference_mode_is_read_without_a_version_counter():
+    """Reading its _version raised 'Inference tensors do not track version counter' at every attach."""
+    model = _InferenceBuffer()
+    priv = _attached(model)
+    priv.step(*next(iter(priv.loader)))
+    assert priv.steps == 1
+
+
+class _CachedMask(nn.Module):
+    """Builds a constant on first use inside forward (as lazily cached causal masks are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 2)
+        self.register_buffer("mask", None)
+
+    def forward(self, x):
+        if self.mask is None:
+            self.mask = torch.ones(5)
+        return self.fc(x * self.mask)
+
+
+def test_a_constant_cached_on_first_use_is_refused_with_the_workaround():
+    model = _CachedMask()
+    priv = dptrain.make_private(model, eps=1.0, seed=0)
+    with pytest.raises(UnsupportedModuleError, match="run the model once on a dummy batch before make_private"):
+        priv.attach(_data(), batch_size=24, epochs=1)
+    model(torch.zeros(2, 5))  # the workaround: the cache exists before the private passes
+    priv = _attached(model)
+    priv.step(*next(iter(priv.loader)))
