@@ -77,11 +77,14 @@ def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 def _with_affine(new: nn.Module, old: nn.Module) -> nn.Module:
-    """``new`` (a GroupNorm over the same C channels) with ``old``'s learned per-channel weight and bias."""
+    """``new`` (a GroupNorm over the same C channels) with ``old``'s learned per-channel weight and bias, frozen
+    where they were frozen."""
     if old.affine:
         with torch.no_grad():
             new.weight.copy_(old.weight)
             new.bias.copy_(old.bias)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.bias.requires_grad_(old.bias.requires_grad)
     return new
 
 

@@ -100,3 +100,12 @@ def test_fix_of_an_uninitialised_lazy_batchnorm_says_to_run_a_forward_first():
         dptrain.fix(model)
     model(torch.randn(2, 3, 5, 5))
     assert isinstance(dptrain.fix(model)[1], nn.GroupNorm)
+
+
+def test_fix_keeps_a_frozen_batchnorm_frozen():
+    """fix() copied the affine values but made a frozen BatchNorm's replacement trainable."""
+    bn = nn.BatchNorm1d(4)
+    bn.requires_grad_(False)
+    fixed = dptrain.fix(nn.Sequential(nn.Linear(3, 4), bn))
+    assert not fixed[1].weight.requires_grad and not fixed[1].bias.requires_grad
+    assert fixed[0].weight.requires_grad
