@@ -188,7 +188,7 @@ class Diff2Trainer:
         unit_grads = self._example_grads if self.level == "example" else self._client_grad
         # DIFF2 releases the model with its buffers, and noise reaches the trainable parameters only: a forward
         # that updates a buffer from the data is refused, and the update undone (both levels)
-        buffers = StateGuard(self.model, "DIFF2", parameters=False)
+        buffers = StateGuard(self.model, "DIFF2", parameters=False, values=True)
         cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for c, (x, y) in enumerate(self.clients):
             parts = iter_chunks(x, y, self.chunk_size) if self.level == "example" else [((x,), y)]

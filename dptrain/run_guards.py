@@ -83,13 +83,17 @@ class StateGuard:
 
     Cost per pass: identities and version counters of every buffer and parameter; a buffer's values are
     copied only when ``saved`` holds no copy of it at its current version (at the first pass, and after
-    something outside the private passes changed it). Writes through ``.data`` bypass the version counter
-    and are not seen.
+    something outside the private passes changed it). Writes through ``.data`` bypass the version counter;
+    with ``values`` (the attach probe and the first step after each attach, where the copy is fresh) the
+    buffers' values are compared with their copies as well, which catches such a write in a forward that
+    makes it every time (the running average of a VQ-VAE codebook, ``buf.data.mul_(d).add_(…)``) at the cost
+    of one read of the buffers (and, on a GPU, one synchronisation).
     """
 
     def __init__(self, model: nn.Module, where: str, parameters: bool = True, written: frozenset[int] = frozenset(),
-                 saved: dict[int, SavedBuffer] | None = None) -> None:
+                 saved: dict[int, SavedBuffer] | None = None, values: bool = False) -> None:
         self.model, self.where, self.parameters, self.written = model, where, parameters, written
+        self.values = values
         self.modules = _modules(model)
         self.state = self._state(self.modules)
         self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
@@ -97,7 +101,8 @@ class StateGuard:
         self.empty = {(id(m), k) for m in self.modules for k, b in m._buffers.items() if b is None}
         copies: dict[int, SavedBuffer] = {}
         for _, _, b, v in self.buffers:
-            held = None if saved is None else saved.get(id(b))
+            held = None if saved is None or values else saved.get(id(b))  # values: fresh copies (one taken
+            # before a change made through .data outside the private passes would be stale)
             copies[id(b)] = held if held is not None and held[0] is b and held[1] == v else (b, v, b.detach().clone())
         if saved is not None:
             saved.clear()
@@ -121,8 +126,28 @@ class StateGuard:
         if len(now) == len(self.state) and all(
                 m is m2 and k == k2 and t is t2 and v == v2
                 for (m, _, k, t, v), (m2, _, k2, t2, v2) in zip(self.state, now)):
+            if self.values:
+                self._check_values()
             return
         raise self.refusal(*self.undo(modules))
+
+    def _check_values(self) -> None:
+        """Refuse (after putting them back) buffers whose values changed while their version counter did not:
+        a write through ``.data``."""
+        pairs = [(m, k, b, self.copies[id(b)][2]) for m, k, b, _ in self.buffers if b.numel()]
+        if not pairs:
+            return
+        device = pairs[0][2].device
+        differ = torch.stack([((b != c) & ~(b.isnan() & c.isnan()) if b.is_floating_point() else b != c)
+                              .any().to(device) for _, _, b, c in pairs]).tolist()
+        changed = [(m, k, b, c) for (m, k, b, c), d in zip(pairs, differ) if d]
+        if not changed:
+            return
+        with torch.no_grad():
+            for _, _, b, c in changed:
+                b.copy_(c)
+        raise self.refusal([(m, k, "was changed through .data (without a version change)")
+                            for m, k, _, _ in changed], [])
 
     def refusal(self, buffers: list, params: list) -> UnsupportedModuleError:
         """The error naming the changed buffers and parameters (as :meth:`undo` returns them) and the fix."""
@@ -284,7 +309,9 @@ class Guards:
         (:class:`StateGuard`; refused with the buffers restored). If the block raises, the buffers are put
         back and its exception goes on."""
         saved = self.__dict__.setdefault("_saved_buffers", {})
-        guard = StateGuard(self.model, where, written=self._written_in_forward(), saved=saved)
+        attach = where.startswith("attach")
+        values = attach or not self.__dict__.get("_values_checked", False)  # the probe and the next step
+        guard = StateGuard(self.model, where, written=self._written_in_forward(), saved=saved, values=values)
         try:
             yield
         except BaseException as exc:
@@ -297,6 +324,7 @@ class Guards:
                 raise guard.refusal([], []) from exc  # torch.func refused the write before it happened
             raise
         guard.check()
+        self._values_checked = not attach
 
     def _written_in_forward(self) -> frozenset[int]:
         """Ids of parameters the run itself writes to during a forward: the tables of a lazy run

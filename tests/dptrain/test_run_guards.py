@@ -217,3 +217,42 @@ def test_a_constant_cached_on_first_use_is_refused_with_the_workaround():
     model(torch.zeros(2, 5))  # the workaround: the cache exists before the private passes
     priv = _attached(model)
     priv.step(*next(iter(priv.loader)))
+
+
+class _DataEma(nn.Module):
+    """A running average kept through .data (a VQ-VAE codebook's idiom): no version change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(5))
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        if self.training:
+            self.ema.data.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_a_buffer_written_through_data_is_refused_and_put_back(engine):
+    """A write through .data moves no version counter: training ran and the buffer kept a statistic of the
+    private data. The attach probe and the first step after an attach compare the buffers' values too."""
+    model = _DataEma()
+    priv = dptrain.make_private(model, eps=1.0, seed=0, engine=engine)
+    # (vmap: torch.func refuses the write itself)
+    with pytest.raises(UnsupportedModuleError, match=r"buffer 'ema' was changed through \.data|forward wrote in place"):
+        priv.attach(_data(), batch_size=24, epochs=1)
+        priv.step(*next(iter(priv.loader)))
+    assert float(model.ema.abs().max()) == 0.0
+
+
+def test_buffers_changed_by_the_user_between_steps_are_not_taken_for_a_write():
+    model = BufferNet()
+    priv = _attached(model)
+    priv.step(*next(iter(priv.loader)))
+    model.scale.data.mul_(2)  # outside the private passes: the user's change
+    priv.step(*next(iter(priv.loader)))
+    priv.attach(_data(), batch_size=24, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    model.scale.data.mul_(2)
+    priv.step(*next(iter(priv.loader)))  # the first step after an attach compares values with fresh copies
+    assert priv.steps == 3
