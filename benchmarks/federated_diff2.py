@@ -38,7 +38,7 @@ from torch import nn
 from dptrain.client_split import label_skew_split
 from dptrain.demo import digits_split
 from dptrain.diff2 import make_diff2
-from dptrain.private import default_delta
+from dptrain.privacy_config import default_delta
 from mechanisms.diff2 import calibrate_diff2
 
 N_CLIENTS = 10

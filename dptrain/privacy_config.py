@@ -124,7 +124,8 @@ def weak_default_delta(delta: float, n: int, units: str = "examples") -> str | N
             f"{some:.0%}, and the run still meet its ε); pass delta= explicitly (e.g. delta=1e-5) or use more {units}")
 
 
-def resolve_delta(delta: float | None, n: int, who: str, units: str = "examples", private: bool = True) -> float:
+def resolve_delta(delta: float | None, n: int, who: str, units: str = "examples", private: bool = True,
+                  stacklevel: int = 3) -> float:
     """The run's δ: the user's ``delta`` (warned about when ≥ 1/N), else the default 1/N^1.1 for N = ``n``
     privacy units, warned about (:func:`weak_default_delta`) when it exceeds :data:`DEFAULT_DELTA_CAP`.
     ``private=False`` (a run without noise, ε = ∞): δ is only recorded, nothing is warned about."""
@@ -136,10 +137,10 @@ def resolve_delta(delta: float | None, n: int, who: str, units: str = "examples"
             raise PrivacyConfigError(f"{who}: delta must be in (0, 1), got {delta}")
         if private and n >= 1 and delta >= 1 / n:
             warnings.warn(f"{who}: delta={delta:g} is >= 1/N = {1 / n:g} (N = {n} {units}): such a δ allows "
-                          f"leaking a whole unit; use delta < 1/N", stacklevel=3)
+                          f"leaking a whole unit; use delta < 1/N", stacklevel=stacklevel)
         return delta
     default = default_delta(max(n, 1))
     note = weak_default_delta(default, n, units) if private else None
     if note is not None:
-        warnings.warn(f"{who}: {note}", stacklevel=3)
+        warnings.warn(f"{who}: {note}", stacklevel=stacklevel)
     return default

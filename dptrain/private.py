@@ -31,7 +31,8 @@ from .engine import LossFn, trainable_parameters
 from .errors import PrivacyConfigError, PrivacyError
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
-from .privacy_config import MF_MECHANISMS, PrivacyConfig, TrainingPlan, default_delta, weak_default_delta
+from .privacy_config import (MF_MECHANISMS, PrivacyConfig, TrainingPlan, resolve_delta,
+                             weak_default_delta)
 from .run_checkpoint import Checkpointing
 from .run_guards import Guards, check_precision
 from .run_plan import Planning, warn_if_mf_batch_differs
@@ -150,14 +151,8 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
                 f"attach: the dataset has N={n} example; the default δ = 1/N^1.1 is then 1, which allows releasing "
                 "it in the clear. Pass make_private(..., delta=...) with the δ you mean (DP over one record is "
                 "rarely what is wanted: train on more data)")
-        delta = self.config.delta if self.config.delta is not None else default_delta(n)
+        delta = resolve_delta(self.config.delta, n, "attach", stacklevel=6)  # warned about if ≥ 1/N or weak
         self._check_same_delta(n, delta)
-        if delta >= 1 / n:
-            warnings.warn(f"delta={delta:g} is >= 1/N = {1 / n:g}: such a δ allows leaking a whole record; "
-                          f"use delta < 1/N (default 1/N^1.1 = {default_delta(n):.3g})", stacklevel=5)
-        weak = weak_default_delta(delta, n) if self.config.delta is None else None
-        if weak is not None:
-            warnings.warn(f"attach: {weak}", stacklevel=5)
         if self.config.clipping == "per-layer":
             self.clipping = ClippingConfig.per_layer(self.model, self.config.max_grad_norm)
         else:
