@@ -19,7 +19,7 @@ _EXPORTS = {
     "BudgetExceededError": "errors", "PrivacyConfigError": "errors", "PrivacyError": "errors",
     "UnsupportedModuleError": "errors",
     "DPOptimizer": "optimizer",
-    "PrivateTraining": "private", "default_delta": "private", "make_private": "private",
+    "PrivateTraining": "private", "default_delta": "privacy_config", "make_private": "private",
     "PoissonLoader": "sampling", "PoissonSampler": "sampling",
     "find_problems": "validation", "fix": "validation", "validate": "validation",
 }
