@@ -35,6 +35,18 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def module_list(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` (each once, ``model`` first), as ``list(model.modules())`` has them but in
+    breadth-first order and in a fraction of its time (no names are formed): the per-step checks walk it."""
+    out, seen = [model], {id(model)}
+    for m in out:  # grows while it is walked
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
+
+
 def choose_method(model: nn.Module) -> str:
     """``"vmap"`` unless the model holds a module without vmap support (then ``"loop"``)."""
     return "loop" if any(isinstance(m, _LOOP_MODULES) for m in model.modules()) else "vmap"

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 
-from .engine import trainable_parameters
+from .engine import module_list, trainable_parameters
 from .ghost_attention import is_plain_attention
 
 #: exact classes whose forward is known to use only their own parameters
@@ -88,35 +88,39 @@ class Plan:
         return Plan(owners, kinds, own, params, supported, exact, {id(p) for p in params.values()})
 
 
-def plan_key(model: nn.Module) -> tuple:
+def plan_key(model: nn.Module, modules: list[nn.Module] | None = None) -> tuple:
     """What :meth:`Plan.of` reads from a model: while the key is unchanged, a plan of it stays valid.
 
     Global forward hooks; per module: identity, class, an instance-level ``forward``, training flag, forward
     pre-hooks and hooks, its own parameters (identity, requires_grad), and the settings that decide its path (an
     Embedding's / EmbeddingBag's max_norm, sparse, scale_grad_by_freq and mode; whether a BatchNorm
-    tracks running statistics).
+    tracks running statistics). ``modules``: :func:`~dptrain.engine.module_list` of ``model`` if the caller
+    has just made it.
     """
     out: list = [tuple(_global_forward_hooks), tuple(_global_forward_pre_hooks)]
-    for m in model.modules():
+    for m in module_list(model) if modules is None else modules:
         out += (id(m), type(m), "forward" in m.__dict__, m.training, tuple(m._forward_pre_hooks),
                 tuple(m._forward_hooks))
         for p in m._parameters.values():
             if p is not None:
                 out += (id(p), p.requires_grad)
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(m, _LOOKUPS):
             out += (m.max_norm, m.sparse, m.scale_grad_by_freq, getattr(m, "mode", None))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, _BATCH_NORM):
             out.append(m.running_mean is None)
     return tuple(out)
+
+
+_LOOKUPS, _BATCH_NORM = (nn.Embedding, nn.EmbeddingBag), nn.modules.batchnorm._BatchNorm
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Plan]]" = weakref.WeakKeyDictionary()
 
 
-def current_plan(model: nn.Module) -> Plan:
+def current_plan(model: nn.Module, modules: list[nn.Module] | None = None) -> Plan:
     """:meth:`Plan.of` ``model``, made again only when :func:`plan_key` changes (a GPT-2-sized model's
-    plan takes ≈ 1.3 ms to make on the CPU host, its key ≈ 0.12 ms)."""
-    key = plan_key(model)
+    plan takes ≈ 1.3 ms to make on the CPU host, its key ≈ 0.12 ms). ``modules`` as for :func:`plan_key`."""
+    key = plan_key(model, modules)
     hit = _PLANS.get(model)
     if hit is None or hit[0] != key:
         hit = _PLANS[model] = (key, Plan.of(model))

@@ -27,7 +27,7 @@ from mechanisms import GaussianMechanism, NoiseMechanism
 
 from .adaptive import AdaptiveClipping, adaptive_settings
 from .clipping import ClippingConfig, clip_and_sum
-from .engine import LossFn, trainable_parameters
+from .engine import LossFn, module_list, trainable_parameters
 from .errors import PrivacyConfigError, PrivacyError
 from .ghost_plan import current_plan
 from .optimizer import DPOptimizer
@@ -273,7 +273,8 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
         """Write the clipped per-example gradient sum into each ``p.grad``; return the mean loss."""
         self._require_attached()
         assert self.clipping is not None
-        plan = current_plan(self.model)  # one look at the model's structure for the whole step
+        modules = module_list(self.model)
+        plan = current_plan(self.model, modules)  # one look at the model's structure for the whole step
         params = plan.params
         self._check_trainable(plan.trainable, params)
         assert self.optimizer is not None
@@ -282,7 +283,7 @@ class PrivateTraining(Checkpointing, Planning, Probing, Guards):
                 "priv.backward was called twice without a step: clipped sums do not add up across calls (each "
                 "call is one Poisson-sampled batch, accounted as one step). Step in between, or call "
                 "priv.optimizer.zero_grad(); for a batch too large for memory use make_private(..., chunk_size=).")
-        with self._drawn_batch(inputs, targets):
+        with self._drawn_batch(inputs, targets, modules):
             inputs, targets = self._to_device(inputs, targets, params=params)
             batch = clip_and_sum(self.model, self.loss_fn, inputs, targets, self.clipping,
                                  chunk_size=self.config.chunk_size, method=self.config.engine, plan=plan)

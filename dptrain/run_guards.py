@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .engine import trainable_parameters
+from .engine import module_list, trainable_parameters
 from .errors import (BudgetExceededError, PrivacyConfigError, PrivacyError, UnsupportedModuleError,
                      refuse_step_over_budget)
 from .privacy_config import MF_MECHANISMS, TrainingPlan
@@ -45,18 +45,6 @@ def check_precision(params: dict[str, nn.Parameter], where: str) -> None:
             "rounded to 8–11 bits, so one example's contribution could exceed the clip norm. Keep float32 "
             "parameters (model.float(); do not call model.half() / model.bfloat16() on a private model) and "
             "train under torch.autocast(device, dtype=torch.bfloat16).")
-
-
-def _modules(model: nn.Module) -> list[nn.Module]:
-    """``list(model.modules())``, in about half its time (no names are formed)."""
-    out, seen, i = [model], {id(model)}, 0
-    while i < len(out):
-        for child in out[i]._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                out.append(child)
-        i += 1
-    return out
 
 
 def version(t: torch.Tensor) -> int:
@@ -91,11 +79,15 @@ class StateGuard:
     """
 
     def __init__(self, model: nn.Module, where: str, parameters: bool = True, written: frozenset[int] = frozenset(),
-                 saved: dict[int, SavedBuffer] | None = None, values: bool = False) -> None:
+                 saved: dict[int, SavedBuffer] | None = None, values: bool = False,
+                 modules: list[nn.Module] | None = None) -> None:
+        """``modules``: :func:`~dptrain.engine.module_list` of ``model`` if the caller has just made it."""
         self.model, self.where, self.parameters, self.written = model, where, parameters, written
         self.values = values
-        self.modules = _modules(model)
+        self.modules = module_list(model) if modules is None else modules
         self.state = self._state(self.modules)
+        #: the state without its objects, comparable with ==: (id of module, name, id of tensor, version)
+        self.key = [(id(m), k, id(t), v) for m, _, k, t, v in self.state]
         self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
         #: buffer slots registered as None (to fill on first use): undone to None, not removed
         self.empty = {(id(m), k) for m in self.modules for k, b in m._buffers.items() if b is None}
@@ -118,14 +110,24 @@ class StateGuard:
                     if p is not None and id(p) not in self.written]
         return out
 
+    def _key(self, modules: list[nn.Module]) -> list[tuple[int, str, int, int]]:
+        """:attr:`key` of the state of ``modules`` now (the state's tensors are held by :attr:`state`, so an id
+        seen there is not reused by another tensor while this guard lives)."""
+        written = self.written
+        try:  # ``_version`` directly (an inference tensor has none: the slow path below)
+            out = [(id(m), k, id(b), b._version) for m in modules for k, b in m._buffers.items() if b is not None]
+            if self.parameters:
+                out += [(id(m), k, id(p), p._version) for m in modules for k, p in m._parameters.items()
+                        if p is not None and id(p) not in written]
+        except RuntimeError:
+            return [(id(m), k, id(t), v) for m, _, k, t, v in self._state(modules)]
+        return out
+
     def check(self) -> None:
         """Raise :class:`UnsupportedModuleError` if a buffer or parameter changed since construction (the
         buffers restored first)."""
-        modules = _modules(self.model)
-        now = self._state(modules)
-        if len(now) == len(self.state) and all(
-                m is m2 and k == k2 and t is t2 and v == v2
-                for (m, _, k, t, v), (m2, _, k2, t2, v2) in zip(self.state, now)):
+        modules = module_list(self.model)
+        if self._key(modules) == self.key:
             if self.values:
                 self._check_values()
             return
@@ -185,7 +187,7 @@ class StateGuard:
     def undo(self, modules: list[nn.Module] | None = None) -> tuple[list, list]:
         """Put back every buffer as it was (values, identity; buffers added since are removed) and every
         parameter's identity; return the changed ``(module, name, how)`` of buffers and of parameters."""
-        modules = _modules(self.model) if modules is None else modules
+        modules = module_list(self.model) if modules is None else modules
         buffers, params = [], []
         with torch.no_grad():
             for m, k, b, v in self.buffers:
@@ -279,7 +281,8 @@ class Guards:
         return not entries or (len(entries) == 1 and entries[0][0] == self._step_event(0))
 
     @contextlib.contextmanager
-    def _drawn_batch(self, inputs: Any, targets: torch.Tensor) -> Iterator[None]:
+    def _drawn_batch(self, inputs: Any, targets: torch.Tensor, modules: list[nn.Module] | None = None
+                     ) -> Iterator[None]:
         """The batch must be one the attached Poisson loader drew and no step has used (checked by its rows);
         it is used up when the block (the clipping) succeeds, so a step that raises leaves it to be retried
         (a correlated-noise schedule must not move on without its step).
@@ -287,12 +290,13 @@ class Guards:
         Privacy assumption: the accountant's PoissonSampled(q, ·) event holds only for batches in
         which each example was included independently with probability q — the loader's draws. A
         batch from another loader (fixed size, shuffled) or a hand-picked one is not covered by ε.
+        ``modules``: :func:`~dptrain.engine.module_list` of the model if the caller has just made it.
         """
         assert self.loader is not None
         rows = _rows(inputs, targets)
         position = None if rows is None else self.loader.find(rows)
         if position is not None:
-            with self._state_guard("step"):
+            with self._state_guard("step", modules):
                 yield
             self.loader.use(position)
             return
@@ -304,14 +308,15 @@ class Guards:
             "priv.loader (each drawn batch trains one step). Use `for x, y in priv.loader: priv.step(x, y)`.")
 
     @contextlib.contextmanager
-    def _state_guard(self, where: str) -> Iterator[None]:
+    def _state_guard(self, where: str, modules: list[nn.Module] | None = None) -> Iterator[None]:
         """The block runs the model on private data: it must leave the buffers and parameters as they were
         (:class:`StateGuard`; refused with the buffers restored). If the block raises, the buffers are put
         back and its exception goes on."""
         saved = self.__dict__.setdefault("_saved_buffers", {})
         attach = where.startswith("attach")
         values = attach or not self.__dict__.get("_values_checked", False)  # the probe and the next step
-        guard = StateGuard(self.model, where, written=self._written_in_forward(), saved=saved, values=values)
+        guard = StateGuard(self.model, where, written=self._written_in_forward(), saved=saved, values=values,
+                           modules=modules)
         try:
             yield
         except BaseException as exc:

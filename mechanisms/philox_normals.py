@@ -131,45 +131,54 @@ class PhiloxNormals:
     def from_seed(cls, seed: int, device_key: str = "cpu") -> "PhiloxNormals":
         return cls(*stream_words(seed, device_key))
 
-    def _pieces(self, tensors: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int, int]]:
-        """(address, length, offset in its tensor, the tensor's index, first block) of every piece of
-        a fill of float32 tensors, in order; ``next_block`` moves past them all."""
-        out = []
+    def _jobs(self, outs: Sequence[torch.Tensor], srcs: Sequence[int] | None,
+              row_scales: tuple[int, int] | None = None) -> tuple[array, int, int]:
+        """The kernel's job rows for a fill of float32 ``outs``: every tensor, in order, cut into pieces of
+        ``PIECE`` elements (the last of each shorter), piece j from block ``next_block + j·PIECE/4`` on;
+        ``next_block`` moves past them all. Returns (flat uint64 rows, 9 a job — out, src, scales, col0,
+        row_len, n, first_block, stream, key; the number of jobs; the elements in all).
+
+        ``srcs``: per tensor the data pointer of the source the kernel adds (times alpha), or None (none);
+        ``row_scales``: (address of float32 scales, row length) — one scale a row of the single tensor."""
+        q, stream, key, step, jobs, total = array("Q"), self.stream, self.key, PIECE // 4, 0, 0
         with self._lock:
             block = self.next_block
-            for i, t in enumerate(tensors):
+            for i, t in enumerate(outs):
                 base, n = t.data_ptr(), t.numel()
+                src = 0 if srcs is None else srcs[i]
+                total += n
                 for start in range(0, n, PIECE):
-                    out.append((base + 4 * start, min(PIECE, n - start), start, i, block))
-                    block += PIECE // 4
+                    if row_scales is None:
+                        q.extend((base + 4 * start, src + 4 * start if src else 0, 0, 0, 1, min(PIECE, n - start),
+                                  block & _U64, stream, key))
+                    else:
+                        scales, dim = row_scales
+                        q.extend((base + 4 * start, src + 4 * start, scales + 4 * (start // dim), start % dim, dim,
+                                  min(PIECE, n - start), block & _U64, stream, key))
+                    block += step
+                    jobs += 1
             self.next_block = block
-        return out
+        return q, jobs, total
 
-    def _run(self, ints: list[tuple[int, ...]], floats: list[tuple[float, float]]) -> None:
-        """The kernel on every job — ints (out, src, scales, col0, row_len, n, first_block) and floats
-        (alpha, scale) — in one call, on up to ``torch.get_num_threads()`` OpenMP threads: torch's own
-        pool, whose idle workers are spinning right after an operator; one thread per ``PIECE`` elements
-        at most (a fill of a few thousand normals is over before a parallel region would start)."""
-        if not ints:
+    def _run(self, q: array, jobs: int, total: int, alpha: float, scale: float) -> None:
+        """The kernel on every job of :meth:`_jobs` (floats ``(alpha, scale)`` for all) in one call, on up to
+        ``torch.get_num_threads()`` OpenMP threads: torch's own pool, whose idle workers are spinning right
+        after an operator; one thread per ``PIECE`` elements at most (a fill of a few thousand normals is
+        over before a parallel region would start)."""
+        if not jobs:
             return
-        q, f, tail, work = array("Q"), array("d"), (self.stream, self.key), 0
-        for j, pair in zip(ints, floats):  # flat uint64 / float64 rows, 9 and 2 a job (array: no numpy overhead)
-            q.extend(j)
-            q.extend(tail)
-            f.extend(pair)
-            work += j[5]
-        work = -(-work // PIECE)
+        f = array("d", (float(alpha), float(scale))) * jobs
+        work = -(-total // PIECE)
         threads = 1 if _in_forked_child or not _SHARED_POOL else max(1, min(torch.get_num_threads(), MAX_THREADS,
                                                                             work))
-        _philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], len(ints), threads)
+        _philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], jobs, threads)
 
     @torch.no_grad()
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Fill every tensor (CPU, contiguous) in place with independent N(0, 1) draws."""
         _check(tensors)
         bufs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32) for t in tensors]
-        pieces = self._pieces(bufs)
-        self._run([(ptr, 0, 0, 0, 1, n, block & _U64) for ptr, n, _, _, block in pieces], [(0.0, 1.0)] * len(pieces))
+        self._run(*self._jobs(bufs, None), 0.0, 1.0)
         for t, buf in zip(tensors, bufs):
             if buf is not t:
                 t.copy_(buf)
@@ -194,10 +203,8 @@ class PhiloxNormals:
                 for o, z, t in zip(outs, normals_like(self, srcs), srcs):
                     o.copy_(z.mul_(noise_scale).add_(t, alpha=scale))
             return
-        pieces = self._pieces(outs)  # float32: the kernel writes through the data pointers (no autograd)
-        src = [t.data_ptr() for t in srcs]
-        self._run([(ptr, src[i] + 4 * start, 0, 0, 1, n, block & _U64) for ptr, n, start, i, block in pieces],
-                  [(float(scale), float(noise_scale))] * len(pieces))
+        # float32: the kernel writes through the data pointers (no autograd)
+        self._run(*self._jobs(outs, [t.data_ptr() for t in srcs]), scale, noise_scale)
 
     @torch.no_grad()
     def add_row_scaled_(self, table: torch.Tensor, row_scales: torch.Tensor) -> None:
@@ -214,9 +221,7 @@ class PhiloxNormals:
             return
         scales = row_scales.to(torch.float32).contiguous()
         dim, base = table.shape[1], scales.data_ptr()
-        pieces = self._pieces([table])
-        self._run([(ptr, ptr, base + 4 * (start // dim), start % dim, dim, n, block & _U64)
-                   for ptr, n, start, _, block in pieces], [(1.0, 1.0)] * len(pieces))
+        self._run(*self._jobs([table], [table.data_ptr()], row_scales=(base, dim)), 1.0, 1.0)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A new ``shape`` tensor of N(0, 1) draws (:meth:`normal_` of an empty one)."""
