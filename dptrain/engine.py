@@ -40,10 +40,12 @@ def module_list(model: nn.Module) -> list[nn.Module]:
     breadth-first order and in a fraction of its time (no names are formed): the per-step checks walk it."""
     out, seen = [model], {id(model)}
     for m in out:  # grows while it is walked
-        for child in m._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                out.append(child)
+        children = m._modules
+        if children:
+            for child in children.values():
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    out.append(child)
     return out
 
 

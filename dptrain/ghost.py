@@ -50,12 +50,24 @@ from .engine import Inputs, LossFn, WeightedPositionMean, example_loss_fn, iter_
 _NEEDS_COPIES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-@contextlib.contextmanager
-def _float32(device_type: str) -> Iterator[None]:
+def _float32(device_type: str) -> contextlib.AbstractContextManager:
     """The norm / sum algebra in true float32: autocast off, and float32 matrix products and convolutions
     without TF32 or bf16 passes (``torch.set_float32_matmul_precision('high')``, cuDNN's TF32 default), whose
     10-bit mantissa would void the rounding bounds of :mod:`dptrain.ghost_rounding` (unit roundoff 2⁻²⁴).
-    The user's settings are restored afterwards; the model's own forward and backward keep them."""
+    The user's settings are restored afterwards; the model's own forward and backward keep them. Off CUDA,
+    with the default precision and no autocast, there is nothing to change (a shared no-op context)."""
+    if device_type != "cuda" and torch.get_float32_matmul_precision() == "highest" \
+            and not torch.is_autocast_enabled(device_type):
+        return _NOTHING_TO_CHANGE
+    return _float32_settings(device_type)
+
+
+_NOTHING_TO_CHANGE = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _float32_settings(device_type: str) -> Iterator[None]:
+    """:func:`_float32` where a setting has to change."""
     precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     autocast = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
         else contextlib.nullcontext()

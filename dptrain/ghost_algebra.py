@@ -269,7 +269,7 @@ def margins(terms: list[Term]) -> torch.Tensor | None:
     """
     total = None
     for t in terms:
-        if _split_sum(t):
+        if type(t) is not Dense and _split_sum(t):
             part = gp.margin(t.left, t.right)
             total = part if total is None else total + part
     return total
@@ -342,7 +342,9 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
     """Σ_i f_i G_i without forming G_i (f: float32 [B])."""
     total = None
     for t in terms:
-        if isinstance(t, (Outer, Conv)) and t.explicit is not None:
+        if type(t) is Dense:
+            part = _weighted_sum(f, t.grads)
+        elif isinstance(t, (Outer, Conv)) and t.explicit is not None:
             part = _weighted_sum(f, t.explicit)
         elif isinstance(t, Conv):
             part = t.weighted(f)

@@ -256,11 +256,11 @@ def _to_dense(term: Term, shape: torch.Size) -> torch.Tensor:
 
 def merge(terms: Sequence[Term], shape: torch.Size) -> list[Term]:
     """One Outer, one Rows, one Outer + one Rows, or one Dense: same total per-example gradient."""
+    if len(terms) == 1:
+        return list(terms)
     outers = [t for t in terms if isinstance(t, Outer)]
     rows = [t for t in terms if isinstance(t, Rows)]
     dense = [t for t in terms if isinstance(t, (Dense, Conv))]
-    if len(terms) == 1:
-        return list(terms)
     same_blocks = len({(t.left.shape[1], t.left.shape[3], t.right.shape[3]) for t in outers}) <= 1
     if dense or not same_blocks or (outers and rows and outers[0].left.shape[1] != 1):
         return [Dense(sum(_to_dense(t, shape) for t in terms))]
