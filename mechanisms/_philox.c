@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 32
@@ -122,42 +123,75 @@ static PyObject *py_philox4x32_10(PyObject *self, PyObject *args) {
                          (unsigned long)c3[0]);
 }
 
-/* normal_axpy_jobs(ints, floats, njobs, threads): job j is normal_axpy with
+/* normal_axpy_jobs(ints, floats, njobs, threads[, piece]): job j is normal_axpy with
  * ints[9j..9j+9) = (out, src, scales, col0, row_len, n, first_block, stream, key) and
  * floats[2j..2j+2) = (alpha, scale); the jobs are independent, and run on `threads` OpenMP
- * threads (the pool torch's own operators use, so its waiting workers take them at once). */
+ * threads (the pool torch's own operators use, so its waiting workers take them at once).
+ * With `piece` (a positive multiple of 4·LANES), each job is cut into pieces of `piece` outputs, run
+ * as jobs of their own: the piece at offset s writes out[s..], reads src[s..], takes its scales from
+ * row (col0 + s + i) / row_len and starts at block first_block + s/4 — the numbers the whole job gives
+ * (a group of 4·LANES outputs is LANES consecutive blocks), on any number of threads. */
 static PyObject *py_normal_axpy_jobs(PyObject *self, PyObject *args) {
     unsigned long long ints_addr, floats_addr;
-    long long njobs;
+    long long njobs, piece = 0;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKLi", &ints_addr, &floats_addr, &njobs, &threads))
+    if (!PyArg_ParseTuple(args, "KKLi|L", &ints_addr, &floats_addr, &njobs, &threads, &piece))
         return NULL;
+    if (piece < 0 || piece % (4 * LANES) != 0) {
+        PyErr_SetString(PyExc_ValueError, "normal_axpy_jobs: piece must be 0 or a positive multiple of 4*LANES");
+        return NULL;
+    }
     const uint64_t *q = (const uint64_t *)(uintptr_t)ints_addr;
     const double *f = (const double *)(uintptr_t)floats_addr;
+    long long items = 0;
     for (long long j = 0; j < njobs; j++) {
-        if ((int64_t)q[9 * j + 5] < 0 || (int64_t)q[9 * j + 3] < 0 || (int64_t)q[9 * j + 4] < 1) {
+        const int64_t n = (int64_t)q[9 * j + 5];
+        if (n < 0 || (int64_t)q[9 * j + 3] < 0 || (int64_t)q[9 * j + 4] < 1) {
             PyErr_SetString(PyExc_ValueError, "normal_axpy_jobs: need n >= 0, col0 >= 0, row_len >= 1");
             return NULL;
+        }
+        items += piece ? (n + piece - 1) / piece : 1;
+    }
+    /* item k = (job, offset of its piece) */
+    int64_t *table = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(items > 0 ? items : 1));
+    if (table == NULL)
+        return PyErr_NoMemory();
+    long long k = 0;
+    for (long long j = 0; j < njobs; j++) {
+        const int64_t n = (int64_t)q[9 * j + 5];
+        if (!piece) {
+            table[2 * k] = j;
+            table[2 * k + 1] = 0;
+            k++;
+            continue;
+        }
+        for (int64_t s = 0; s < n; s += piece, k++) {
+            table[2 * k] = j;
+            table[2 * k + 1] = s;
         }
     }
     if (threads < 1)
         threads = 1;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && njobs > 1)
-    for (long long j = 0; j < njobs; j++) {
+#pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && items > 1)
+    for (long long i = 0; i < items; i++) {
+        const int64_t j = table[2 * i], s = table[2 * i + 1];
         const uint64_t *a = q + 9 * j;
-        normal_axpy((float *)(uintptr_t)a[0], (const float *)(uintptr_t)a[1], (float)f[2 * j],
-                    (const float *)(uintptr_t)a[2], (float)f[2 * j + 1], (int64_t)a[3], (int64_t)a[4],
-                    (int64_t)a[5], a[6], a[7], a[8]);
+        const int64_t n = (int64_t)a[5], len = piece && n - s > piece ? piece : n - s;
+        const float *src = (const float *)(uintptr_t)a[1];
+        normal_axpy((float *)(uintptr_t)a[0] + s, src ? src + s : NULL, (float)f[2 * j],
+                    (const float *)(uintptr_t)a[2], (float)f[2 * j + 1], (int64_t)a[3] + s, (int64_t)a[4],
+                    len, a[6] + (uint64_t)(s / 4), a[7], a[8]);
     }
     Py_END_ALLOW_THREADS
+    free(table);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"philox4x32_10", py_philox4x32_10, METH_VARARGS, "One Philox4x32-10 block: (counter[4], key[2]) -> 4 words."},
     {"normal_axpy_jobs", py_normal_axpy_jobs, METH_VARARGS,
-     "normal_axpy_jobs(ints, floats, njobs, threads): many normal_axpy jobs on OpenMP threads"},
+     "normal_axpy_jobs(ints, floats, njobs, threads[, piece]): many normal_axpy jobs on OpenMP threads"},
     {NULL, NULL, 0, NULL},
 };
 

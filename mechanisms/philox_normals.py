@@ -133,45 +133,39 @@ class PhiloxNormals:
 
     def _jobs(self, outs: Sequence[torch.Tensor], srcs: Sequence[int] | None,
               row_scales: tuple[int, int] | None = None) -> tuple[array, int, int]:
-        """The kernel's job rows for a fill of float32 ``outs``: every tensor, in order, cut into pieces of
-        ``PIECE`` elements (the last of each shorter), piece j from block ``next_block + j·PIECE/4`` on;
-        ``next_block`` moves past them all. Returns (flat uint64 rows, 9 a job — out, src, scales, col0,
-        row_len, n, first_block, stream, key; the number of jobs; the elements in all).
+        """The kernel's jobs for a fill of float32 ``outs``, one a tensor: (flat uint64 rows, 9 a job — out,
+        src, scales, col0, row_len, n, first_block, stream, key; the number of jobs; the number of pieces).
 
-        ``srcs``: per tensor the data pointer of the source the kernel adds (times alpha), or None (none);
-        ``row_scales``: (address of float32 scales, row length) — one scale a row of the single tensor."""
-        q, stream, key, step, jobs, total = array("Q"), self.stream, self.key, PIECE // 4, 0, 0
+        The kernel cuts every tensor into pieces of ``PIECE`` elements (the last shorter): piece j of the
+        fill starts at block ``next_block + j·PIECE/4``, so a tensor starts at the block after its
+        predecessor's last piece; ``next_block`` moves past them all. ``srcs``: per tensor the data pointer
+        of the source the kernel adds (times alpha), or None (none); ``row_scales``: (address of float32
+        scales, row length) — one scale a row of the single tensor."""
+        q, stream, key, step, pieces = array("Q"), self.stream, self.key, PIECE // 4, 0
+        scales, dim = (0, 1) if row_scales is None else row_scales
         with self._lock:
             block = self.next_block
             for i, t in enumerate(outs):
-                base, n = t.data_ptr(), t.numel()
-                src = 0 if srcs is None else srcs[i]
-                total += n
-                for start in range(0, n, PIECE):
-                    if row_scales is None:
-                        q.extend((base + 4 * start, src + 4 * start if src else 0, 0, 0, 1, min(PIECE, n - start),
-                                  block & _U64, stream, key))
-                    else:
-                        scales, dim = row_scales
-                        q.extend((base + 4 * start, src + 4 * start, scales + 4 * (start // dim), start % dim, dim,
-                                  min(PIECE, n - start), block & _U64, stream, key))
-                    block += step
-                    jobs += 1
+                n = t.numel()
+                q.extend((t.data_ptr(), 0 if srcs is None else srcs[i], scales, 0, dim, n, block & _U64, stream,
+                          key))
+                k = -(-n // PIECE)
+                block += k * step
+                pieces += k
             self.next_block = block
-        return q, jobs, total
+        return q, len(outs), pieces
 
-    def _run(self, q: array, jobs: int, total: int, alpha: float, scale: float) -> None:
-        """The kernel on every job of :meth:`_jobs` (floats ``(alpha, scale)`` for all) in one call, on up to
-        ``torch.get_num_threads()`` OpenMP threads: torch's own pool, whose idle workers are spinning right
-        after an operator; one thread per ``PIECE`` elements at most (a fill of a few thousand normals is
-        over before a parallel region would start)."""
+    def _run(self, q: array, jobs: int, pieces: int, alpha: float, scale: float) -> None:
+        """The kernel on every job of :meth:`_jobs` (floats ``(alpha, scale)`` for all) in one call, cut into
+        its ``PIECE``-element pieces, on up to ``torch.get_num_threads()`` OpenMP threads: torch's own pool,
+        whose idle workers are spinning right after an operator; one thread a piece at most (a fill of a few
+        thousand normals is over before a parallel region would start)."""
         if not jobs:
             return
         f = array("d", (float(alpha), float(scale))) * jobs
-        work = -(-total // PIECE)
         threads = 1 if _in_forked_child or not _SHARED_POOL else max(1, min(torch.get_num_threads(), MAX_THREADS,
-                                                                            work))
-        _philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], jobs, threads)
+                                                                            pieces))
+        _philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], jobs, threads, PIECE)
 
     @torch.no_grad()
     def normal_(self, tensors: Sequence[torch.Tensor]) -> None:

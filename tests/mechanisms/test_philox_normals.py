@@ -175,6 +175,25 @@ def test_bad_input_is_refused():
         src.normal_([torch.empty(8, 6).t()])
     with pytest.raises(ValueError, match="not a philox"):
         src.load_state_dict([torch.zeros(3)])
+    with pytest.raises(ValueError, match="multiple of 4"):  # a piece must hold whole groups of blocks
+        philox_normals._philox.normal_axpy_jobs(0, 0, 0, 1, PIECE + 4)
+
+
+def test_a_job_cut_into_pieces_by_the_kernel_equals_the_job_drawn_whole():
+    # the kernel's pieces (offset s: out + s, block + s/4, scale row (col0 + s + i) / row_len) give the numbers
+    # of the uncut job: row-scaled, with a source, a row straddling pieces and an offset col0
+    from array import array
+    n, dim, col0 = 3 * PIECE + 77, 96, 5
+    src_t = torch.randn(n)
+    scales = torch.rand(n // dim + 2) + 0.5
+    outs = [torch.empty(n), torch.empty(n)]
+    for out, piece in zip(outs, (0, PIECE)):
+        q = array("Q", (out.data_ptr(), src_t.data_ptr(), scales.data_ptr(), col0, dim, n, (1 << 32) - 3, 7, 11))
+        f = array("d", (0.5, 2.0))
+        philox_normals._philox.normal_axpy_jobs(q.buffer_info()[0], f.buffer_info()[0], 1, 2, piece)
+    assert torch.equal(outs[0], outs[1])
+    z = (outs[0] - 0.5 * src_t) / scales[(torch.arange(n) + col0) // dim]  # a row scale replaces the scalar one
+    assert 0.9 < float(z.std()) < 1.1
 
 
 def test_fills_a_leaf_that_requires_grad_and_under_inference_mode_on_every_thread():
