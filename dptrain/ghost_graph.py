@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                      _global_forward_pre_hooks)
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .ghost_attention import AttentionRecord, recording_forward
@@ -58,19 +60,29 @@ class Recorder:
     """Forward hooks that record every call of the parameter-owning modules.
 
     Modules of kind ``"attention"`` get their ``forward`` shadowed on the instance for the
-    duration of the ``with`` block (deleted again on exit) by the recording re-expression.
+    duration of the ``with`` block (deleted again on exit) by the recording re-expression. An exact
+    torch layer (``exact[name]``) that torch would call without running any hook (none of its own, no
+    global one, no ``forward`` of the instance's) gets the same hook called by a shadowing ``forward``
+    instead of being registered: the same record, without torch's hook dispatch on every call.
     """
 
-    def __init__(self, owners: dict[str, nn.Module], kinds: dict[str, str], copies: bool) -> None:
+    def __init__(self, owners: dict[str, nn.Module], kinds: dict[str, str], copies: bool,
+                 exact: dict[str, bool] | None = None) -> None:
         self.owners, self.kinds, self.copies = owners, kinds, copies
+        self.exact = {} if exact is None else exact
         self.calls: dict[str, list[Call]] = {name: [] for name in owners}
         self.handles: list = []
         self.shadowed: list[nn.Module] = []
 
     def __enter__(self) -> "Recorder":
+        plain = not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
+                     or _global_backward_pre_hooks)
         for name, m in self.owners.items():
             if self.kinds[name] == "attention":
                 m.forward = functools.partial(recording_forward, m, self._sink(name), self.copies)
+                self.shadowed.append(m)
+            elif plain and self.exact.get(name, False) and _hookless(m):
+                m.__dict__["forward"] = _hooked_forward(m, self._hook(name))  # a plain attribute (as setattr makes it)
                 self.shadowed.append(m)
             else:
                 self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
@@ -81,7 +93,7 @@ class Recorder:
             h.remove()
         self.handles.clear()
         for m in self.shadowed:
-            del m.forward
+            m.__dict__.pop("forward", None)
         self.shadowed.clear()
 
     def _sink(self, name: str):
@@ -132,6 +144,24 @@ class Recorder:
 
     def modified_in_place(self) -> bool:
         return any(t._version != v for calls in self.calls.values() for c in calls for t, v in c.versions)
+
+
+def _hookless(m: nn.Module) -> bool:
+    """torch calls ``m`` without running a hook, and ``m.forward`` is its class's (none set on the instance)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def _hooked_forward(m: nn.Module, hook: Callable) -> Callable:
+    """``m``'s forward followed by ``hook(m, args, kwargs, output)`` (whose non-None result replaces the
+    output), as torch runs a forward hook registered with ``with_kwargs=True`` on a module with no other hook."""
+    forward = m.forward
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        output = forward(*args, **kwargs)
+        replaced = hook(m, args, kwargs, output)
+        return output if replaced is None else replaced
+    return recorded
 
 
 def _walk(starts, jumps: dict, stops: set) -> set[int]:

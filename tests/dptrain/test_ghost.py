@@ -543,3 +543,27 @@ def test_auto_falls_back_to_vmap_for_an_output_leaf_that_is_not_batch_sized():
     ref = clip_and_sum(model, loss, x, y, ClippingConfig(1.0), method="vmap")
     for name, value in ref.sums.items():
         torch.testing.assert_close(auto.sums[name], value)
+
+
+def test_hookless_layers_are_recorded_by_a_shadowing_forward_that_is_removed_after_the_call():
+    """An exact layer with no hooks is recorded by a forward set on the instance for the call (torch's hook
+    dispatch skipped); one with a hook of its own keeps the registered hook. Both record the same calls, and
+    no instance forward is left behind, also when the forward raises."""
+    from dptrain.ghost_graph import Recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[2].register_forward_pre_hook(lambda mod, inp: None)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    plan = ghost_plan.current_plan(model)
+    with Recorder(plan.owners, plan.kinds, False, plan.exact) as rec:
+        assert "forward" in model[0].__dict__ and "forward" not in model[2].__dict__
+        assert not model[0]._forward_hooks and len(model[2]._forward_hooks) == 1
+        model(x)
+    assert [len(c) for c in rec.calls.values()] == [1, 1]
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model)
+    assert_same(ghost_clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5)),
+                clip_and_sum(model, LOSS, x, y, ClippingConfig(0.5), method="vmap"))
+    with pytest.raises(RuntimeError):
+        ghost_clip_and_sum(model, LOSS, torch.randn(6, 4), y, ClippingConfig(0.5))  # wrong width: the Linear raises
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model)
