@@ -86,8 +86,8 @@ class StateGuard:
         self.values = values
         self.modules = module_list(model) if modules is None else modules
         self.state = self._state(self.modules)
-        #: the state without its objects, comparable with ==: (id of module, name, id of tensor, version)
-        self.key = [(id(m), k, id(t), v) for m, _, k, t, v in self.state]
+        #: the state without its objects, comparable with ==: (id of module, is a buffer, name, id of tensor, version)
+        self.key = [(id(m), is_buffer, k, id(t), v) for m, is_buffer, k, t, v in self.state]
         self.buffers = [(m, k, b, v) for m, is_buffer, k, b, v in self.state if is_buffer]
         #: buffer slots registered as None (to fill on first use): undone to None, not removed
         self.empty = {(id(m), k) for m in self.modules for k, b in m._buffers.items() if b is None}
@@ -110,17 +110,17 @@ class StateGuard:
                     if p is not None and id(p) not in self.written]
         return out
 
-    def _key(self, modules: list[nn.Module]) -> list[tuple[int, str, int, int]]:
+    def _key(self, modules: list[nn.Module]) -> list[tuple[int, bool, str, int, int]]:
         """:attr:`key` of the state of ``modules`` now (the state's tensors are held by :attr:`state`, so an id
         seen there is not reused by another tensor while this guard lives)."""
         written = self.written
         try:  # ``_version`` directly (an inference tensor has none: the slow path below)
-            out = [(id(m), k, id(b), b._version) for m in modules for k, b in m._buffers.items() if b is not None]
+            out = [(id(m), True, k, id(b), b._version) for m in modules for k, b in m._buffers.items() if b is not None]
             if self.parameters:
-                out += [(id(m), k, id(p), p._version) for m in modules for k, p in m._parameters.items()
+                out += [(id(m), False, k, id(p), p._version) for m in modules for k, p in m._parameters.items()
                         if p is not None and id(p) not in written]
         except RuntimeError:
-            return [(id(m), k, id(t), v) for m, _, k, t, v in self._state(modules)]
+            return [(id(m), is_buffer, k, id(t), v) for m, is_buffer, k, t, v in self._state(modules)]
         return out
 
     def check(self) -> None:

@@ -256,3 +256,42 @@ def test_buffers_changed_by_the_user_between_steps_are_not_taken_for_a_write():
     model.scale.data.mul_(2)
     priv.step(*next(iter(priv.loader)))  # the first step after an attach compares values with fresh copies
     assert priv.steps == 3
+
+
+def test_the_state_guard_sees_each_kind_of_change_also_beside_an_inference_buffer():
+    """The guard's check compares (module, kind, name, tensor, version) lists: a parameter or buffer swapped for
+    another tensor, a buffer moved to the parameters, and an in-place write are each refused (and undone where
+    possible), with or without a buffer made under inference mode (no version counter) in the model."""
+    from dptrain.run_guards import StateGuard
+
+    def model(inference_buffer):
+        m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+        m[1].register_buffer("stat", torch.zeros(2))
+        if inference_buffer:
+            with torch.inference_mode():
+                m[0].register_buffer("table", torch.ones(2))
+        return m
+
+    def swap_weight(m):
+        m[0].weight = nn.Parameter(m[0].weight.detach().clone())
+
+    def swap_buffer(m):
+        m[1].stat = torch.zeros(2)
+
+    def buffer_to_parameter(m):
+        t = m[1]._buffers.pop("stat")
+        m[1]._parameters["stat"] = t
+
+    def write_in_place(m):
+        m[1].stat.add_(1.0)
+
+    for inference_buffer in (False, True):
+        for change in (swap_weight, swap_buffer, buffer_to_parameter, write_in_place):
+            m = model(inference_buffer)
+            weight, stat = m[0].weight, m[1].stat
+            guard = StateGuard(m, "step")
+            guard.check()  # nothing changed yet
+            change(m)
+            with pytest.raises(UnsupportedModuleError):
+                guard.check()
+            assert m[0].weight is weight and m[1]._buffers.get("stat") is stat and float(stat.abs().sum()) == 0.0
