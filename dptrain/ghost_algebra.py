@@ -338,12 +338,38 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return gp.widen(x)
 
 
-def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Σ_i f_i G_i without forming G_i (f: float32 [B])."""
+class ScaledRows:
+    """The last f-scaled factor [B, n] that :func:`clipped_sum` formed (f_i x_i, rows of x scaled by f), kept for
+    the next call: a Linear's bias gradient is its weight's left factor (the output gradient), so the bias's
+    clipped sum Σ_i f_i g_i is the column sum of the rows the weight's sum scaled — cheaper than a
+    matrix-vector product. The entry holds x and f, so their memory is not reused while it lives."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def keep(self, x: torch.Tensor, f: torch.Tensor, scaled: torch.Tensor) -> None:
+        self.entry = (x, f, scaled)
+
+    def get(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor | None:
+        """f ⊙ x if that was the last product kept (same f, same memory, shape, strides and dtype), else None."""
+        e = self.entry
+        if e is None or e[1] is not f:
+            return None
+        y = e[0]
+        same = (y.data_ptr() == x.data_ptr() and y.shape == x.shape and y.stride() == x.stride()
+                and y.dtype == x.dtype and y.device == x.device)
+        return e[2] if same else None
+
+
+def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size, scaled: ScaledRows | None = None
+                ) -> torch.Tensor:
+    """Σ_i f_i G_i without forming G_i (f: float32 [B]). ``scaled``: reuse of an f-scaled factor between calls
+    (:class:`ScaledRows`)."""
     total = None
     for t in terms:
         if type(t) is Dense:
-            part = _weighted_sum(f, t.grads)
+            hit = None if scaled is None or t.grads.dim() != 2 else scaled.get(t.grads, f)
+            part = _weighted_sum(f, t.grads) if hit is None else hit.sum(0)
         elif isinstance(t, (Outer, Conv)) and t.explicit is not None:
             part = _weighted_sum(f, t.explicit)
         elif isinstance(t, Conv):
@@ -359,7 +385,9 @@ def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size) -> torch.
                 left = left.reshape(b, o) if steps == 1 else left.reshape(b, steps, o)
                 right = right.reshape(b, i) if steps == 1 else right.reshape(b, steps, i)
                 if o <= i:
-                    left = left * fs
+                    unscaled, left = left, left * fs
+                    if scaled is not None and steps == 1:
+                        scaled.keep(unscaled, f, left)
                 else:
                     right = right * fs
                 if steps > 1:

@@ -211,7 +211,10 @@ def test_cross_entropy_shortcut_equals_vmap_of_the_loss(kwargs):
     torch.testing.assert_close(g_got, g_want, equal_nan=True, atol=0, rtol=0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
     x = torch.randn(9, 4)
-    assert_same(ghost_clip_and_sum(model, loss_fn, x, y, 0.5), clip_and_sum(model, loss_fn, x, y, 0.5, method="vmap"))
+    got = ghost_clip_and_sum(model, loss_fn, x, y, 0.5)
+    assert_same(got, clip_and_sum(model, loss_fn, x, y, 0.5, method="vmap"))
+    want = torch.vmap(lambda o, t: loss_fn(o[None], t[None]))(model(x), y).detach()  # NaN where 'mean' ignores
+    torch.testing.assert_close(got.example_losses, want, equal_nan=True, atol=1e-6, rtol=1e-6)
 
 
 def test_missing_threshold_is_an_error():
