@@ -570,3 +570,23 @@ def test_hookless_layers_are_recorded_by_a_shadowing_forward_that_is_removed_aft
     with pytest.raises(RuntimeError):
         ghost_clip_and_sum(model, LOSS, torch.randn(6, 4), y, ClippingConfig(0.5))  # wrong width: the Linear raises
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model)
+
+
+def test_a_bias_sum_reuses_its_weights_scaled_rows_only_under_the_same_factors():
+    """The bias's Σ_i f_i g_i is the column sum of the rows the weight's sum scaled (same factors object, same
+    memory); other factors (per-layer clipping) or other rows get the matrix-vector product."""
+    from dptrain import ghost_algebra as ga
+
+    torch.manual_seed(0)
+    b, o, i = 7, 4, 6
+    g, a = torch.randn(b, 1, 1, o), torch.randn(b, 1, 1, i)
+    f, f2 = torch.rand(b), torch.rand(b)
+    weight, bias = gl.Outer(g, a), gl.Dense(g.reshape(b, -1))
+    scaled = ga.ScaledRows()
+    w_sum = ga.clipped_sum([weight], f, torch.Size([o, i]), scaled)
+    torch.testing.assert_close(w_sum, (f[:, None, None] * g.reshape(b, o, 1) * a.reshape(b, 1, i)).sum(0))
+    assert scaled.get(bias.grads, f) is not None and scaled.get(bias.grads, f2) is None
+    assert scaled.get(bias.grads.clone(), f) is None  # other memory
+    for factors in (f, f2):
+        got = ga.clipped_sum([bias], factors, torch.Size([o]), scaled)
+        torch.testing.assert_close(got, (factors[:, None] * g.reshape(b, o)).sum(0))
