@@ -359,26 +359,29 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
         return torch.zeros(b, dtype=torch.float64, device=losses.device)
 
     flat = config.thresholds is None
-    if flat:  # only the total is needed
-        total, err = ga.total_sq_norms(list(merged.values()), b, losses.device)
+    if flat:  # only the total is needed: its norm at once where no term carries a rounding bound
+        norm, total, err = ga.flat_norms(list(merged.values()), b, losses.device)
         unsure = None if err is None else gr_.uncertain(total, err, config.max_grad_norm)
     else:
+        norm = None
         norms = ga.RowNorms()
         bounded = {k: ga.sq_norms_bounded(t, norms) for k, t in merged.items()}
         sq = {k: v[0] for k, v in bounded.items()}
         total = torch.stack(list(sq.values())).sum(0) if sq else zero()
         flags = [gr_.uncertain(s, e, config.thresholds[k]) for k, (s, e) in bounded.items() if e is not None]
         unsure = None if not flags else torch.stack(flags).any(0)
-    # Σ_i of the squared norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
-    stats = [total.sum(), losses.sum(dtype=torch.float64)] + ([] if unsure is None else [unsure.sum().double()])
+    # Σ_i of the (squared) norms is finite iff every one is (they are ≥ 0, NaN and inf propagate)
+    probe = norm if total is None else total
+    stats = [probe.sum(), losses.sum(dtype=torch.float64)] + ([] if unsure is None else [unsure.sum().double()])
     read = torch.stack(stats).tolist()
     finite, loss_sum = math.isfinite(read[0]), read[1]
     redo = None
     if not finite or (unsure is not None and read[2] > 0):
-        redo = ~torch.isfinite(total) if unsure is None else ~torch.isfinite(total) | unsure
+        redo = ~torch.isfinite(probe) if unsure is None else ~torch.isfinite(probe) | unsure
         if flat:  # the recomputed examples' totals; the others' stand
-            total = total.clone()
+            total = norm.square() if total is None else total.clone()
             total[redo] = sum(ga.wide_sq(t, redo, bounded=True) for t in merged.values())
+            norm = None
         else:
             sq = {k: ga.refine(t, sq[k], redo, bounded=True) for k, t in merged.items()}
         finite = False  # factors from recomputed norms: NaN → 0 below
@@ -387,7 +390,7 @@ def _clip_factors(merged: dict[str, list], params: dict[str, nn.Parameter], conf
     fdt = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
     tiny = torch.finfo(fdt).tiny
     if flat:
-        norm = torch.sqrt(total)
+        norm = torch.sqrt(total) if norm is None else norm
         for m in extra.values():
             norm = norm + m
         f = _factor(norm, config.max_grad_norm, finite, tiny).to(fdt)

@@ -218,13 +218,21 @@ def sq_norms_bounded(terms: list[Term], norms: RowNorms | None = None, bound: bo
     return total, err
 
 
+def _is_single(terms: list[Term]) -> bool:
+    """One product of row norms gives ‖G_i‖: a single Outer with T = 1 and one group, or a single Dense."""
+    if len(terms) != 1:
+        return False
+    t = terms[0]
+    return isinstance(t, Dense) or (isinstance(t, Outer) and t.left.shape[1] == 1 and t.left.shape[2] == 1)
+
+
 def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
     """‖G_i‖ (float32 [B]) when one product of row norms gives it: a single Outer with T = 1 and one
     group (‖a_i‖‖b_i‖), or a single Dense; else None."""
-    if len(terms) != 1:
+    if not _is_single(terms):
         return None
     t = terms[0]
-    if isinstance(t, Outer) and t.left.shape[1] == 1 and t.left.shape[2] == 1:
+    if isinstance(t, Outer):
         b = t.left.shape[0]
         return norms(t.left.reshape(b, -1)) * norms(t.right.reshape(b, -1))
     if isinstance(t, Dense):
@@ -253,6 +261,21 @@ def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.dev
     if not parts:
         return torch.zeros(batch, dtype=torch.float64, device=device), err
     return (torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]), err
+
+
+def flat_norms(params_terms: list[list[Term]], batch: int, device: torch.device
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, "gr_.Bound | None"]:
+    """(‖G_i‖, ‖G_i‖², rounding bound) per example over several parameters' merged terms, for flat clipping.
+
+    Where every parameter's norm is one product of row norms (:func:`_row_norm`: relative errors only, no
+    bound to carry), the norm (Σ_p ‖G_i,p‖²)^½ comes from one float64 reduction of the stacked norms, and the
+    squared total is None; otherwise the norm is None and the rest is :func:`total_sq_norms`'s."""
+    if params_terms and all(_is_single(t) for t in params_terms):
+        norms = RowNorms()
+        stacked = torch.stack([_row_norm(t, norms) for t in params_terms])  # type: ignore[misc]
+        return torch.linalg.vector_norm(stacked, dim=0, dtype=torch.float64), None, None
+    total, err = total_sq_norms(params_terms, batch, device)
+    return None, total, err
 
 
 def _split_sum(t: Term) -> bool:
