@@ -223,22 +223,26 @@ def _is_single(terms: list[Term]) -> bool:
     if len(terms) != 1:
         return False
     t = terms[0]
-    return isinstance(t, Dense) or (isinstance(t, Outer) and t.left.shape[1] == 1 and t.left.shape[2] == 1)
+    if isinstance(t, Dense):
+        return True
+    if not isinstance(t, Outer):
+        return False
+    shape = t.left.shape
+    return shape[1] == 1 and shape[2] == 1
 
 
-def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
-    """‖G_i‖ (float32 [B]) when one product of row norms gives it: a single Outer with T = 1 and one
-    group (‖a_i‖‖b_i‖), or a single Dense; else None."""
-    if not _is_single(terms):
-        return None
-    t = terms[0]
-    if isinstance(t, Outer):
-        b = t.left.shape[0]
-        return norms(t.left.reshape(b, -1)) * norms(t.right.reshape(b, -1))
+def _single_norm(t: Term, norms: RowNorms) -> torch.Tensor:
+    """‖G_i‖ (float32 [B]) of a term :func:`_is_single` accepts: ‖a_i‖‖b_i‖, or a Dense's row norms."""
     if isinstance(t, Dense):
         g = t.grads
         return norms(g if g.dim() == 2 else g.reshape(g.shape[0], -1))
-    return None
+    b = t.left.shape[0]  # type: ignore[union-attr]
+    return norms(t.left.reshape(b, -1)) * norms(t.right.reshape(b, -1))  # type: ignore[union-attr]
+
+
+def _row_norm(terms: list[Term], norms: RowNorms) -> torch.Tensor | None:
+    """‖G_i‖ (float32 [B]) when one product of row norms gives it (:func:`_is_single`); else None."""
+    return _single_norm(terms[0], norms) if _is_single(terms) else None
 
 
 def total_sq_norms(params_terms: list[list[Term]], batch: int, device: torch.device) -> Bounded:
@@ -272,7 +276,7 @@ def flat_norms(params_terms: list[list[Term]], batch: int, device: torch.device
     squared total is None; otherwise the norm is None and the rest is :func:`total_sq_norms`'s."""
     if params_terms and all(_is_single(t) for t in params_terms):
         norms = RowNorms()
-        stacked = torch.stack([_row_norm(t, norms) for t in params_terms])  # type: ignore[misc]
+        stacked = torch.stack([_single_norm(t[0], norms) for t in params_terms])
         return torch.linalg.vector_norm(stacked, dim=0, dtype=torch.float64), None, None
     total, err = total_sq_norms(params_terms, batch, device)
     return None, total, err

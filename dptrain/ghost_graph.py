@@ -183,10 +183,13 @@ def _walk(starts, jumps: dict, stops: set) -> set[int]:
         if node in jumps:
             stack.extend(jumps[node])
             continue
-        var = getattr(node, "variable", None)
-        if var is not None:
-            found.add(id(var))
-        stack.extend(nxt for nxt, _ in node.next_functions)
+        nxt = node.next_functions
+        if nxt:
+            stack.extend([n for n, _ in nxt])
+        else:  # a leaf: an AccumulateGrad node (the only kind with a variable) or a node with no inputs to reach
+            var = getattr(node, "variable", None)
+            if var is not None:
+                found.add(id(var))
     return found
 
 

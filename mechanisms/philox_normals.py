@@ -99,7 +99,7 @@ def _require() -> None:
 
 def _check(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise ValueError(f"PhiloxNormals draws CPU noise; got a tensor on {t.device}")
         if not t.is_contiguous():
             raise ValueError(f"PhiloxNormals: tensors must be contiguous, got strides {t.stride()} for shape "

@@ -115,6 +115,8 @@ def cpu_generator(seed: int | None = None, device_key: str = "cpu", stream: int 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[str, list[int]]:
     """Indices of ``tensors`` per device, in order."""
+    if all(t.is_cpu for t in tensors):  # the common case, without a device object per tensor
+        return {"cpu": list(range(len(tensors)))} if tensors else {}
     out: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         out.setdefault(t.device, []).append(i)
