@@ -124,8 +124,7 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     losses, undefined = _losses_and_undefined(loss_fn, output, y)
     if rec.modified_in_place():
         return None if copies else "copy"
-    total = losses.sum()
-    if total.grad_fn is None or not covered(total, rec, plan.exact, plan.trainable):
+    if losses.grad_fn is None or not covered(losses, rec, plan.exact, plan.trainable):
         return None
     flat = [t for calls in rec.calls.values() for c in calls for t in c.outputs if t is not None]
     generic = {id(p): p for name in owners if kinds[name] == "generic" and rec.calls[name]
@@ -138,7 +137,8 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
     if ok is None:  # first batch of this signature: are the recorded rows the examples? (one more backward)
         w = gal.example_weights(b, losses.device, losses.dtype)
         weighted = gal.weighted_summaries(losses, w, wrt, b)
-    grads = torch.autograd.grad(total, wrt + list(generic.values()), allow_unused=True)
+    # ∂(Σ_i ℓ_i)/∂· as the backward of the losses against ones (no sum in the graph)
+    grads = torch.autograd.grad(losses, wrt + list(generic.values()), torch.ones_like(losses), allow_unused=True)
     if ok is None:
         ok = gal.rows_are_examples(grads[:len(flat)], weighted, w, b)
         del weighted

@@ -276,8 +276,8 @@ def flat_norms(params_terms: list[list[Term]], batch: int, device: torch.device
     squared total is None; otherwise the norm is None and the rest is :func:`total_sq_norms`'s."""
     if params_terms and all(_is_single(t) for t in params_terms):
         norms = RowNorms()
-        stacked = torch.stack([_single_norm(t[0], norms) for t in params_terms])
-        return torch.linalg.vector_norm(stacked, dim=0, dtype=torch.float64), None, None
+        stacked = torch.stack([_single_norm(t[0], norms) for t in params_terms], dim=1)  # [B, P]: rows contiguous
+        return torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64), None, None
     total, err = total_sq_norms(params_terms, batch, device)
     return None, total, err
 
