@@ -1,6 +1,7 @@
 """Ghost / book-keeping clipping: the clipped gradient sum without per-example gradients.
 
-One forward with forward hooks on every module that owns trainable parameters records its
+One forward with a recording hook on every module that owns trainable parameters (registered, or called
+from a forward set on the instance for the call where torch would run no hook: :class:`Recorder`) records its
 inputs a; per-example losses ℓ_i = loss_fn(out_i[None], y_i[None]) are computed exactly (vmap,
 no assumption on the loss reduction) and one backward of Σ_i ℓ_i to the recorded module outputs
 gives b_i = ∂ℓ_i/∂out_i (example i's loss depends on out_i only). Per parameter the per-example
