@@ -116,7 +116,7 @@ def _chunk_terms(model: nn.Module, plan: Plan, loss_fn: LossFn, xs: tuple[torch.
                  copies: bool) -> tuple[dict[int, list], torch.Tensor] | None | str:
     """Terms per trainable parameter (keyed by id) and per-example losses; 'copy' to rerun with copies."""
     owners, kinds = plan.owners, plan.kinds
-    with Recorder(owners, kinds, copies, plan.exact) as rec:
+    with Recorder(owners, kinds, copies, None if plan.replicated else plan.exact) as rec:
         output = model(*xs)
     b = int(y.shape[0])
     leaves = (output,) if type(output) is torch.Tensor else tree_leaves(output)

@@ -71,6 +71,9 @@ class Plan:
     supported: bool  # no owner known to defeat the path (see ghost_supported)
     exact: dict[str, bool] = field(default_factory=dict)  # owner → an exact torch layer (its forward is known)
     trainable: set[int] = field(default_factory=set)  # ids of the trainable parameters
+    #: a DataParallel inside: its replicas copy each module's ``__dict__``, so a forward set on an instance for
+    #: the record would run the original module on every replica's input — the recorder registers hooks instead
+    replicated: bool = False
 
     @staticmethod
     def of(model: nn.Module, lookups: Collection[nn.Module] = ()) -> "Plan":
@@ -85,7 +88,8 @@ class Plan:
         params = trainable_parameters(model)
         exact = {name: kinds[name] == "attention" or (kinds[name] != "generic" and type(m) in _KNOWN)
                  for name, m in owners.items()}
-        return Plan(owners, kinds, own, params, supported, exact, {id(p) for p in params.values()})
+        replicated = any(isinstance(m, nn.DataParallel) for m in model.modules())
+        return Plan(owners, kinds, own, params, supported, exact, {id(p) for p in params.values()}, replicated)
 
 
 def plan_key(model: nn.Module, modules: list[nn.Module] | None = None) -> tuple:

@@ -591,3 +591,22 @@ def test_a_bias_sum_reuses_its_weights_scaled_rows_only_under_the_same_factors()
     for factors in (f, f2):
         got = ga.clipped_sum([bias], factors, torch.Size([o]), scaled)
         torch.testing.assert_close(got, (factors[:, None] * g.reshape(b, o)).sum(0))
+
+
+def test_a_model_inside_data_parallel_is_recorded_by_registered_hooks():
+    """DataParallel's replicas copy each module's __dict__: a forward set on the instance would run the original
+    module on every replica's input, so a model holding a DataParallel keeps the registered hooks."""
+    from dptrain.ghost_graph import Recorder
+
+    torch.manual_seed(0)
+    net = nn.DataParallel(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), device_ids=[])
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    plan = ghost_plan.current_plan(net)
+    assert plan.replicated and not ghost_plan.current_plan(net.module).replicated
+    with Recorder(plan.owners, plan.kinds, False, None if plan.replicated else plan.exact):
+        assert all("forward" not in m.__dict__ for m in net.modules())
+    got = ghost_clip_and_sum(net, LOSS, x, y, ClippingConfig(0.5))
+    ref = clip_and_sum(net.module, LOSS, x, y, ClippingConfig(0.5), method="vmap")  # torch.func refuses DataParallel
+    assert got is not None and set(got.sums) == {f"module.{k}" for k in ref.sums}
+    for k in ref.sums:
+        torch.testing.assert_close(got.sums[f"module.{k}"], ref.sums[k], atol=1e-5, rtol=1e-4)
