@@ -10,6 +10,7 @@ refused and clipping falls back to the vmap engine.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -73,8 +74,10 @@ class Recorder:
         self.calls: dict[str, list[Call]] = {name: [] for name in owners}
         self.handles: list = []
         self.shadowed: list[nn.Module] = []
+        self.active = False  # inside the ``with`` block: a shadowing forward records only then
 
     def __enter__(self) -> "Recorder":
+        self.active = True
         plain = not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
                      or _global_backward_pre_hooks)
         for name, m in self.owners.items():
@@ -82,13 +85,14 @@ class Recorder:
                 m.forward = functools.partial(recording_forward, m, self._sink(name), self.copies)
                 self.shadowed.append(m)
             elif plain and self.exact.get(name, False) and _hookless(m):
-                m.__dict__["forward"] = _hooked_forward(m, self._hook(name))  # a plain attribute (as setattr makes it)
+                m.__dict__["forward"] = _hooked_forward(m, self._hook(name), self)  # a plain attribute (as setattr makes it)
                 self.shadowed.append(m)
             else:
                 self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.active = False
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -152,16 +156,20 @@ def _hookless(m: nn.Module) -> bool:
                 or "forward" in m.__dict__)
 
 
-def _hooked_forward(m: nn.Module, hook: Callable) -> Callable:
+def _hooked_forward(m: nn.Module, hook: Callable, recorder: "Recorder") -> Callable:
     """``m``'s forward followed by ``hook(m, args, kwargs, output)`` (whose non-None result replaces the
-    output), as torch runs a forward hook registered with ``with_kwargs=True`` on a module with no other hook."""
-    forward = m.forward
+    output), as torch runs a forward hook registered with ``with_kwargs=True`` on a module with no other hook.
 
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        output = forward(*args, **kwargs)
+    A method bound to ``m``: a deep copy of ``m`` made while it is shadowed carries it bound to the copy, which
+    then runs its own forward with its own weights and records nothing; so does any call after the record
+    (a callable kept from inside the forward)."""
+    def recorded(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = type(self).forward(self, *args, **kwargs)
+        if self is not m or not recorder.active:
+            return output
         replaced = hook(m, args, kwargs, output)
         return output if replaced is None else replaced
-    return recorded
+    return types.MethodType(recorded, m)
 
 
 def _walk(starts, jumps: dict, stops: set) -> set[int]:

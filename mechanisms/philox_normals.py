@@ -213,6 +213,8 @@ class PhiloxNormals:
             self.normal_([z])
             table.addcmul_(z, row_scales.to(table.dtype).unsqueeze(1))
             return
+        if table.numel() == 0:  # nothing to draw (the kernel takes rows of at least one element)
+            return
         scales = row_scales.to(torch.float32).contiguous()
         dim, base = table.shape[1], scales.data_ptr()
         self._run(*self._jobs([table], [table.data_ptr()], row_scales=(base, dim)), 1.0, 1.0)

@@ -610,3 +610,35 @@ def test_a_model_inside_data_parallel_is_recorded_by_registered_hooks():
     assert got is not None and set(got.sums) == {f"module.{k}" for k in ref.sums}
     for k in ref.sums:
         torch.testing.assert_close(got.sums[f"module.{k}"], ref.sums[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_copy_of_a_recorded_layer_made_in_forward_runs_its_own_weights_and_records_nothing():
+    """A deep copy made while a layer's forward is shadowed carries the shadow bound to the copy: it computes
+    with the copy's own weights (it ran the original's before), and a kept callable records nothing after."""
+    import copy
+
+    from dptrain.ghost_graph import Recorder
+
+    class WithTeacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out, self.cache = nn.Linear(4, 4), nn.Linear(4, 2), {}
+
+        def forward(self, x):
+            if "teacher" not in self.cache:  # an unregistered copy made during the first forward
+                self.cache["teacher"] = copy.deepcopy(self.lin)
+                self.cache["kept"] = self.lin.forward
+            return self.out(self.lin(x))
+
+    torch.manual_seed(0)
+    model, x, y = WithTeacher(), torch.randn(3, 4), torch.tensor([0, 1, 0])
+    plan = ghost_plan.current_plan(model)
+    with Recorder(plan.owners, plan.kinds, False, plan.exact) as rec:
+        model(x)
+    teacher = model.cache["teacher"]
+    with torch.no_grad():
+        teacher.weight.zero_()
+        teacher.bias.zero_()
+    assert float(teacher(x).detach().abs().max()) == 0.0
+    model.cache["kept"](x)  # the shadow kept from inside the forward, called after the record
+    assert [len(c) for c in rec.calls.values()] == [1, 1]

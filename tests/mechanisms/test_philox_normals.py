@@ -271,3 +271,11 @@ def test_loading_the_kernel_leaves_denormals_alone():
     # a shared object linked with -ffast-math would switch flush-to-zero on for the whole process
     tiny = np.float32(1e-40)
     assert tiny * np.float32(1.0) != 0 and float(torch.tensor([1e-40]) * 1.0) != 0
+
+
+def test_an_empty_table_gets_nothing_and_uses_no_blocks():
+    src = PhiloxNormals.from_seed(3)
+    for table in (torch.zeros(5, 0), torch.zeros(0, 4)):
+        src.add_row_scaled_(table, torch.ones(table.shape[0]))
+    src.normal_([torch.empty(0)])
+    assert src.next_block == 0
