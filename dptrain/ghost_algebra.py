@@ -47,6 +47,12 @@ def _slices(batch: int, per_example: int):
     return [slice(s, s + step) for s in range(0, batch, step)]
 
 
+def _layout(x: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents while the tensor is held: its memory and layout (a cache entry holds
+    x, so its memory is not freed and reused by another tensor while the cache lives)."""
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
 class RowNorms:
     """‖x_i‖ per row of [B, n] tensors, each tensor's once per clipping pass: a Linear's bias
     gradient is its weight's left factor (the output gradient), so their norms are one computation."""
@@ -55,9 +61,8 @@ class RowNorms:
         self._done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Keyed by memory and layout; the entry holds x, so its memory is not freed and reused by another
-        # tensor (a temporary reshape copy) while the cache lives: one key, one content.
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+        # Keyed by :func:`_layout` (a temporary reshape copy cannot take a held tensor's key)
+        key = _layout(x)
         hit = self._done.get(key)
         if hit is None:
             hit = self._done[key] = (x, _norm(x))
@@ -372,20 +377,16 @@ class ScaledRows:
     matrix-vector product. The entry holds x and f, so their memory is not reused while it lives."""
 
     def __init__(self) -> None:
-        self.entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: (x's :func:`_layout`, x, f, f ⊙ x) of the last product kept
+        self.entry: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def keep(self, x: torch.Tensor, f: torch.Tensor, scaled: torch.Tensor) -> None:
-        self.entry = (x, f, scaled)
+        self.entry = (_layout(x), x, f, scaled)
 
     def get(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor | None:
-        """f ⊙ x if that was the last product kept (same f, same memory, shape, strides and dtype), else None."""
+        """f ⊙ x if that was the last product kept (the same f object, x of the same :func:`_layout`), else None."""
         e = self.entry
-        if e is None or e[1] is not f:
-            return None
-        y = e[0]
-        same = (y.data_ptr() == x.data_ptr() and y.shape == x.shape and y.stride() == x.stride()
-                and y.dtype == x.dtype and y.device == x.device)
-        return e[2] if same else None
+        return e[3] if e is not None and e[2] is f and e[0] == _layout(x) else None
 
 
 def clipped_sum(terms: list[Term], f: torch.Tensor, shape: torch.Size, scaled: ScaledRows | None = None
